@@ -1,0 +1,3 @@
+from distrain.cli import main
+
+main()

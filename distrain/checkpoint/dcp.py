@@ -1,0 +1,115 @@
+"""Whole-run checkpoints with torch Distributed Checkpoint (DCP), complete or absent.
+
+A checkpoint is `run.dir/checkpoints/step_NNNNNNNN/` holding:
+- the DCP files of `{"model": ..., "optim": ...}`, every tensor under its fully qualified HF
+  parameter name with standard placements, so DCP reshards on load into any other layout;
+- `train_state.json`: step, global data position and data fingerprint, wandb run id;
+- `rng/rank_R.pt`: each rank's RNG states (a rank without its own file is reseeded from the seed);
+- `config.yaml` (the resolved config) and `tokenizer/`, so export needs nothing else.
+
+It is written under `step_NNNNNNNN.tmp` and renamed only when every rank has finished, so a
+folder without `.tmp` is always complete; resume takes the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    if not checkpoints_dir.is_dir():
+        return None
+    complete = sorted(p for p in checkpoints_dir.iterdir() if _NAME.match(p.name) and p.is_dir())
+    return complete[-1] if complete else None
+
+
+def save_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_state: dict[str, Any],
+    config_yaml: Path,
+    tokenizer_dir: Path,
+    keep: int,
+) -> Path:
+    rank = dist.get_rank()
+    final = checkpoints_dir / checkpoint_name(step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    dist.barrier()
+    state = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, optimizer),
+    }
+    dcp.save(state, checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
+    if rank == 0:
+        (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
+        shutil.copy(config_yaml, tmp / "config.yaml")
+        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+    dist.barrier()
+    if rank == 0:
+        os.replace(tmp, final)
+        _prune(checkpoints_dir, keep)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load model and optimizer (resharding as needed) and this rank's RNG; return train_state."""
+    state = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, optimizer),
+    }
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    rng_file = path / "rng" / f"rank_{dist.get_rank()}.pt"
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((path / "train_state.json").read_text())
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _prune(checkpoints_dir: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    complete = sorted(p for p in checkpoints_dir.iterdir() if _NAME.match(p.name))
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

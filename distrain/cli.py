@@ -1,0 +1,123 @@
+"""`distrain train|plan|export`: compose and validate the config, then hand over to the launcher.
+
+    distrain train recipe=NAME_OR_PATH [key=value ...] [--cfg job]
+    distrain plan  recipe=NAME_OR_PATH [key=value ...]
+    distrain export CHECKPOINT_DIR OUT_DIR [--dtype float32|bfloat16]
+
+Exit status: 0 on success, 2 for a configuration error (reported before any worker starts),
+1 (or the failing rank's status) for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from distrain.config import ConfigError
+
+DEFAULT_RECIPE = "qwen3_moe_debug"
+
+
+def _split_recipe(items: list[str]) -> tuple[str, list[str]]:
+    recipe, overrides = DEFAULT_RECIPE, []
+    for item in items:
+        if item.startswith("recipe="):
+            recipe = item.split("=", 1)[1]
+        elif "=" not in item:
+            raise ConfigError(f"{item!r}: expected key=value (e.g. train.steps=10) or recipe=NAME")
+        else:
+            overrides.append(item)
+    return recipe, overrides
+
+
+def _load(items: list[str]):
+    from distrain.config import load_job
+
+    recipe, overrides = _split_recipe(items)
+    return load_job(recipe, overrides)
+
+
+def _validate_layout(job):
+    """Check the mesh against the model before any worker exists; returns (dims, hf_config)."""
+    from distrain.launch import world_size_for
+    from distrain.models import build_config
+    from distrain.parallel.mesh import ParallelDims
+
+    hf_config = build_config(job.model)
+    return ParallelDims.resolve(job.parallel, world_size_for(job), hf_config, job.train.seq_len), hf_config
+
+
+def cmd_train(args) -> int:
+    job = _load(args.overrides)
+    if args.cfg == "job":
+        import yaml
+
+        from distrain.config import to_dict
+
+        print(yaml.safe_dump(to_dict(job), sort_keys=False), end="")
+        return 0
+    _validate_layout(job)
+    from distrain.launch import launch
+
+    return launch(job)
+
+
+def cmd_plan(args) -> int:
+    from distrain.models import build_meta_model
+
+    job = _load(args.overrides)
+    dims, hf_config = _validate_layout(job)
+    model, spec = build_meta_model(job.model, hf_config)
+    num_params = sum(p.numel() for p in model.parameters())
+    shards = dims.dp  # parameters, gradients and Adam states are sharded over every data-parallel rank
+    param_bytes = num_params * 4 / shards
+    print(f"world size {dims.world_size}: dp_replicate={dims.dp_replicate} dp_shard={dims.dp_shard} tp={dims.tp} sp={dims.sp} ep={dims.ep}")
+    print(f"model {type(model).__name__}: {num_params:,} parameters, {len(spec.blocks)} x {spec.block_class}"
+          + (f", {spec.num_experts} experts (top-{spec.experts_per_token})" if spec.num_experts else ""))
+    print("per-rank bytes (fp32 master weights, fp32 gradients, Adam exp_avg + exp_avg_sq):")
+    for name, count in (("parameters", param_bytes), ("gradients", param_bytes), ("optimizer", 2 * param_bytes)):
+        print(f"  {name:<11} {count / 2**20:10.2f} MiB")
+    print(f"  {'total':<11} {4 * param_bytes / 2**20:10.2f} MiB")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from distrain.checkpoint.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint_dir, args.out_dir, dtype=getattr(torch, args.dtype))
+    print(f"exported {args.checkpoint_dir} to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distrain", description="Distributed trainer for Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train: distrain train recipe=NAME [key=value ...]")
+    train.add_argument("overrides", nargs="*", help="recipe=NAME_OR_YAML and key=value overrides")
+    train.add_argument("--cfg", choices=["job"], help="print the resolved config and exit")
+    train.set_defaults(func=cmd_train)
+    plan = sub.add_parser("plan", help="validate the layout and print per-rank memory, without training")
+    plan.add_argument("overrides", nargs="*")
+    plan.set_defaults(func=cmd_plan)
+    export = sub.add_parser("export", help="checkpoint -> from_pretrained-loadable safetensors folder")
+    export.add_argument("checkpoint_dir")
+    export.add_argument("out_dir")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    export.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        status = args.func(args)
+    except ConfigError as error:
+        print(f"distrain: config error: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

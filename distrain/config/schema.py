@@ -1,0 +1,212 @@
+"""The run's configuration: plain frozen dataclasses, the only config objects below the CLI.
+
+Hydra composes YAML into a dict; `distrain.config.load.to_job_config` turns that dict into a
+`JobConfig`, checking every key, type and value here, before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A user-fixable configuration problem; the CLI prints it on one line and exits 2."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    dir: str = "runs/run"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A hub id (needs a network), or a local folder written by `save_pretrained`; weights are
+    # loaded from it when present and `load_weights` is true.
+    name_or_path: Optional[str] = None
+    # An inline model: a transformers `model_type` (e.g. "qwen3_moe", "llama") built with random
+    # weights, with `config` giving its sizes. `config` also overrides keys of a loaded config.
+    architecture: Optional[str] = None
+    config: dict[str, Any] = field(default_factory=dict)
+    load_weights: bool = True
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
+
+    def validate(self) -> None:
+        _require(
+            (self.name_or_path is None) != (self.architecture is None),
+            "model: set exactly one of model.name_or_path (hub id or local folder) and "
+            f"model.architecture (inline model type); got name_or_path={self.name_or_path!r}, "
+            f"architecture={self.architecture!r}",
+        )
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1 fills the rest of the world
+    tp: int = 1
+    sp: bool = False
+    ep: int = 1
+
+    def validate(self) -> None:
+        for key in ("dp_replicate", "tp", "ep"):
+            value = getattr(self, key)
+            _require(value >= 1, f"parallel.{key}={value}: must be >= 1 (e.g. parallel.{key}=1)")
+        _require(
+            self.dp_shard == -1 or self.dp_shard >= 1,
+            f"parallel.dp_shard={self.dp_shard}: must be >= 1, or -1 to fill the rest of the world",
+        )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # Learning-rate schedule: linear warmup, then cosine to min_lr_ratio * lr, or
+    # warmup-stable-decay (wsd): flat, then linear decay over the last decay_ratio of the steps.
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    decay_ratio: float = 0.2
+
+    def validate(self) -> None:
+        _require(self.lr > 0, f"optim.lr={self.lr}: must be > 0 (e.g. optim.lr=3e-4)")
+        _require(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay}: must be >= 0")
+        for key in ("beta1", "beta2"):
+            value = getattr(self, key)
+            _require(0 <= value < 1, f"optim.{key}={value}: must be in [0, 1) (e.g. 0.9)")
+        _require(self.eps > 0, f"optim.eps={self.eps}: must be > 0 (e.g. 1e-8)")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
+        _require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
+        _require(0 <= self.decay_ratio <= 1, f"optim.decay_ratio={self.decay_ratio}: must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    # Samples (packed sequences of seq_len tokens) per optimizer step over the whole run; each
+    # data-parallel rank takes global_batch_size / dp of them, micro_batch_size at a time.
+    global_batch_size: int = 8
+    micro_batch_size: int = 8
+    seq_len: int = 256
+    grad_clip: float = 1.0  # max global L2 norm; 0 disables clipping
+    # "auto": bf16 compute with fp32 master weights on CUDA, fp32 on CPU.
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+    def validate(self) -> None:
+        _require(self.steps >= 1, f"train.steps={self.steps}: must be >= 1 (e.g. train.steps=100)")
+        _require(self.seq_len >= 2, f"train.seq_len={self.seq_len}: must be >= 2 (e.g. train.seq_len=256)")
+        _require(self.micro_batch_size >= 1, f"train.micro_batch_size={self.micro_batch_size}: must be >= 1")
+        _require(
+            self.global_batch_size >= 1 and self.global_batch_size % self.micro_batch_size == 0,
+            f"train.global_batch_size={self.global_batch_size} must be a positive multiple of "
+            f"train.micro_batch_size={self.micro_batch_size} (e.g. train.global_batch_size="
+            f"{self.micro_batch_size * max(1, self.global_batch_size // self.micro_batch_size)})",
+        )
+        _require(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip}: must be >= 0 (0 disables clipping)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "stdlib": the Python standard library's own source files (offline, on every machine), with a
+    # byte-level BPE tokenizer trained on them and cached. "hf": a `datasets` dataset.
+    source: Literal["stdlib", "hf"] = "stdlib"
+    # For source=hf: a hub dataset name (needs a network) or a loader name ("json", "parquet",
+    # "text") with local `files`.
+    dataset: Optional[str] = None
+    files: list[str] = field(default_factory=list)
+    dataset_config: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    # For source=hf: an AutoTokenizer folder or hub id. For source=stdlib: built and cached.
+    tokenizer: Optional[str] = None
+    vocab_size: int = 4096  # of the built tokenizer
+    max_bytes: int = 8_000_000  # of the stdlib corpus, taken in sorted path order
+    eval_fraction: float = 0.02  # documents held out for eval
+    cache_dir: str = "~/.cache/distrain"
+
+    def validate(self) -> None:
+        if self.source == "hf":
+            _require(self.dataset is not None, "data.source=hf needs data.dataset (a hub name, or json/parquet/text with data.files)")
+            _require(self.tokenizer is not None, "data.source=hf needs data.tokenizer (an AutoTokenizer folder or hub id)")
+        _require(self.vocab_size >= 300, f"data.vocab_size={self.vocab_size}: must be >= 300 (byte-level BPE needs 256 bytes plus merges)")
+        _require(self.max_bytes > 0, f"data.max_bytes={self.max_bytes}: must be > 0")
+        _require(0 < self.eval_fraction < 1, f"data.eval_fraction={self.eval_fraction}: must be in (0, 1), e.g. 0.02")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    interval: int = 50  # steps between eval losses; 0 disables eval
+    batches: int = 4  # micro-batches per eval
+
+    def validate(self) -> None:
+        _require(self.interval >= 0, f"eval.interval={self.interval}: must be >= 0 (0 disables eval)")
+        _require(self.batches >= 1, f"eval.batches={self.batches}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    interval: int = 50  # steps between checkpoints; 0 saves only at the end
+    keep: int = 2  # newest complete checkpoints kept; 0 keeps all
+    resume: bool = True  # resume from the newest complete checkpoint in run.dir/checkpoints
+    export: bool = True  # write run.dir/export (safetensors, from_pretrained-loadable) at the end
+
+    def validate(self) -> None:
+        _require(self.interval >= 0, f"checkpoint.interval={self.interval}: must be >= 0")
+        _require(self.keep >= 0, f"checkpoint.keep={self.keep}: must be >= 0 (0 keeps all)")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    mode: Literal["online", "offline", "disabled"] = "disabled"
+    project: str = "distrain"
+    entity: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    interval: int = 1  # steps between metric records
+    console: Literal["progress", "plain"] = "plain"
+    # Peak FLOP/s of one device for MFU. null: looked up for known GPUs; required on CPU.
+    peak_flops: Optional[float] = None
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        _require(self.interval >= 1, f"logging.interval={self.interval}: must be >= 1")
+        _require(self.peak_flops is None or self.peak_flops > 0, f"logging.peak_flops={self.peak_flops}: must be > 0 or null")
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    nproc_per_node: int = 1
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: int = 300  # collective timeout: a dead peer ends the job within it
+
+    def validate(self) -> None:
+        _require(self.nproc_per_node >= 1, f"launcher.nproc_per_node={self.nproc_per_node}: must be >= 1")
+        _require(self.timeout_s >= 1, f"launcher.timeout_s={self.timeout_s}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)

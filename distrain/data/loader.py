@@ -1,0 +1,77 @@
+"""Per-rank batches whose state is a global position, independent of the data-parallel size.
+
+Global step s consumes samples [p, p + G) of an endless, deterministic stream (G =
+`train.global_batch_size`, p = samples consumed by the whole run). The stream visits every sample
+once per epoch in an order drawn from (seed, epoch). Data-parallel rank r of D takes the
+contiguous slice [r * G / D, (r + 1) * G / D) of each global batch and splits it into
+micro-batches. The saved state is just p (plus a fingerprint of the data), so a run resumed with
+another D continues with exactly the samples an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from distrain.data.packing import PackedDataset, collate
+
+
+class GlobalBatchLoader:
+    def __init__(
+        self,
+        dataset: PackedDataset,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+    ):
+        assert global_batch_size % (micro_batch_size * dp_size) == 0
+        self.dataset = dataset
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.seed = seed
+        self.position = 0
+        self._epoch, self._order = -1, None
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def _sample_index(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.dataset))
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self.dataset), generator=generator)
+        return int(self._order[offset])
+
+    def next_batch(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the next global batch; advances the global position."""
+        per_rank = self.global_batch_size // self.dp_size
+        begin = self.position + self.dp_rank * per_rank
+        samples = [self.dataset[self._sample_index(p)] for p in range(begin, begin + per_rank)]
+        self.position += self.global_batch_size
+        mb = self.micro_batch_size
+        return [collate(samples[i : i + mb]) for i in range(0, per_rank, mb)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "seed": self.seed, "fingerprint": self.dataset.corpus.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["fingerprint"] != self.dataset.corpus.fingerprint:
+            raise ValueError(
+                f"checkpoint data fingerprint {state['fingerprint']} differs from this run's "
+                f"{self.dataset.corpus.fingerprint}: the data or tokenizer changed; resume with the "
+                "same data.* settings or start a new run.dir"
+            )
+        self.position = int(state["position"])
+
+
+def eval_batches(dataset: PackedDataset, num_batches: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+    """The same held-out micro-batches at every eval: the first samples of the eval split."""
+    per_rank = num_batches * micro_batch_size
+    begin = dp_rank * per_rank
+    indices = [i % len(dataset) for i in range(begin, begin + per_rank)]
+    return [collate([dataset[i] for i in indices[j : j + micro_batch_size]]) for j in range(0, per_rank, micro_batch_size)]

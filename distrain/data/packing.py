@@ -1,0 +1,61 @@
+"""Documents -> fixed-length packed samples, document boundaries respected.
+
+The token stream (documents back to back, each ending in eos) is cut into samples of `seq_len`
+tokens: sample i holds tokens [i*L, (i+1)*L). Every token lands in exactly one sample; the last
+sample is padded with eos tokens that are never targets.
+
+Within a sample:
+- `position_ids` restart at 0 where a document starts (and at the sample's start), and
+  transformers turns restarting positions into a block-diagonal causal mask (with
+  `attention_mask=None` and no cache), so no token attends across a document boundary;
+- `labels[t]` is the next token when it belongs to the same document, else -100 (ignored):
+  a document's first token is never predicted from the one before it, nor across samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distrain.data.corpus import TokenizedCorpus
+
+IGNORE_INDEX = -100
+
+
+class PackedDataset:
+    def __init__(self, corpus: TokenizedCorpus, seq_len: int):
+        self.corpus = corpus
+        self.seq_len = seq_len
+        self.num_tokens = corpus.tokens.numel()
+        self.num_samples = -(-self.num_tokens // seq_len)
+        # segment id per token: increments at every document start
+        is_start = torch.zeros(self.num_tokens, dtype=torch.bool)
+        is_start[corpus.doc_starts] = True
+        self._is_start = is_start
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        L = self.seq_len
+        begin, end = index * L, min((index + 1) * L, self.num_tokens)
+        num_real = end - begin
+        input_ids = torch.full((L,), self.corpus.eos_id, dtype=torch.int64)
+        input_ids[:num_real] = self.corpus.tokens[begin:end].to(torch.int64)
+        is_start = torch.ones(L, dtype=torch.bool)  # padding: every pad token its own segment
+        is_start[:num_real] = self._is_start[begin:end]
+        is_start[0] = True
+        position_ids = _positions_from_starts(is_start)
+        labels = torch.full((L,), IGNORE_INDEX, dtype=torch.int64)
+        same_doc = ~is_start[1:num_real]
+        labels[: num_real - 1] = torch.where(same_doc, input_ids[1:num_real], IGNORE_INDEX)
+        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
+def _positions_from_starts(is_start: torch.Tensor) -> torch.Tensor:
+    index = torch.arange(is_start.numel())
+    last_start = torch.cummax(torch.where(is_start, index, 0), dim=0).values
+    return index - last_start
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}

@@ -1,0 +1,90 @@
+"""Where step records go: the console (a line per step, or a tqdm bar), metrics.jsonl and wandb.
+
+Only rank 0 builds a `MetricsLogger`; other ranks log nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from distrain.config.schema import JobConfig
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    def __init__(self, job: JobConfig, run_dir: Path, config_dict: dict[str, Any], start_step: int):
+        self.job = job
+        self.total_steps = job.train.steps
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.start_step, self.start_time = start_step, time.perf_counter()
+        self.bar = None
+        if job.logging.console == "progress":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.wandb = _init_wandb(job, run_dir, config_dict) if job.logging.wandb.mode != "disabled" else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.start_time
+        eta = elapsed / max(done, 1) * (self.total_steps - step)
+        mfu = record.get("mfu")
+        fields = {
+            "loss": f"{record['loss']:.4f}",
+            "lr": f"{record['lr']:.2e}",
+            "grad_norm": f"{record['grad_norm']:.3f}",
+            "tokens/s": f"{record['tokens_per_s']:.0f}",
+            "mfu": "n/a" if mfu is None else f"{100 * mfu:.2f}%",
+        }
+        if "eval_loss" in record:
+            fields["eval_loss"] = f"{record['eval_loss']:.4f}"
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(fields, refresh=True)
+        else:
+            line = " | ".join(f"{k} {v}" for k, v in fields.items())
+            print(f"step {step}/{self.total_steps} | {line} | eta {_duration(eta)}", flush=True)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _init_wandb(job: JobConfig, run_dir: Path, config_dict: dict[str, Any]):
+    import wandb
+
+    # The run id lives in the run directory, so a resumed run appends to the same wandb run.
+    id_file = run_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return wandb.init(
+        project=job.logging.wandb.project,
+        entity=job.logging.wandb.entity,
+        name=job.run.name,
+        id=run_id,
+        resume="allow",
+        mode=job.logging.wandb.mode,
+        dir=str(run_dir),
+        config=config_dict,
+    )
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
