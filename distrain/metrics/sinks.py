@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ def _init_wandb(job: JobConfig, run_dir: Path, config_dict: dict[str, Any]):
 
     # The run id lives in the run directory, so a resumed run appends to the same wandb run.
     id_file = run_dir / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)
     return wandb.init(
         project=job.logging.wandb.project,

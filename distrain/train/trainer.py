@@ -94,9 +94,7 @@ class Trainer:
             state = load_checkpoint(resume_from, self.model, self.optimizer)
             self.step = state["step"]
             self.train_loader.load_state_dict(state["data"])
-            self.scheduler.last_epoch = self.step
-            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
-                group["lr"] = lr
+            self.scheduler.load_state_dict(state["scheduler"])
             if self.is_main:
                 print(f"resumed from {resume_from} at step {self.step}", flush=True)
 
@@ -151,7 +149,7 @@ class Trainer:
         return (totals[0] / totals[1].clamp(min=1)).item()
 
     def save(self) -> Path:
-        train_state = {"step": self.step, "data": self.train_loader.state_dict()}
+        train_state = {"step": self.step, "data": self.train_loader.state_dict(), "scheduler": self.scheduler.state_dict()}
         return save_checkpoint(
             self.run_dir / "checkpoints",
             self.step,

@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny model and corpus, and running the CLI the way a user does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(cache_dir: Path) -> list[str]:
+    """Shrink any shipped recipe to seconds on a CPU: small model, small corpus, short sequences."""
+    return [
+        "++model.config.hidden_size=64",
+        "++model.config.intermediate_size=128",
+        "++model.config.num_hidden_layers=2",
+        "++model.config.num_attention_heads=4",
+        "++model.config.num_key_value_heads=2",
+        "++model.config.head_dim=16",
+        "++model.config.vocab_size=1024",
+        "data.vocab_size=1024",
+        "data.max_bytes=600000",
+        f"data.cache_dir={cache_dir}",
+        "train.seq_len=64",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=2",
+        "eval.batches=2",
+        "logging.peak_flops=1.0e11",
+    ]
+
+
+MOE_TINY = ["++model.config.moe_intermediate_size=64", "++model.config.num_experts=4", "++model.config.num_experts_per_tok=2"]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("distrain-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_dense(data_cache) -> list[str]:
+    return tiny_overrides(data_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny(data_cache) -> list[str]:
+    return tiny_overrides(data_cache) + MOE_TINY
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "WANDB_SILENT": "true", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "distrain", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+    return proc
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

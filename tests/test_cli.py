@@ -1,0 +1,107 @@
+"""The CLI as a user runs it: recipes, user recipes, overrides, and configuration errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from conftest import check_ok, read_metrics, run_cli
+
+REQUIRED_KEYS = {"step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu"}
+
+
+def resolved(proc) -> dict:
+    return yaml.safe_load(check_ok(proc).stdout)
+
+
+def test_shipped_recipe_trains_checkpoints_and_exports(tmp_path, tiny):
+    run_dir = tmp_path / "run"
+    proc = check_ok(run_cli(["train", "recipe=qwen3_moe_debug", *tiny, "train.steps=4", "eval.interval=2", "checkpoint.interval=2", f"run.dir={run_dir}"], tmp_path))
+    assert "step 4/4" in proc.stdout
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["model"]["architecture"] == "qwen3_moe" and config["train"]["steps"] == 4
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(REQUIRED_KEYS <= r.keys() for r in records)
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in records)
+    assert "eval_loss" in records[1] and "eval_loss" in records[3]
+    # keep=2: the checkpoints at steps 2 and 4, both complete, nothing temporary left
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+    # the export loads with transformers and reproduces the trainer's final eval loss
+    from transformers import AutoModelForCausalLM
+
+    from distrain.config import read_config_yaml
+    from distrain.data.corpus import load_corpus
+    from distrain.data.loader import eval_batches
+    from distrain.data.packing import PackedDataset
+
+    job = read_config_yaml(run_dir / "config.yaml")
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "export").eval()
+    eval_set = PackedDataset(load_corpus(job.data).eval, job.train.seq_len)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in eval_batches(eval_set, job.eval.batches, job.train.micro_batch_size, 0, 1):
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum").item()
+            count += (batch["labels"] != -100).sum().item()
+    assert abs(total / count - records[-1]["eval_loss"]) < 1e-4
+
+
+def test_user_recipe_inherits_and_overrides(tmp_path, tiny_dense):
+    user = tmp_path / "my_recipe.yaml"
+    user.write_text("defaults:\n  - llama_debug\n  - _self_\nrun:\n  name: mine\ntrain:\n  steps: 3\noptim:\n  lr: 1.0e-3\n")
+    config = resolved(run_cli(["train", f"recipe={user}", "--cfg", "job"], tmp_path))
+    assert config["model"]["architecture"] == "llama"  # from the shipped recipe
+    assert config["train"]["steps"] == 3 and config["optim"]["lr"] == 1e-3 and config["run"]["name"] == "mine"
+    assert config["train"]["seq_len"] == 256  # untouched keys come through
+    assert not (tmp_path / "runs").exists()  # --cfg job runs nothing
+
+    run_dir = tmp_path / "run"
+    check_ok(run_cli(["train", f"recipe={user}", *tiny_dense, f"run.dir={run_dir}", "checkpoint.export=false"], tmp_path))
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 1e-3
+
+
+def test_dotted_overrides_and_group_override(tmp_path):
+    config = resolved(run_cli(["train", "recipe=qwen3_moe_debug", "optim.lr=0.01", "train.steps=7", "model=llama_debug", "logging.wandb.mode=offline", "--cfg", "job"], tmp_path))
+    assert config["optim"]["lr"] == 0.01 and config["train"]["steps"] == 7
+    assert config["model"]["architecture"] == "llama" and config["logging"]["wandb"]["mode"] == "offline"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.stepz=3", "train.stepz"),  # unknown key
+        ("train.steps=abc", "train.steps"),  # wrong type
+        ("train.steps=-1", "train.steps"),  # impossible value
+        ("optim.schedule=linear", "optim.schedule"),  # not one of the choices
+        ("train.global_batch_size=6", "train.global_batch_size"),  # not a multiple of the micro-batch
+        ("model.config.hiddn_size=3", "model.config.hiddn_size"),  # unknown model config key
+        ("++model.config.hiddn_size=3", "model.config.hiddn_size"),
+    ],
+)
+def test_config_errors_exit_2_naming_the_key(tmp_path, override, key):
+    proc = run_cli(["train", "recipe=qwen3_moe_debug", override], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0], proc.stderr
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_unknown_recipe_exits_2(tmp_path):
+    proc = run_cli(["train", "recipe=no_such_recipe"], tmp_path)
+    assert proc.returncode == 2 and "qwen3_moe_debug" in proc.stderr
+
+
+def test_plan_prints_per_rank_memory(tmp_path):
+    proc = check_ok(run_cli(["plan", "recipe=qwen3_moe_debug"], tmp_path))
+    from distrain.config import load_job
+    from distrain.models import build_config, build_meta_model
+
+    job = load_job("qwen3_moe_debug", [])
+    model, _ = build_meta_model(job.model, build_config(job.model))
+    num_params = sum(p.numel() for p in model.parameters())
+    assert f"{num_params:,} parameters" in proc.stdout
+    assert f"{16 * num_params / 2**20:10.2f} MiB" in proc.stdout  # fp32 weights + grads + 2 Adam states

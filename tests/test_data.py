@@ -1,0 +1,129 @@
+"""Corpus, packing and the global-position loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distrain.config.schema import DataConfig
+from distrain.data.corpus import TokenizedCorpus, load_corpus
+from distrain.data.loader import GlobalBatchLoader
+from distrain.data.packing import IGNORE_INDEX, PackedDataset
+
+
+@pytest.fixture(scope="module")
+def corpus(data_cache):
+    return load_corpus(DataConfig(vocab_size=1024, max_bytes=600_000, cache_dir=str(data_cache)))
+
+
+def synthetic(doc_lengths: list[int], eos_id: int = 0) -> TokenizedCorpus:
+    docs = [torch.randint(1, 50, (n - 1,)).tolist() + [eos_id] for n in doc_lengths]
+    lengths = torch.tensor(doc_lengths)
+    return TokenizedCorpus(
+        tokens=torch.tensor([t for d in docs for t in d], dtype=torch.int32),
+        doc_starts=torch.cumsum(lengths, 0) - lengths,
+        eos_id=eos_id,
+        vocab_size=50,
+        fingerprint="synthetic",
+    )
+
+
+def test_stdlib_corpus_is_cached_and_round_trips(corpus, data_cache):
+    from transformers import AutoTokenizer
+
+    again = load_corpus(DataConfig(vocab_size=1024, max_bytes=600_000, cache_dir=str(data_cache)))
+    assert torch.equal(again.train.tokens, corpus.train.tokens) and again.train.fingerprint == corpus.train.fingerprint
+    assert corpus.train.vocab_size == 1024 and corpus.eval.tokens.numel() > 0
+    tokenizer = AutoTokenizer.from_pretrained(corpus.tokenizer_dir)
+    start, end = corpus.train.doc_starts[:2].tolist()
+    text = tokenizer.decode(corpus.train.tokens[start : end - 1].tolist())
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == corpus.train.tokens[start : end - 1].tolist()
+    assert corpus.train.tokens[end - 1] == tokenizer.eos_token_id
+
+
+def test_packing_keeps_every_token_once_and_labels_stay_in_document():
+    torch.manual_seed(0)
+    data = synthetic([5, 17, 3, 40, 9, 1, 12])  # 87 tokens -> 6 samples of 16, the last padded
+    packed = PackedDataset(data, seq_len=16)
+    samples = [packed[i] for i in range(len(packed))]
+    assert len(samples) == 6
+    stream = torch.cat([s["input_ids"] for s in samples])
+    assert torch.equal(stream[: data.tokens.numel()], data.tokens.long())  # each token once, in order
+    starts = set(data.doc_starts.tolist())
+    for i, s in enumerate(samples):
+        for t in range(16):
+            g = i * 16 + t  # global token index
+            if g >= data.tokens.numel():
+                assert s["labels"][t] == IGNORE_INDEX and s["position_ids"][t] == 0  # padding
+                continue
+            same_doc_next = t + 1 < 16 and g + 1 < data.tokens.numel() and (g + 1) not in starts
+            assert s["labels"][t] == (data.tokens[g + 1] if same_doc_next else IGNORE_INDEX)
+            restart = t == 0 or g in starts
+            assert (s["position_ids"][t] == 0) == restart
+            if not restart:
+                assert s["position_ids"][t] == s["position_ids"][t - 1] + 1
+
+
+def test_packed_documents_do_not_attend_across_boundaries():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    data = synthetic([7, 12, 13])
+    sample = PackedDataset(data, seq_len=32)[0]
+    with torch.no_grad():
+        packed = model(input_ids=sample["input_ids"][None], position_ids=sample["position_ids"][None], use_cache=False).logits[0]
+        for begin, end in [(0, 7), (7, 19), (19, 32)]:
+            alone = model(input_ids=sample["input_ids"][None, begin:end], use_cache=False).logits[0]
+            torch.testing.assert_close(packed[begin:end], alone, atol=1e-5, rtol=1e-5)
+
+
+def loader(dataset, dp_rank=0, dp_size=1, seed=3):
+    return GlobalBatchLoader(dataset, global_batch_size=8, micro_batch_size=2, dp_rank=dp_rank, dp_size=dp_size, seed=seed)
+
+
+def global_batch(micro_batches) -> torch.Tensor:
+    return torch.cat([mb["input_ids"] for mb in micro_batches])
+
+
+def test_resume_continues_the_same_samples_under_another_dp_size(corpus):
+    dataset = PackedDataset(corpus.train, seq_len=64)
+    reference = loader(dataset)
+    # run past an epoch boundary so the reshuffle is covered too
+    num_steps = len(dataset) // 8 + 3
+    expected = [global_batch(reference.next_batch()) for _ in range(num_steps)]
+    assert not torch.equal(expected[0], expected[1])
+
+    stopped = loader(dataset)
+    for _ in range(num_steps - 4):
+        stopped.next_batch()
+    state = stopped.state_dict()
+    assert state["position"] == (num_steps - 4) * 8
+
+    resumed = loader(dataset)
+    resumed.load_state_dict(state)
+    for step in range(num_steps - 4, num_steps):
+        assert torch.equal(global_batch(resumed.next_batch()), expected[step])
+
+    # replayed as 2 data-parallel ranks: rank 0 then rank 1 together make each global batch
+    ranks = [loader(dataset, dp_rank=r, dp_size=2) for r in range(2)]
+    for rank_loader in ranks:
+        rank_loader.load_state_dict(state)
+        assert rank_loader.grad_accum_steps == 2
+    for step in range(num_steps - 4, num_steps):
+        assert torch.equal(torch.cat([global_batch(r.next_batch()) for r in ranks]), expected[step])
+
+
+def test_shuffle_is_deterministic_from_the_seed(corpus):
+    dataset = PackedDataset(corpus.train, seq_len=64)
+    first = global_batch(loader(dataset, seed=1).next_batch())
+    assert torch.equal(first, global_batch(loader(dataset, seed=1).next_batch()))
+    assert not torch.equal(first, global_batch(loader(dataset, seed=2).next_batch()))
+
+
+def test_resume_rejects_other_data(corpus):
+    dataset = PackedDataset(corpus.train, seq_len=64)
+    state = loader(dataset).state_dict() | {"fingerprint": "something-else"}
+    with pytest.raises(ValueError, match="fingerprint"):
+        loader(dataset).load_state_dict(state)

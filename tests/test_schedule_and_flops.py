@@ -1,0 +1,54 @@
+"""LR schedules at their corners, and the MFU FLOP count against a count by hand."""
+
+from __future__ import annotations
+
+
+import pytest
+
+from distrain.config.schema import ModelConfig, OptimConfig
+from distrain.metrics.flops import active_params, flops_per_token
+from distrain.models import build_config, build_meta_model
+from distrain.train.schedule import lr_multiplier
+
+
+def test_warmup_then_cosine():
+    cfg = OptimConfig(schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_multiplier(0, 110, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(9, 110, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(10, 110, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(60, 110, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way down the cosine
+    assert lr_multiplier(110, 110, cfg) == pytest.approx(0.1)
+
+
+def test_warmup_stable_decay():
+    cfg = OptimConfig(schedule="wsd", warmup_steps=5, min_lr_ratio=0.0, decay_ratio=0.2)
+    assert lr_multiplier(4, 100, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(79, 100, cfg) == 1.0  # stable until the last 20 steps
+    assert lr_multiplier(80, 100, cfg) == pytest.approx(1 - 1 / 20)
+    assert lr_multiplier(89, 100, cfg) == pytest.approx(0.5)
+    assert lr_multiplier(99, 100, cfg) == pytest.approx(0.0)
+
+
+def test_moe_flops_count_only_active_experts():
+    sizes = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                 tie_word_embeddings=False)
+    cfg = ModelConfig(architecture="qwen3_moe", config=sizes)
+    model, spec = build_meta_model(cfg, build_config(cfg))
+    H, I, V, L, E, K = 64, 32, 1000, 3, 8, 2
+    attention = H * 4 * 16 + 2 * H * 2 * 16 + 4 * 16 * H + 2 * 16  # q, k, v, o, q_norm + k_norm
+    experts = 3 * H * I * K  # gate, up, down of the K routed experts
+    per_layer = attention + experts + H * E + 2 * H  # + router + two norms
+    expected = L * per_layer + H + V * H  # + final norm + lm_head (the embedding is a lookup)
+    assert active_params(model, spec) == expected
+    assert flops_per_token(model, spec, seq_len=128) == 6 * expected + 12 * L * 4 * 16 * 128
+
+
+def test_tied_lm_head_is_counted_once_as_a_matmul():
+    sizes = dict(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = ModelConfig(architecture="llama", config=sizes)
+    model, spec = build_meta_model(cfg, build_config(cfg))
+    assert spec.tied_embeddings
+    total = sum(p.numel() for p in model.parameters())  # the tied table appears once
+    assert active_params(model, spec) == total  # embedding excluded, lm_head matmul included
