@@ -99,3 +99,19 @@ def test_incomplete_checkpoint_is_ignored(tmp_path, tiny):
     proc = check_ok(run_cli(["train", "recipe=qwen3_moe_debug", *tiny, *QUIET, "train.steps=3", f"run.dir={run_dir}"], tmp_path))
     assert "resumed from" in proc.stdout and "step_00000002" in proc.stdout
     assert (run_dir / "checkpoints" / "step_00000003" / ".metadata").exists()
+
+
+def test_local_jsonl_dataset_with_an_autotokenizer(tmp_path, tiny, data_cache):
+    import json
+
+    from distrain.config.schema import DataConfig
+    from distrain.data.corpus import load_corpus
+
+    tokenizer_dir = load_corpus(DataConfig(vocab_size=1024, max_bytes=600_000, cache_dir=str(data_cache))).tokenizer_dir
+    lines = [json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i * i}\n" * (1 + i % 7)}) for i in range(300)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    args = [*tiny, *QUIET, "data=local_jsonl", f"data.files=[{tmp_path / 'docs.jsonl'}]", f"data.tokenizer={tokenizer_dir}",
+            f"data.cache_dir={tmp_path / 'cache'}", "train.steps=3"]
+    records = train(tmp_path, tmp_path / "run", args)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert list((tmp_path / "cache").glob("hf-*/train_tokens.pt"))  # tokenized through datasets, cached

@@ -70,12 +70,16 @@ def _strip_optional(tp: Any) -> Any:
 def compose(recipe: str, overrides: list[str]) -> dict[str, Any]:
     """Compose configs/ + recipe + overrides into a plain dict (interpolations resolved)."""
     from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     folder, name = _recipe_location(recipe)
     _check_override_keys(overrides)
+    # Every schema key exists with its default before the YAML layers merge on top, so any key can
+    # be overridden whichever group option a recipe picked.
+    ConfigStore.instance().store(name="distrain_schema", node=to_dict(JobConfig()))
     searchpath = f"hydra.searchpath=[file://{RECIPES_DIR},file://{CONFIGS_DIR}]"
     try:
         with initialize_config_dir(config_dir=str(folder), version_base=None):

@@ -6,7 +6,6 @@ Only rank 0 builds a `MetricsLogger`; other ranks log nothing.
 from __future__ import annotations
 
 import json
-import math
 import secrets
 import time
 from pathlib import Path
@@ -86,6 +85,3 @@ def _init_wandb(job: JobConfig, run_dir: Path, config_dict: dict[str, Any]):
         config=config_dict,
     )
 
-
-def finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
