@@ -42,7 +42,7 @@ def test_shipped_recipe_trains_checkpoints_and_exports(tmp_path, tiny):
     eval_set = PackedDataset(load_corpus(job.data).eval, job.train.seq_len)
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in eval_batches(eval_set, job.eval.batches, job.train.micro_batch_size, 0, 1):
+        for batch in eval_batches(eval_set, job.eval.batches * job.train.micro_batch_size, job.train.micro_batch_size, 0, 1):
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
             total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum").item()
             count += (batch["labels"] != -100).sum().item()

@@ -148,7 +148,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     interval: int = 50  # steps between eval losses; 0 disables eval
-    batches: int = 4  # micro-batches per eval
+    batches: int = 4  # eval size: batches x train.micro_batch_size held-out samples, split over ranks
 
     def validate(self) -> None:
         _require(self.interval >= 0, f"eval.interval={self.interval}: must be >= 0 (0 disables eval)")

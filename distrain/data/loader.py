@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from distrain.data.packing import PackedDataset, collate
+from distrain.data.packing import IGNORE_INDEX, PackedDataset, collate
 
 
 class GlobalBatchLoader:
@@ -69,9 +69,13 @@ class GlobalBatchLoader:
         self.position = int(state["position"])
 
 
-def eval_batches(dataset: PackedDataset, num_batches: int, micro_batch_size: int, dp_rank: int, dp_size: int):
-    """The same held-out micro-batches at every eval: the first samples of the eval split."""
-    per_rank = num_batches * micro_batch_size
-    begin = dp_rank * per_rank
-    indices = [i % len(dataset) for i in range(begin, begin + per_rank)]
-    return [collate([dataset[i] for i in indices[j : j + micro_batch_size]]) for j in range(0, per_rank, micro_batch_size)]
+def eval_batches(dataset: PackedDataset, num_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+    """This rank's share of the first `num_samples` held-out samples: the same set at every eval
+    and for every data-parallel size. Ranks take contiguous, possibly uneven, slices, topped up
+    with fully masked samples so that every rank runs the same number of forward passes."""
+    begin, end = (num_samples * dp_rank) // dp_size, (num_samples * (dp_rank + 1)) // dp_size
+    samples = [dataset[i % len(dataset)] for i in range(begin, end)]
+    num_micro = -(-(-(-num_samples // dp_size)) // micro_batch_size)
+    filler = dict(dataset[0], labels=torch.full((dataset.seq_len,), IGNORE_INDEX))
+    samples += [filler] * (num_micro * micro_batch_size - len(samples))
+    return [collate(samples[j : j + micro_batch_size]) for j in range(0, len(samples), micro_batch_size)]

@@ -41,6 +41,8 @@ class ParallelDims:
                 f"parallel.dp_replicate={cfg.dp_replicate} x parallel.dp_shard={dp_shard} x parallel.tp={cfg.tp} "
                 f"= {dp_shard * fixed} differs from the world size {world_size}; e.g. parallel.dp_shard=-1 fills the rest"
             )
+        if hf_config is not None:
+            _check_model_fits(cfg, dp_shard, hf_config, seq_len)
         if cfg.tp > 1 or cfg.sp:
             raise ConfigError(
                 f"parallel.tp={cfg.tp} parallel.sp={cfg.sp}: tensor and sequence parallelism are not implemented "
@@ -56,3 +58,41 @@ class ParallelDims:
         return init_device_mesh(
             device_type, (self.dp_replicate, self.dp_shard, self.tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp")
         )
+
+
+def _divisors(n: int, limit: int) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+def _check_model_fits(cfg: ParallelConfig, dp_shard: int, hf_config, seq_len: int | None) -> None:
+    tp = cfg.tp
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    for name, count in (("attention heads", heads), ("key/value heads", kv_heads)):
+        if count % tp:
+            working = max(d for d in _divisors(heads, tp) if kv_heads % d == 0)
+            raise ConfigError(
+                f"parallel.tp={tp} does not divide the model's {count} {name} "
+                f"(num_attention_heads={heads}, num_key_value_heads={kv_heads}); e.g. parallel.tp={working}"
+            )
+    if tp > 1 and hf_config.vocab_size % tp:
+        raise ConfigError(
+            f"parallel.tp={tp} does not divide model.config.vocab_size={hf_config.vocab_size} (the embedding and "
+            f"lm_head are sharded on it); pad the vocabulary to a multiple of {tp}, e.g. "
+            f"model.config.vocab_size={-(-hf_config.vocab_size // tp) * tp}"
+        )
+    if cfg.sp and seq_len is not None and seq_len % tp:
+        raise ConfigError(
+            f"parallel.sp=true shards the sequence over parallel.tp={tp}, which does not divide "
+            f"train.seq_len={seq_len}; e.g. train.seq_len={-(-seq_len // tp) * tp} or parallel.sp=false"
+        )
+    num_experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None) or 0
+    if cfg.ep > 1:
+        if not num_experts:
+            raise ConfigError(f"parallel.ep={cfg.ep} but the model has no experts; use parallel.ep=1")
+        if num_experts % cfg.ep or (dp_shard * tp) % cfg.ep:
+            working = max(d for d in _divisors(num_experts, dp_shard * tp) if (dp_shard * tp) % d == 0)
+            raise ConfigError(
+                f"parallel.ep={cfg.ep} must divide the model's {num_experts} experts and parallel.dp_shard x "
+                f"parallel.tp = {dp_shard} x {tp} = {dp_shard * tp}; e.g. parallel.ep={working}"
+            )

@@ -31,20 +31,39 @@ def apply_fsdp(model: nn.Module, spec: ModelSpec, mesh, bf16: bool) -> None:
     #       summed over data-parallel ranks, not averaged (this also avoids AVG, which gloo lacks).
     for module in [*spec.blocks, model]:
         module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
 
 
-def materialize(model: nn.Module, device: torch.device, seed: int, weights: dict | None, has_weights: bool) -> None:
-    """Allocate the (possibly sharded) parameters on `device`, init them, then load weights.
+def materialize(model: nn.Module, device: torch.device, full_state: dict[str, torch.Tensor] | None) -> None:
+    """Allocate the (possibly sharded) parameters on `device` and fill them from rank 0.
 
-    `has_weights` is the same on every rank; `weights` (full tensors) is read on rank 0 only and
-    broadcast, each rank keeping its shards.
+    `full_state` is the full model's state on rank 0 (None elsewhere): pretrained weights, or a
+    seeded random init built on the CPU, so that every layout starts from the same numbers.
+    Each rank keeps only its shards of the broadcast.
     """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state or {}, options=options)
+    # Non-persistent buffers (rotary inv_freq) are not in any state dict: let the model's own
+    # init recompute them on modules that hold no parameters of their own.
+    with torch.no_grad():
+        for module in model.modules():
+            if next(module.parameters(recurse=False), None) is None and any(
+                name in module._non_persistent_buffers_set for name, _ in module.named_buffers(recurse=False)
+            ):
+                model._init_weights(module)
+
+
+def full_random_state(model_config, seed: int) -> dict[str, torch.Tensor]:
+    """The model's seeded random init, built whole on the CPU (identical for every layout)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    model.to_empty(device="cpu")
     torch.manual_seed(seed)
     with torch.no_grad():
         model.init_weights()
-    if has_weights:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_model_state_dict(model, weights or {}, options=options)
+    return model.state_dict()

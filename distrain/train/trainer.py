@@ -27,7 +27,7 @@ from distrain.metrics.flops import flops_per_token, peak_flops
 from distrain.metrics.sinks import MetricsLogger
 from distrain.models import build_config, build_meta_model, has_pretrained_weights, pretrained_state_dict
 from distrain.parallel.mesh import ParallelDims
-from distrain.parallel.parallelize import materialize, parallelize
+from distrain.parallel.parallelize import full_random_state, materialize, parallelize
 from distrain.train.schedule import lr_multiplier
 
 
@@ -68,9 +68,14 @@ class Trainer:
         model, self.spec = build_meta_model(job.model, hf_config)
         self.flops_per_token = flops_per_token(model, self.spec, job.train.seq_len)
         self.model = parallelize(model, self.spec, self.dims, self.mesh, device, self.bf16)
-        load = has_pretrained_weights(job.model)
-        weights = pretrained_state_dict(job.model, hf_config) if (load and self.is_main) else None
-        materialize(self.model, device, job.run.seed, weights, load)
+        full_state = None
+        if self.is_main:
+            if has_pretrained_weights(job.model):
+                full_state = pretrained_state_dict(job.model, hf_config)
+            else:
+                full_state = full_random_state(hf_config, job.run.seed)
+        materialize(self.model, device, full_state)
+        del full_state
         self.model.train()
 
         # optimizer and schedule
@@ -139,7 +144,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
-        batches = eval_batches(self.eval_set, self.job.eval.batches, self.job.train.micro_batch_size, self.dp_rank, self.dp_size)
+        num_samples = self.job.eval.batches * self.job.train.micro_batch_size
+        batches = eval_batches(self.eval_set, num_samples, self.job.train.micro_batch_size, self.dp_rank, self.dp_size)
         totals = torch.zeros(2, device=self.device)
         for batch in batches:
             totals[0] += self._loss_sum(batch)
