@@ -21,24 +21,29 @@ from distrain.config.load import read_config_yaml
 from distrain.models import build_config
 
 
-def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+def load_full_model(checkpoint_dir: Path):
+    """The whole model of a checkpoint, in one process on the CPU (whatever layout saved it)."""
     from transformers import AutoModelForCausalLM
 
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     if not (checkpoint_dir / ".metadata").exists() or not (checkpoint_dir / "config.yaml").exists():
         raise ValueError(f"{checkpoint_dir}: not a complete distrain checkpoint (no .metadata or config.yaml)")
     job = read_config_yaml(checkpoint_dir / "config.yaml")
-    hf_config = build_config(job.model)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(build_config(job.model), dtype=torch.float32)
     model.to_empty(device="cpu")
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)
     model.load_state_dict(state["model"])
+    return model
+
+
+def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    model = load_full_model(checkpoint_dir)
     model.to(dtype)
-    hf_config.use_cache = True  # the export is for inference as much as for training
+    model.config.use_cache = True  # the export is for inference as much as for training
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

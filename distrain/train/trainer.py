@@ -171,7 +171,12 @@ class Trainer:
         job = self.job
         tokens_per_step = job.train.global_batch_size * job.train.seq_len
         last_checkpoint = None
+        # DISTRAIN_FAULT=RANK:STEP makes that rank raise at that step: how the tests check that
+        # one failing rank ends the whole job.
+        fault = tuple(int(x) for x in os.environ["DISTRAIN_FAULT"].split(":")) if "DISTRAIN_FAULT" in os.environ else None
         while self.step < job.train.steps:
+            if fault == (self.rank, self.step + 1):
+                raise RuntimeError(f"injected fault (DISTRAIN_FAULT) on rank {self.rank} at step {self.step + 1}")
             lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
             start = time.perf_counter()
             loss, grad_norm = self.train_step(self.train_loader.next_batch())

@@ -1,0 +1,120 @@
+"""Layouts against a single-process reference, through the CLI, on a model saved to a folder.
+
+Every layout must reproduce the reference's per-step loss (1e-5), grad norm (1e-5 relative) and
+final parameters (1e-5) over 20 steps, starting from the same weights and the same data.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import check_ok, read_metrics, run_cli
+
+STEPS = 20
+MULTI = {"OMP_NUM_THREADS": "1"}
+
+ARCHITECTURES = {
+    "qwen3_moe": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2),
+    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory) -> dict[str, Path]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("models")
+    folders = {}
+    for architecture, sizes in ARCHITECTURES.items():
+        config = AutoConfig.for_model(architecture, vocab_size=1024, max_position_embeddings=256, tie_word_embeddings=False, **sizes)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(root / architecture)
+        folders[architecture] = root / architecture
+    return folders
+
+
+def common_args(model_dir: Path, data_cache: Path, run_dir: Path) -> list[str]:
+    return [
+        "train", "recipe=qwen3_moe_debug", "model=pretrained", f"model.name_or_path={model_dir}",
+        "data.vocab_size=1024", "data.max_bytes=600000", f"data.cache_dir={data_cache}",
+        "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=2", f"train.steps={STEPS}",
+        "optim.lr=1e-3", "optim.warmup_steps=2", "eval.interval=0", "checkpoint.interval=0", "checkpoint.export=false",
+        f"run.dir={run_dir}",
+    ]
+
+
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    from distrain.checkpoint.export import load_full_model
+
+    return load_full_model(run_dir / "checkpoints" / f"step_{STEPS:08d}").state_dict()
+
+
+def assert_same_run(reference_dir: Path, run_dir: Path) -> None:
+    expected, got = read_metrics(reference_dir), read_metrics(run_dir)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for a, b in zip(expected, got):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (a["step"], a["grad_norm"], b["grad_norm"])
+    reference, params = final_params(reference_dir), final_params(run_dir)
+    assert reference.keys() == params.keys()
+    for name in reference:
+        torch.testing.assert_close(params[name], reference[name], atol=1e-5, rtol=0, msg=name)
+
+
+LAYOUTS = {
+    "dp_shard=2": ["launcher.nproc_per_node=2", "parallel.dp_shard=2"],
+    "dp_shard=4": ["launcher.nproc_per_node=4", "parallel.dp_shard=4"],
+    "dp_replicate=2 x dp_shard=2": ["launcher.nproc_per_node=4", "parallel.dp_replicate=2", "parallel.dp_shard=2"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_layouts_match_single_process(tmp_path, saved_models, data_cache, architecture):
+    reference_dir = tmp_path / "reference"
+    check_ok(run_cli(common_args(saved_models[architecture], data_cache, reference_dir), tmp_path))
+    for name, layout in LAYOUTS.items():
+        run_dir = tmp_path / name.replace(" ", "").replace("=", "")
+        check_ok(run_cli([*common_args(saved_models[architecture], data_cache, run_dir), *layout], tmp_path, env=MULTI))
+        assert_same_run(reference_dir, run_dir)
+
+
+@pytest.mark.parametrize(
+    "layout, key",
+    [
+        (["launcher.nproc_per_node=2", "parallel.dp_shard=3"], "parallel.dp_shard"),
+        (["launcher.nproc_per_node=2", "parallel.tp=2", "++model.config.num_key_value_heads=1"], "parallel.tp"),
+        (["launcher.nproc_per_node=4", "parallel.tp=4", "++model.config.num_attention_heads=6"], "parallel.tp"),
+        (["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true", "train.seq_len=255"], "train.seq_len"),
+        (["launcher.nproc_per_node=2", "parallel.ep=3"], "parallel.ep"),
+        (["launcher.nproc_per_node=4", "parallel.ep=8"], "parallel.ep"),
+        (["launcher.nproc_per_node=2", "parallel.tp=2", "++model.config.vocab_size=4097"], "vocab_size"),
+    ],
+)
+def test_invalid_layouts_exit_2_before_any_worker(tmp_path, layout, key):
+    proc = run_cli(["train", "recipe=qwen3_moe_debug", *layout], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert key in line and "e.g." in line, line
+    assert "rank" not in proc.stderr.lower() and not (tmp_path / "runs").exists()  # no worker started
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_job(tmp_path, tiny):
+    start = time.perf_counter()
+    proc = run_cli(
+        ["train", "recipe=qwen3_moe_debug", *tiny, "launcher.nproc_per_node=2", "launcher.timeout_s=60", "train.steps=50",
+         f"run.dir={tmp_path / 'run'}"],
+        tmp_path,
+        env={**MULTI, "DISTRAIN_FAULT": "1:3"},
+        timeout=120,
+    )
+    elapsed = time.perf_counter() - start
+    assert proc.returncode != 0
+    assert "injected fault" in proc.stderr + proc.stdout
+    assert elapsed < 60, elapsed  # well inside the collective timeout: nobody waited for it
