@@ -44,7 +44,13 @@ def _validate_layout(job):
     from distrain.parallel.mesh import ParallelDims
 
     hf_config = build_config(job.model)
-    return ParallelDims.resolve(job.parallel, world_size_for(job), hf_config, job.train.seq_len), hf_config
+    dims = ParallelDims.resolve(job.parallel, world_size_for(job), hf_config, job.train)
+    if dims.tp > 1:
+        from distrain.models import build_meta_model
+        from distrain.parallel.tensor_parallel import resolved_plan
+
+        resolved_plan(build_meta_model(job.model, hf_config)[0])
+    return dims, hf_config
 
 
 def cmd_train(args) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distrain.config.schema import ConfigError, ParallelConfig
+from distrain.config.schema import ConfigError, ParallelConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @classmethod
-    def resolve(cls, cfg: ParallelConfig, world_size: int, hf_config=None, seq_len: int | None = None) -> "ParallelDims":
+    def resolve(cls, cfg: ParallelConfig, world_size: int, hf_config=None, train: TrainConfig | None = None) -> "ParallelDims":
         cfg.validate()
         fixed = cfg.dp_replicate * cfg.tp
         dp_shard = cfg.dp_shard
@@ -42,12 +42,17 @@ class ParallelDims:
                 f"= {dp_shard * fixed} differs from the world size {world_size}; e.g. parallel.dp_shard=-1 fills the rest"
             )
         if hf_config is not None:
-            _check_model_fits(cfg, dp_shard, hf_config, seq_len)
-        if cfg.tp > 1 or cfg.sp:
+            _check_model_fits(cfg, dp_shard, hf_config, train.seq_len if train else None)
+        dp = cfg.dp_replicate * dp_shard
+        if train is not None and train.global_batch_size % (train.micro_batch_size * dp):
             raise ConfigError(
-                f"parallel.tp={cfg.tp} parallel.sp={cfg.sp}: tensor and sequence parallelism are not implemented "
-                "yet; use parallel.tp=1 parallel.sp=false"
+                f"train.global_batch_size={train.global_batch_size} must be a multiple of train.micro_batch_size="
+                f"{train.micro_batch_size} x data-parallel ranks {dp} (dp_replicate x dp_shard); e.g. "
+                f"train.global_batch_size={train.micro_batch_size * dp * max(1, train.global_batch_size // (train.micro_batch_size * dp))}"
+                f" or train.micro_batch_size={max(1, train.global_batch_size // dp)}"
             )
+        if cfg.sp and cfg.tp == 1:
+            raise ConfigError("parallel.sp=true shards the sequence over the TP ranks and needs parallel.tp>1; e.g. parallel.tp=2")
         if cfg.ep > 1:
             raise ConfigError(f"parallel.ep={cfg.ep}: expert parallelism is not implemented yet; use parallel.ep=1")
         return cls(cfg.dp_replicate, dp_shard, cfg.tp, cfg.sp, cfg.ep, world_size)

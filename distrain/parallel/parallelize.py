@@ -11,12 +11,19 @@ from torch import nn
 
 from distrain.models import ModelSpec
 from distrain.parallel.mesh import ParallelDims
+from distrain.parallel.tensor_parallel import apply_tensor_parallel
 
 
-def parallelize(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh, device: torch.device, bf16: bool) -> nn.Module:
+def parallelize(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh, bf16: bool) -> list[str]:
+    """Apply every parallelism in order; return the FQNs of parameters whose gradients are
+    partial over the TP ranks (summed by `sum_partial_grads` after backward)."""
+    partial_grads = []
+    if dims.tp > 1:
+        partial_grads = apply_tensor_parallel(model, spec, mesh["tp"], dims.sp)  # TP + SP
+    # EP, activation checkpointing and compile come here, in this order
     if dims.dp > 1:
         apply_fsdp(model, spec, mesh, bf16)
-    return model
+    return partial_grads
 
 
 def apply_fsdp(model: nn.Module, spec: ModelSpec, mesh, bf16: bool) -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from distrain.checkpoint.dcp import latest_checkpoint, load_checkpoint, save_checkpoint
 from distrain.checkpoint.export import export_checkpoint
@@ -26,7 +28,9 @@ from distrain.data.packing import IGNORE_INDEX, PackedDataset
 from distrain.metrics.flops import flops_per_token, peak_flops
 from distrain.metrics.sinks import MetricsLogger
 from distrain.models import build_config, build_meta_model, has_pretrained_weights, pretrained_state_dict
+from distrain.parallel.grads import clip_grad_norm
 from distrain.parallel.mesh import ParallelDims
+from distrain.parallel.tensor_parallel import sum_partial_grads
 from distrain.parallel.parallelize import full_random_state, materialize, parallelize
 from distrain.train.schedule import lr_multiplier
 
@@ -41,7 +45,7 @@ class Trainer:
 
         # mesh
         hf_config = build_config(job.model)
-        self.dims = ParallelDims.resolve(job.parallel, self.world_size, hf_config, job.train.seq_len)
+        self.dims = ParallelDims.resolve(job.parallel, self.world_size, hf_config, job.train)
         self.mesh = self.dims.build_mesh(device.type)
         dp_mesh = self.mesh["dp_replicate", "dp_shard"]._flatten("dp")
         self.dp_rank, self.dp_size, self.dp_group = dp_mesh.get_local_rank(), dp_mesh.size(), dp_mesh.get_group()
@@ -67,7 +71,8 @@ class Trainer:
         # model on meta -> parallelize -> materialize -> weights
         model, self.spec = build_meta_model(job.model, hf_config)
         self.flops_per_token = flops_per_token(model, self.spec, job.train.seq_len)
-        self.model = parallelize(model, self.spec, self.dims, self.mesh, device, self.bf16)
+        self.partial_grads = parallelize(model, self.spec, self.dims, self.mesh, self.bf16)
+        self.model = model
         full_state = None
         if self.is_main:
             if has_pretrained_weights(job.model):
@@ -80,7 +85,7 @@ class Trainer:
 
         # optimizer and schedule
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            _param_groups(self.model),
             lr=job.optim.lr,
             betas=(job.optim.beta1, job.optim.beta2),
             eps=job.optim.eps,
@@ -111,13 +116,19 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def loss_context(self):
+        # with TP the logits stay sharded on the vocabulary: cross-entropy (and its backward) runs
+        # on the shards under loss_parallel
+        return loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext()
+
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with self.autocast():
             logits = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        return F.cross_entropy(
-            logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        with self.loss_context():
+            return F.cross_entropy(
+                logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
 
     def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.dp_size > 1:
@@ -126,16 +137,17 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         num_targets = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches).to(self.device, torch.float32)
-        num_targets = self._dp_sum(num_targets).clamp(min=1)
+        scale = 1.0 / self._dp_sum(num_targets).clamp(min=1).item()
         loss_total = torch.zeros((), device=self.device)
         for mb in micro_batches:
-            loss = self._loss_sum(mb) / num_targets
-            loss.backward()
-            loss_total += loss.detach()
+            loss = self._loss_sum(mb) * scale
+            with self.loss_context():
+                loss.backward()
+            loss_total += _local(loss.detach())
+        if self.partial_grads:
+            sum_partial_grads(self.model, self.partial_grads, self.mesh["tp"].get_group())
         max_norm = self.job.train.grad_clip if self.job.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -148,7 +160,7 @@ class Trainer:
         batches = eval_batches(self.eval_set, num_samples, self.job.train.micro_batch_size, self.dp_rank, self.dp_size)
         totals = torch.zeros(2, device=self.device)
         for batch in batches:
-            totals[0] += self._loss_sum(batch)
+            totals[0] += _local(self._loss_sum(batch))
             totals[1] += (batch["labels"] != IGNORE_INDEX).sum()
         self.model.train()
         totals = self._dp_sum(totals)
@@ -208,6 +220,20 @@ class Trainer:
             out = export_checkpoint(last_checkpoint, self.run_dir / "export")
             print(f"exported {last_checkpoint.name} to {out}", flush=True)
         dist.barrier()
+
+
+def _param_groups(model: torch.nn.Module) -> list[dict]:
+    """One group per mesh: foreach kernels cannot mix plain tensors and DTensors, or meshes."""
+    groups: dict[object, list] = {}
+    for param in model.parameters():
+        key = param.device_mesh if isinstance(param, DTensor) else None
+        groups.setdefault(key, []).append(param)
+    return [{"params": params} for params in groups.values()]
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """A loss from loss_parallel is a replicated DTensor: every TP rank holds the whole value."""
+    return value.to_local() if isinstance(value, DTensor) else value
 
 
 def _max_memory(device: torch.device) -> int:
