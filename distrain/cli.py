@@ -69,21 +69,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from distrain.models import build_meta_model
+    from distrain.parallel.plan import describe_plan
 
     job = _load(args.overrides)
     dims, hf_config = _validate_layout(job)
-    model, spec = build_meta_model(job.model, hf_config)
-    num_params = sum(p.numel() for p in model.parameters())
-    shards = dims.dp  # parameters, gradients and Adam states are sharded over every data-parallel rank
-    param_bytes = num_params * 4 / shards
-    print(f"world size {dims.world_size}: dp_replicate={dims.dp_replicate} dp_shard={dims.dp_shard} tp={dims.tp} sp={dims.sp} ep={dims.ep}")
-    print(f"model {type(model).__name__}: {num_params:,} parameters, {len(spec.blocks)} x {spec.block_class}"
-          + (f", {spec.num_experts} experts (top-{spec.experts_per_token})" if spec.num_experts else ""))
-    print("per-rank bytes (fp32 master weights, fp32 gradients, Adam exp_avg + exp_avg_sq):")
-    for name, count in (("parameters", param_bytes), ("gradients", param_bytes), ("optimizer", 2 * param_bytes)):
-        print(f"  {name:<11} {count / 2**20:10.2f} MiB")
-    print(f"  {'total':<11} {4 * param_bytes / 2**20:10.2f} MiB")
+    text, _ = describe_plan(job, dims, hf_config)
+    print(text)
     return 0
 
 

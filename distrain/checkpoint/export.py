@@ -18,7 +18,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from distrain.config.load import read_config_yaml
-from distrain.models import build_config
+from distrain.models import build_config, to_empty
 
 
 def load_full_model(checkpoint_dir: Path):
@@ -30,7 +30,7 @@ def load_full_model(checkpoint_dir: Path):
     job = read_config_yaml(checkpoint_dir / "config.yaml")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(build_config(job.model), dtype=torch.float32)
-    model.to_empty(device="cpu")
+    to_empty(model, torch.device("cpu"))
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)

@@ -55,6 +55,13 @@ class ParallelConfig:
     tp: int = 1
     sp: bool = False
     ep: int = 1
+    # FSDP: free each block's gathered parameters after its forward (gather again for backward)
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False  # FSDP keeps sharded parameters, gradients and optimizer on the host
+    # Recompute activations in backward: none, full (whole blocks), or selective (keep the
+    # outputs of matmuls and attention, recompute the cheap element-wise ops)
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    compile: bool = False  # torch.compile each decoder block
 
     def validate(self) -> None:
         for key in ("dp_replicate", "tp", "ep"):

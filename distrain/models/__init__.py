@@ -50,10 +50,16 @@ def build_config(cfg: ModelConfig):
     else:
         hf_config = AutoConfig.from_pretrained(cfg.name_or_path)
     known = _config_keys(hf_config)
-    for key, value in cfg.config.items():
+    for key in cfg.config:
         if key not in known:
             raise ConfigError(f"model.config.{key}: not a field of {type(hf_config).__name__}; check the spelling")
-        setattr(hf_config, key, value)
+    if cfg.config:
+        # built with the sizes rather than patched after: fields derived at construction (head_dim
+        # from hidden_size and heads) must follow them
+        if cfg.architecture is not None:
+            hf_config = AutoConfig.for_model(cfg.architecture, **cfg.config)
+        else:
+            hf_config = AutoConfig.from_pretrained(cfg.name_or_path, **cfg.config)
     hf_config._attn_implementation = cfg.attn_implementation
     hf_config.use_cache = False
     return hf_config
@@ -129,3 +135,19 @@ def pretrained_state_dict(cfg: ModelConfig, hf_config) -> dict[str, torch.Tensor
 
     model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_config, dtype=torch.float32)
     return model.state_dict()
+
+
+def to_empty(model: nn.Module, device: torch.device) -> None:
+    """`model.to_empty`, keeping tied parameters tied (to_empty gives each use its own tensor)."""
+    first: dict[int, tuple[nn.Module, str]] = {}
+    ties = []
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                if id(param) in first:
+                    ties.append((first[id(param)], (module, name)))
+                else:
+                    first[id(param)] = (module, name)
+    model.to_empty(device=device)
+    for (owner, name), (tied_owner, tied_name) in ties:
+        tied_owner._parameters[tied_name] = owner._parameters[name]

@@ -19,10 +19,18 @@ class ParallelDims:
     sp: bool
     ep: int
     world_size: int
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    activation_checkpointing: str = "none"
+    compile: bool = False
 
     @property
     def dp(self) -> int:
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp(self) -> bool:
+        return self.dp > 1 or self.cpu_offload
 
     @classmethod
     def resolve(cls, cfg: ParallelConfig, world_size: int, hf_config=None, train: TrainConfig | None = None) -> "ParallelDims":
@@ -55,7 +63,10 @@ class ParallelDims:
             raise ConfigError("parallel.sp=true shards the sequence over the TP ranks and needs parallel.tp>1; e.g. parallel.tp=2")
         if cfg.ep > 1:
             raise ConfigError(f"parallel.ep={cfg.ep}: expert parallelism is not implemented yet; use parallel.ep=1")
-        return cls(cfg.dp_replicate, dp_shard, cfg.tp, cfg.sp, cfg.ep, world_size)
+        return cls(
+            cfg.dp_replicate, dp_shard, cfg.tp, cfg.sp, cfg.ep, world_size,
+            cfg.reshard_after_forward, cfg.cpu_offload, cfg.activation_checkpointing, cfg.compile,
+        )
 
     def build_mesh(self, device_type: str):
         from torch.distributed.device_mesh import init_device_mesh

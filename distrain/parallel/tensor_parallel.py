@@ -134,11 +134,15 @@ class _ReplicateInput:
         return rebuild(full)
 
 
-def sum_partial_grads(model: nn.Module, names: list[str], tp_group) -> None:
-    """Sum over the TP ranks the gradients that each rank computed from only its heads or its
-    slice of the sequence."""
+def sync_tp_grads(model: nn.Module, partial_names: list[str], tp_group) -> None:
+    """After backward: sum over the TP ranks the gradients that each rank computed from only its
+    heads or its slice of the sequence, and give every sharded gradient its parameter's placement
+    (the vocab-sharded embedding's gradient comes back replicated: a local slice, no traffic)."""
     params = dict(model.named_parameters())
-    grads = [params[n].grad for n in names if params[n].grad is not None]
+    for param in params.values():
+        if isinstance(param.grad, DTensor) and param.grad.placements != param.placements:
+            param.grad = param.grad.redistribute(placements=param.placements)
+    grads = [params[n].grad for n in partial_names if params[n].grad is not None]
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     if not local:
         return

@@ -30,7 +30,7 @@ from distrain.metrics.sinks import MetricsLogger
 from distrain.models import build_config, build_meta_model, has_pretrained_weights, pretrained_state_dict
 from distrain.parallel.grads import clip_grad_norm
 from distrain.parallel.mesh import ParallelDims
-from distrain.parallel.tensor_parallel import sum_partial_grads
+from distrain.parallel.tensor_parallel import sync_tp_grads
 from distrain.parallel.parallelize import full_random_state, materialize, parallelize
 from distrain.train.schedule import lr_multiplier
 
@@ -109,10 +109,11 @@ class Trainer:
                 print(f"resumed from {resume_from} at step {self.step}", flush=True)
 
         self.peak_flops = peak_flops(device, job.logging.peak_flops)
+        self.state_bytes = None  # this rank's bytes of parameters, gradients, optimizer states
         self.metrics = MetricsLogger(job, self.run_dir, to_dict(job), self.step) if self.is_main else None
 
     def autocast(self):
-        if self.bf16 and self.dims.dp == 1:  # with FSDP, its mixed-precision policy casts instead
+        if self.bf16 and not self.dims.fsdp:  # with FSDP, its mixed-precision policy casts instead
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -136,6 +137,12 @@ class Trainer:
         return value
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        loss = self.forward_backward(micro_batches)
+        grad_norm = self.optimizer_step()
+        return loss, grad_norm
+
+    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+        """Accumulate the gradients of one global batch; return its loss (mean per target token)."""
         num_targets = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches).to(self.device, torch.float32)
         scale = 1.0 / self._dp_sum(num_targets).clamp(min=1).item()
         loss_total = torch.zeros((), device=self.device)
@@ -144,14 +151,24 @@ class Trainer:
             with self.loss_context():
                 loss.backward()
             loss_total += _local(loss.detach())
-        if self.partial_grads:
-            sum_partial_grads(self.model, self.partial_grads, self.mesh["tp"].get_group())
+        if self.dims.tp > 1:
+            sync_tp_grads(self.model, self.partial_grads, self.mesh["tp"].get_group())
+        return self._dp_sum(loss_total).item()
+
+    def optimizer_step(self) -> float:
+        """Clip, update, advance the schedule; return the gradient norm before clipping."""
         max_norm = self.job.train.grad_clip if self.job.train.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(self.model.parameters(), max_norm)
         self.optimizer.step()
+        if self.state_bytes is None:
+            self.state_bytes = {
+                "param_bytes": _local_bytes(self.model.parameters()),
+                "grad_bytes": _local_bytes(p.grad for p in self.model.parameters() if p.grad is not None),
+                "optimizer_bytes": _local_bytes(v for s in self.optimizer.state.values() for k, v in s.items() if k != "step"),
+            }
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self._dp_sum(loss_total).item(), grad_norm.item()
+        return grad_norm.item()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -207,6 +224,7 @@ class Trainer:
                     step_time_s=step_time,
                     samples_consumed=self.train_loader.position,
                     max_memory_bytes=_max_memory(self.device),
+                    **(self.state_bytes or {}),
                 )
                 if self.metrics is not None:
                     self.metrics.log(record)
@@ -229,6 +247,10 @@ def _param_groups(model: torch.nn.Module) -> list[dict]:
         key = param.device_mesh if isinstance(param, DTensor) else None
         groups.setdefault(key, []).append(param)
     return [{"params": params} for params in groups.values()]
+
+
+def _local_bytes(tensors) -> int:
+    return sum(_local(t).numel() * t.element_size() for t in tensors)
 
 
 def _local(value: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,184 @@
+"""Per-rank state bytes, communication bytes per step and tokens/s of each parallel layout.
+
+    python scripts/bench/layouts.py [--steps 4] [--out results/bench]
+
+Each layout runs under `torchrun` (this script re-launches itself as the worker) with distrain's
+own Trainer, one micro-batch per rank per step (global batch = micro-batch x data-parallel ranks),
+and reports from rank 0 (state bytes: the largest over the ranks):
+
+- state_ratio: parameters + gradients + both Adam states actually held, against the ideal
+  4 x full fp32 parameter bytes / world size. Goal: 1.000x.
+- comm_ratio: bus bytes of every collective of one step (counted at the process-group level by
+  `distrain.metrics.comm.CommCounter`) against the layout's analytic minimum. Goal: <= 1.05x.
+  The minimum, per rank, for dp_replicate r x dp_shard d x tp t (ring algorithms, s = (k-1)/k
+  for a group of k ranks):
+    FSDP   s_d * (2 * P_blocks + P_root + P)        all-gather blocks in forward and backward,
+                                                    the root once; reduce-scatter every gradient
+    HSDP   + 2 s_r * P / d                          all-reduce of the gradient shards
+    TP     per micro-batch, with A = micro-batch x seq_len x hidden x 4 bytes:
+           2 s_t * A * (4 L + 2)                    per layer 2 sub-layers x (forward + backward)
+                                                    all-reduce (or SP's all-gather + reduce-
+                                                    scatter, the same bytes); embedding forward
+                                                    and lm_head backward
+           + s_t * A                                SP only: all-gather of the first block's grad
+           + 2 s_t * 3 * micro-batch x seq_len x 4  vocab-parallel loss (max, sum-exp, target)
+           + 2 s_t * P_partial                      gradients partial over TP (norms)
+  where P is the parameter bytes one TP rank holds before FSDP, split into decoder blocks and
+  the rest (root), and P_partial the bytes of parameters whose gradients are summed over TP.
+  Scalar all-reduces (loss, token counts, grad norm) are left out of the minimum.
+- tokens_per_s: global tokens per second of the timed steps. On a 2-core CPU box, layouts with
+  more ranks than cores share them, so compare tokens/s only between layouts of one world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+LAYOUTS = [
+    # (recipe, name, world size, overrides)
+    ("qwen3_moe_debug", "world 1", 1, []),
+    ("qwen3_moe_debug", "dp_shard=2", 2, ["parallel.dp_shard=2"]),
+    ("qwen3_moe_debug", "dp_shard=4", 4, ["parallel.dp_shard=4"]),
+    ("qwen3_moe_debug", "dp_replicate=2 x dp_shard=2", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+    ("llama_debug", "world 1", 1, []),
+    ("llama_debug", "dp_shard=2", 2, ["parallel.dp_shard=2"]),
+    ("llama_debug", "tp=2", 2, ["parallel.tp=2"]),
+    ("llama_debug", "tp=2 sp", 2, ["parallel.tp=2", "parallel.sp=true"]),
+    ("llama_debug", "dp_shard=2 x tp=2", 4, ["parallel.dp_shard=2", "parallel.tp=2"]),
+    ("llama_debug", "dp_shard=2 x tp=2 sp", 4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true"]),
+    ("llama_debug", "tp=4 sp", 4, ["parallel.tp=4", "parallel.sp=true", "++model.config.num_key_value_heads=4"]),
+]
+MICRO_BATCH = 2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--worker", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    if args.worker is not None:
+        return worker(args.worker)
+    from _report import report
+
+    rows = []
+    for recipe, name, world, overrides in LAYOUTS:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "result.json"
+            dp = world // _size(overrides, "parallel.tp")
+            command = [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                __file__, "--worker", str(result), str(args.steps), recipe, f"run.dir={tmp}/run",
+                f"train.micro_batch_size={MICRO_BATCH}", f"train.global_batch_size={MICRO_BATCH * dp}", *overrides,
+            ]
+            subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+            rows.append({"model": recipe, "layout": name, **json.loads(result.read_text())})
+    report("layouts", rows, args.out, {"micro_batch_per_rank": MICRO_BATCH, "steps_timed": args.steps,
+                                       "goals": "state_ratio 1.000, comm_ratio <= 1.05"})
+
+
+def _size(overrides: list[str], key: str) -> int:
+    return next((int(o.split("=")[1]) for o in overrides if o.startswith(key + "=")), 1)
+
+
+def worker(argv: list[str]) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from distrain.config import load_job
+    from distrain.launch.worker import init_distributed, resolve_device
+    from distrain.metrics.comm import CommCounter
+    from distrain.train.trainer import Trainer
+
+    result, steps, recipe, overrides = Path(argv[0]), int(argv[1]), argv[2], argv[3:]
+    job = load_job(recipe, ["eval.interval=0", "logging.wandb.mode=disabled", *overrides])
+    device = resolve_device(job)
+    init_distributed(job, device)
+    Path(job.run.dir).mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(job, device)
+    model, dims = trainer.model, trainer.dims
+
+    def local_bytes(tensors) -> int:
+        return sum((t.to_local() if isinstance(t, DTensor) else t).numel() * t.element_size() for t in tensors)
+
+    trainer.train_step(trainer.train_loader.next_batch())  # warm-up (and optimizer states exist)
+    comm = CommCounter()
+    with comm:
+        trainer.forward_backward(trainer.train_loader.next_batch())
+    grad_bytes = local_bytes([p.grad for p in model.parameters() if p.grad is not None])
+    with comm:
+        trainer.optimizer_step()
+    param_bytes = local_bytes(list(model.parameters()))
+    state_bytes = local_bytes([v for s in trainer.optimizer.state.values() for k, v in s.items() if k != "step"])
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(trainer.train_loader.next_batch())
+    elapsed = time.perf_counter() - start
+
+    held = torch.tensor([param_bytes + grad_bytes + state_bytes], dtype=torch.float64)
+    dist.all_reduce(held, op=dist.ReduceOp.MAX)
+    measured_bus = sum(comm.bus.values())
+    minimum = analytic_bus_bytes(trainer, job)
+    if dist.get_rank() == 0:
+        ideal = 4 * full_bytes / dims.world_size
+        result.write_text(json.dumps({
+            "world": dims.world_size,
+            "state_MiB": held.item() / 2**20,
+            "ideal_MiB": ideal / 2**20,
+            "state_ratio": held.item() / ideal,
+            "comm_MiB": measured_bus / 2**20,
+            "min_comm_MiB": minimum / 2**20,
+            "comm_ratio": measured_bus / minimum if minimum else 1.0,
+            "comm_by_kind_MiB": {k: round(v / 2**20, 4) for k, v in sorted(comm.bus.items())},
+            "tokens_per_s": steps * job.train.global_batch_size * job.train.seq_len / elapsed,
+        }))
+    dist.destroy_process_group()
+
+
+def analytic_bus_bytes(trainer, job) -> float:
+    """The layout's minimum bus bytes for one step (see the module docstring)."""
+    from torch.distributed.tensor import DTensor
+
+    dims, model = trainer.dims, trainer.model
+    d, r, t = dims.dp_shard, dims.dp_replicate, dims.tp
+    block_prefix = next(n for n, m in model.named_modules() if m is trainer.spec.blocks) + "."
+    partial = set(trainer.partial_grads)
+    p_blocks = p_root = p_partial = 0.0
+    for name, param in model.named_parameters():
+        tp_sharded = isinstance(param, DTensor) and "tp" in (param.device_mesh.mesh_dim_names or ()) and not param.placements[
+            param.device_mesh.mesh_dim_names.index("tp")].is_replicate()
+        nbytes = param.numel() * param.element_size() / (t if tp_sharded else 1)
+        if name.startswith(block_prefix):
+            p_blocks += nbytes
+        else:
+            p_root += nbytes
+        if name in partial:
+            p_partial += nbytes
+    share = lambda k: (k - 1) / k  # noqa: E731
+    total = share(d) * (2 * p_blocks + p_root + (p_blocks + p_root))
+    total += 2 * share(r) * (p_blocks + p_root) / d
+    if t > 1:
+        config, micro, seq = model.config, job.train.micro_batch_size, job.train.seq_len
+        activation = micro * seq * config.hidden_size * 4
+        num_micro = job.train.global_batch_size // (micro * dims.dp)
+        per_micro = 2 * share(t) * activation * (4 * config.num_hidden_layers + 2)
+        per_micro += share(t) * activation if dims.sp else 0
+        per_micro += 2 * share(t) * 3 * micro * seq * 4
+        total += num_micro * per_micro + 2 * share(t) * p_partial
+    return total
+
+
+if __name__ == "__main__":
+    main()
