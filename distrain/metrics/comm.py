@@ -35,6 +35,8 @@ def _group_size(group) -> int:
         from torch.distributed.distributed_c10d import _resolve_process_group
 
         return _resolve_process_group(group).size()
+    if not isinstance(group, torch.distributed.ProcessGroup):  # c10d ops carry it as a ScriptObject
+        group = torch.distributed.ProcessGroup.unbox(group)
     return group.size()
 
 

@@ -7,7 +7,8 @@ own Trainer, one micro-batch per rank per step (global batch = micro-batch x dat
 and reports from rank 0 (state bytes: the largest over the ranks):
 
 - state_ratio: parameters + gradients + both Adam states actually held, against the ideal
-  4 x full fp32 parameter bytes / world size. Goal: 1.000x.
+  4 x full fp32 parameter bytes / (world size / dp_replicate): HSDP replicas hold copies by
+  design, every other rank holds only its share. Goal: 1.000x.
 - comm_ratio: bus bytes of every collective of one step (counted at the process-group level by
   `distrain.metrics.comm.CommCounter`) against the layout's analytic minimum. Goal: <= 1.05x.
   The minimum, per rank, for dp_replicate r x dp_shard d x tp t (ring algorithms, s = (k-1)/k
@@ -132,7 +133,7 @@ def worker(argv: list[str]) -> None:
     measured_bus = sum(comm.bus.values())
     minimum = analytic_bus_bytes(trainer, job)
     if dist.get_rank() == 0:
-        ideal = 4 * full_bytes / dims.world_size
+        ideal = 4 * full_bytes / (dims.world_size // dims.dp_replicate)
         result.write_text(json.dumps({
             "world": dims.world_size,
             "state_MiB": held.item() / 2**20,
@@ -143,6 +144,7 @@ def worker(argv: list[str]) -> None:
             "comm_ratio": measured_bus / minimum if minimum else 1.0,
             "comm_by_kind_MiB": {k: round(v / 2**20, 4) for k, v in sorted(comm.bus.items())},
             "tokens_per_s": steps * job.train.global_batch_size * job.train.seq_len / elapsed,
+            "uncounted_ops": sorted(comm.unknown),
         }))
     dist.destroy_process_group()
 
