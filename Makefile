@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 .PHONY: setup demo test test-quick
 setup: $(STAMP)
 
+# extra overrides for the demo, e.g. make demo DEMO_ARGS="launcher.nproc_per_node=2"
+DEMO_ARGS ?=
+
 demo: $(STAMP)
-	$(VENV)/bin/distrain train recipe=qwen3_moe_debug
+	$(VENV)/bin/distrain train recipe=qwen3_moe_debug $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -170,3 +170,34 @@ def test_plan_reports_the_bytes_the_shards_hold(tmp_path, saved_models, data_cac
     (record,) = read_metrics(tmp_path / "run")
     held = {"parameters": record["param_bytes"], "gradients": record["grad_bytes"], "optimizer": record["optimizer_bytes"]}
     assert held == {k: planned[k] for k in held}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "recipe, world, layout, max_state_ratio",
+    [
+        ("qwen3_moe_debug", 2, ["parallel.dp_shard=2"], 1.0),
+        ("llama_debug", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], 1.0),
+        ("llama_debug", 4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true"], 1.002),
+    ],
+)
+def test_counted_bytes_meet_the_layout_minimum(tmp_path, tiny_dense, recipe, world, layout, max_state_ratio):
+    """Communication and state bytes are counted, not timed: exact on any machine."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import MOE_TINY, REPO
+
+    tp = 2 if "parallel.tp=2" in layout else 1
+    tiny = [*tiny_dense, *(MOE_TINY if "moe" in recipe else [])]
+    result = tmp_path / "result.json"
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+         str(REPO / "scripts/bench/layouts.py"), "--worker", str(result), "1", recipe, *tiny, f"run.dir={tmp_path / 'run'}",
+         "train.micro_batch_size=2", f"train.global_batch_size={2 * world // tp}", *layout],
+        check=True, env={**__import__("os").environ, **MULTI}, capture_output=True, timeout=300,
+    )
+    row = json.loads(result.read_text())
+    assert 1.0 <= row["comm_ratio"] <= 1.05, row
+    assert 1.0 <= row["state_ratio"] <= max_state_ratio, row

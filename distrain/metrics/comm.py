@@ -1,7 +1,8 @@
 """Count the bytes every collective of a step moves, at the process-group level.
 
 `CommCounter` is a TorchDispatchMode: it sees both the c10d ops that FSDP2 issues and the
-functional collectives that DTensor issues, with their tensors and process groups. For each
+functional collectives that DTensor issues (also those it issues inside an op's dispatch, such as
+the vocabulary-parallel loss's), with their tensors and process groups. For each
 collective kind it records the payload (the full tensor a collective is about: the gathered
 output of an all-gather, the input of a reduce-scatter, the tensor of an all-reduce) and the
 "bus bytes" one rank sends with a ring algorithm over a group of d ranks:
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 c10d = torch.ops.c10d
@@ -73,6 +75,12 @@ class CommCounter(TorchDispatchMode):
         self.unknown: set[str] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return func(*args, **(kwargs or {}))
+        if any(t is DTensor for t in types):
+            # modes run before subclasses: let DTensor desugar the op into local ops and the
+            # collectives its placements need, which then come back through this mode
+            return NotImplemented
         entry = _OPS.get(func)
         if entry is not None:
             kind, payload_of, size_of = entry

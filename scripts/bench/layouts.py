@@ -23,7 +23,8 @@ and reports from rank 0 (state bytes: the largest over the ranks):
                                                     and lm_head backward
            + s_t * A                                SP only: all-gather of the first block's grad
            + 2 s_t * 3 * micro-batch x seq_len x 4  vocab-parallel loss (max, sum-exp, target)
-           + 2 s_t * P_partial                      gradients partial over TP (norms)
+           + 2 s_t * P_partial / d                  gradients partial over TP (norms), summed on
+                                                    their FSDP shards
   where P is the parameter bytes one TP rank holds before FSDP, split into decoder blocks and
   the rest (root), and P_partial the bytes of parameters whose gradients are summed over TP.
   Scalar all-reduces (loss, token counts, grad norm) are left out of the minimum.
@@ -178,7 +179,7 @@ def analytic_bus_bytes(trainer, job) -> float:
         per_micro = 2 * share(t) * activation * (4 * config.num_hidden_layers + 2)
         per_micro += share(t) * activation if dims.sp else 0
         per_micro += 2 * share(t) * 3 * micro * seq * 4
-        total += num_micro * per_micro + 2 * share(t) * p_partial
+        total += num_micro * per_micro + 2 * share(t) * p_partial / d
     return total
 
 
