@@ -30,7 +30,8 @@ class ParallelDims:
 
     @property
     def fsdp(self) -> bool:
-        return self.dp > 1 or self.cpu_offload
+        # with TP, FSDP also shards the parameters TP leaves whole over the TP ranks
+        return self.dp > 1 or self.tp > 1 or self.cpu_offload
 
     @classmethod
     def resolve(cls, cfg: ParallelConfig, world_size: int, hf_config=None, train: TrainConfig | None = None) -> "ParallelDims":

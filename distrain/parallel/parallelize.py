@@ -27,7 +27,7 @@ def parallelize(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh, bf1
         for block in spec.blocks:
             block.compile()
     if dims.fsdp:
-        apply_fsdp(model, spec, mesh, bf16, dims.reshard_after_forward, dims.cpu_offload)
+        partial_grads = apply_fsdp(model, spec, dims, mesh, bf16, partial_grads)
     return partial_grads
 
 
@@ -66,20 +66,63 @@ def apply_activation_checkpointing(spec: ModelSpec, selective: bool) -> None:
         block.forward = checkpointed
 
 
-def apply_fsdp(model: nn.Module, spec: ModelSpec, mesh, bf16: bool, reshard_after_forward: bool, cpu_offload: bool) -> None:
+def apply_fsdp(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh, bf16: bool, partial_grads: list[str]) -> list[str]:
+    """fully_shard each block, then the root, over the data-parallel ranks. With TP, the
+    parameters TP leaves whole (norms) get FSDP units of their own over the data-parallel and TP
+    ranks together, so no rank holds more than its share of any parameter; the reduce-scatter
+    then also sums their partial gradients over TP. Returns the partial-gradient FQNs still left
+    for `sync_tp_grads`."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    dp_mesh = mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
+    dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    common = dict(mp_policy=policy, offload_policy=CPUOffloadPolicy() if dims.cpu_offload else OffloadPolicy())
+    units = []
+    left_partial = list(partial_grads)
+    if dims.tp > 1:
+        mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
+        whole_mesh = mesh["dp_replicate", "dp_shard_tp"] if dims.dp_replicate > 1 else mesh["dp_shard_tp"]
+        partial = set(partial_grads)
+        names = {module: name for name, module in model.named_modules()}
+        for group in (*spec.blocks, model):
+            summed, averaged = [], []
+            for module in _modules_with_only_whole_params(group, stop_at=spec.blocks if group is model else ()):
+                own = [f"{names[module]}.{n}" if names[module] else n for n, _ in module.named_parameters()]
+                (summed if all(n in partial for n in own) else averaged).append(module)
+                left_partial = [n for n in left_partial if n not in own]
+            # NOTE: gradients partial over TP (per-head norms; every norm under SP) must be summed
+            #       over TP, gradients TP already made whole must be averaged: separate units.
+            for modules, divide in ((summed, 1.0), (averaged, float(dims.tp))):
+                if modules:
+                    fully_shard(modules, mesh=whole_mesh, reshard_after_forward=dims.reshard_after_forward, **common)
+                    units.append((modules[0], divide))
     for block in spec.blocks:
-        fully_shard(block, mesh=dp_mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=dp_mesh, mp_policy=policy, offload_policy=offload)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=dims.reshard_after_forward, **common)
+        units.append((block, 1.0))
+    fully_shard(model, mesh=dp_mesh, **common)
+    units.append((model, 1.0))
     # NOTE: the loss is already divided by the global number of target tokens, so gradients are
     #       summed over data-parallel ranks, not averaged (this also avoids AVG, which gloo lacks).
-    for module in [*spec.blocks, model]:
-        module.set_gradient_divide_factor(1.0)
-        module.set_force_sum_reduction_for_comms(True)
+    for unit, divide in units:
+        unit.set_gradient_divide_factor(divide)
+        unit.set_force_sum_reduction_for_comms(True)
+    return left_partial
+
+
+def _modules_with_only_whole_params(root: nn.Module, stop_at) -> list[nn.Module]:
+    """Modules under `root` (not inside `stop_at`) that own parameters, all of them plain
+    tensors (not sharded by TP), in a subtree holding no DTensor parameter."""
+    from torch.distributed.tensor import DTensor
+
+    skip = {id(m) for block in stop_at for m in block.modules()}
+    found = []
+    for module in root.modules():
+        if id(module) in skip:
+            continue
+        own = list(module.parameters(recurse=False))
+        if own and not any(isinstance(p, DTensor) for p in module.parameters()):
+            found.append(module)
+    return found
 
 
 def materialize(model: nn.Module, device: torch.device, full_state: dict[str, torch.Tensor] | None) -> None:

@@ -16,6 +16,8 @@ and reports from rank 0 (state bytes: the largest over the ranks):
     FSDP   s_d * (2 * P_blocks + P_root + P)        all-gather blocks in forward and backward,
                                                     the root once; reduce-scatter every gradient
     HSDP   + 2 s_r * P / d                          all-reduce of the gradient shards
+    with TP, parameters TP leaves whole (norms, W bytes) are FSDP-sharded over d x t ranks:
+           s_dt * 3 W (+ 2 s_r * W / (d t))         all-gather in forward and backward, reduce-scatter
     TP     per micro-batch, with A = micro-batch x seq_len x hidden x 4 bytes:
            2 s_t * A * (4 L + 2)                    per layer 2 sub-layers x (forward + backward)
                                                     all-reduce (or SP's all-gather + reduce-
@@ -25,8 +27,9 @@ and reports from rank 0 (state bytes: the largest over the ranks):
            + 2 s_t * 3 * micro-batch x seq_len x 4  vocab-parallel loss (max, sum-exp, target)
            + 2 s_t * P_partial / d                  gradients partial over TP (norms), summed on
                                                     their FSDP shards
-  where P is the parameter bytes one TP rank holds before FSDP, split into decoder blocks and
-  the rest (root), and P_partial the bytes of parameters whose gradients are summed over TP.
+  where P is the bytes of TP-sharded parameters one TP rank holds before FSDP (all parameters
+  without TP), split into decoder blocks and the rest (root), and P_partial the bytes of
+  parameters whose partial gradients are left to an explicit all-reduce over TP (none today).
   Scalar all-reduces (loss, token counts, grad norm) are left out of the minimum.
 - tokens_per_s: global tokens per second of the timed steps. On a 2-core CPU box, layouts with
   more ranks than cores share them, so compare tokens/s only between layouts of one world size.
@@ -148,6 +151,8 @@ def worker(argv: list[str]) -> None:
             "uncounted_ops": sorted(comm.unknown),
         }))
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # gloo sometimes aborts in its destructors at interpreter exit (ENV.md)
 
 
 def analytic_bus_bytes(trainer, job) -> float:
@@ -158,12 +163,14 @@ def analytic_bus_bytes(trainer, job) -> float:
     d, r, t = dims.dp_shard, dims.dp_replicate, dims.tp
     block_prefix = next(n for n, m in model.named_modules() if m is trainer.spec.blocks) + "."
     partial = set(trainer.partial_grads)
-    p_blocks = p_root = p_partial = 0.0
+    p_blocks = p_root = p_whole = p_partial = 0.0
     for name, param in model.named_parameters():
-        tp_sharded = isinstance(param, DTensor) and "tp" in (param.device_mesh.mesh_dim_names or ()) and not param.placements[
-            param.device_mesh.mesh_dim_names.index("tp")].is_replicate()
+        names = param.device_mesh.mesh_dim_names or () if isinstance(param, DTensor) else ()
+        tp_sharded = "tp" in names and not param.placements[names.index("tp")].is_replicate()
         nbytes = param.numel() * param.element_size() / (t if tp_sharded else 1)
-        if name.startswith(block_prefix):
+        if t > 1 and not tp_sharded:
+            p_whole += nbytes
+        elif name.startswith(block_prefix):
             p_blocks += nbytes
         else:
             p_root += nbytes
@@ -172,6 +179,7 @@ def analytic_bus_bytes(trainer, job) -> float:
     share = lambda k: (k - 1) / k  # noqa: E731
     total = share(d) * (2 * p_blocks + p_root + (p_blocks + p_root))
     total += 2 * share(r) * (p_blocks + p_root) / d
+    total += share(d * t) * 3 * p_whole + 2 * share(r) * p_whole / (d * t)
     if t > 1:
         config, micro, seq = model.config, job.train.micro_batch_size, job.train.seq_len
         activation = micro * seq * config.hidden_size * 4
