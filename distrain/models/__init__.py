@@ -8,6 +8,7 @@ parallelizer shards and materializes them.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import sys
@@ -137,8 +138,10 @@ def pretrained_state_dict(cfg: ModelConfig, hf_config) -> dict[str, torch.Tensor
     return model.state_dict()
 
 
-def to_empty(model: nn.Module, device: torch.device) -> None:
-    """`model.to_empty`, keeping tied parameters tied (to_empty gives each use its own tensor)."""
+@contextlib.contextmanager
+def keep_tied(model: nn.Module):
+    """Re-tie parameters shared by several modules (tied embeddings) after an operation that
+    replaces each use with its own tensor (to_empty, TP's distribute)."""
     first: dict[int, tuple[nn.Module, str]] = {}
     ties = []
     for module in model.modules():
@@ -148,6 +151,11 @@ def to_empty(model: nn.Module, device: torch.device) -> None:
                     ties.append((first[id(param)], (module, name)))
                 else:
                     first[id(param)] = (module, name)
-    model.to_empty(device=device)
+    yield
     for (owner, name), (tied_owner, tied_name) in ties:
         tied_owner._parameters[tied_name] = owner._parameters[name]
+
+
+def to_empty(model: nn.Module, device: torch.device) -> None:
+    with keep_tied(model):
+        model.to_empty(device=device)

@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from distrain.config.schema import ConfigError
-from distrain.models import ModelSpec
+from distrain.models import ModelSpec, keep_tied
 
 SUPPORTED_STYLES = ("colwise", "rowwise", "replicated_with_grad_allreduce")
 
@@ -54,11 +54,6 @@ def resolved_plan(model: nn.Module) -> dict[str, str]:
         for pattern, style in patterns:
             if pattern.match(name):
                 resolved[name] = style
-    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
-        raise ConfigError(
-            "parallel.tp>1 with tied input/output embeddings is not supported yet (the embedding and lm_head "
-            "would shard one tensor two ways); use parallel.tp=1 or model.config.tie_word_embeddings=false"
-        )
     unsupported = sorted({style for style in resolved.values() if style not in SUPPORTED_STYLES})
     if unsupported:
         raise ConfigError(
@@ -87,7 +82,10 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool) 
     styles[head_name] = ColwiseParallel(
         input_layouts=sequence if sp else Replicate(), output_layouts=Shard(-1), use_local_output=False
     )
-    parallelize_module(model, tp_mesh, styles)
+    # NOTE: a tied embedding / lm_head weight is sharded the same way by both styles (vocab on
+    #       dim 0); the second distribute wraps it in a new Parameter, so the tie is restored.
+    with keep_tied(model):
+        parallelize_module(model, tp_mesh, styles)
 
     for name in gather_points:
         model.get_submodule(name).register_forward_pre_hook(_ReplicateInput(tp_mesh, sp), with_kwargs=True)
