@@ -98,8 +98,6 @@ def _size(overrides: list[str], key: str) -> int:
 def worker(argv: list[str]) -> None:
     import torch
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-
     from distrain.config import load_job
     from distrain.launch.worker import init_distributed, resolve_device
     from distrain.metrics.comm import CommCounter
@@ -113,18 +111,11 @@ def worker(argv: list[str]) -> None:
     trainer = Trainer(job, device)
     model, dims = trainer.model, trainer.dims
 
-    def local_bytes(tensors) -> int:
-        return sum((t.to_local() if isinstance(t, DTensor) else t).numel() * t.element_size() for t in tensors)
-
-    trainer.train_step(trainer.train_loader.next_batch())  # warm-up (and optimizer states exist)
+    trainer.train_step(trainer.train_loader.next_batch())  # warm-up; records this rank's state bytes
     comm = CommCounter()
     with comm:
-        trainer.forward_backward(trainer.train_loader.next_batch())
-    grad_bytes = local_bytes([p.grad for p in model.parameters() if p.grad is not None])
-    with comm:
-        trainer.optimizer_step()
-    param_bytes = local_bytes(list(model.parameters()))
-    state_bytes = local_bytes([v for s in trainer.optimizer.state.values() for k, v in s.items() if k != "step"])
+        trainer.train_step(trainer.train_loader.next_batch())
+    state_bytes = sum(trainer.state_bytes.values())
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     start = time.perf_counter()
@@ -132,7 +123,7 @@ def worker(argv: list[str]) -> None:
         trainer.train_step(trainer.train_loader.next_batch())
     elapsed = time.perf_counter() - start
 
-    held = torch.tensor([param_bytes + grad_bytes + state_bytes], dtype=torch.float64)
+    held = torch.tensor([state_bytes], dtype=torch.float64)
     dist.all_reduce(held, op=dist.ReduceOp.MAX)
     measured_bus = sum(comm.bus.values())
     minimum = analytic_bus_bytes(trainer, job)
