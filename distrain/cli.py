@@ -54,6 +54,9 @@ def _validate_layout(job):
 
 
 def cmd_train(args) -> int:
+    from distrain.launch import adopt_slurm_env
+
+    adopt_slurm_env()
     job = _load(args.overrides)
     if args.cfg == "job":
         import yaml

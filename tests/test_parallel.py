@@ -202,3 +202,31 @@ def test_counted_bytes_meet_the_layout_minimum(tmp_path, tiny_dense, recipe, wor
     row = json.loads(result.read_text())
     assert 1.0 <= row["comm_ratio"] <= 1.05, row
     assert 1.0 <= row["state_ratio"] <= max_state_ratio, row
+
+
+@pytest.mark.slow
+def test_srun_tasks_run_in_process(tmp_path, tiny):
+    """Two processes with the environment srun gives its tasks become a 2-rank job of their own."""
+    import socket
+    import subprocess
+    import sys
+
+    args = ["train", "recipe=qwen3_moe_debug", *tiny, "train.steps=3", "eval.interval=0", "checkpoint.export=false"]
+    check_ok(run_cli([*args, f"run.dir={tmp_path / 'reference'}"], tmp_path))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "distrain", *args, "parallel.dp_shard=2", f"run.dir={tmp_path / 'srun'}"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**__import__("os").environ, **MULTI, "SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2",
+                 "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+        )
+        for rank in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "step 3/3" in outputs[0] and "step" not in outputs[1]  # rank 0 alone prints
+    expected, got = read_metrics(tmp_path / "reference"), read_metrics(tmp_path / "srun")
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], abs=1e-5)

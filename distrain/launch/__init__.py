@@ -1,6 +1,7 @@
 """Process topology: run in this process, or start local ranks with torch's elastic launcher.
 
-- Under `torchrun` (RANK/WORLD_SIZE in the environment) every rank composed the config itself
+- Under `torchrun` (RANK/WORLD_SIZE in the environment), or `srun` with one task per rank (its
+  SLURM_* task layout becomes RANK/WORLD_SIZE/LOCAL_RANK), every rank composed the config itself
   and runs in-process.
 - With `launcher.nproc_per_node` > 1, this process writes the resolved `config.yaml` and starts
   that many workers with `torch.distributed.run`; each reads the file and runs. If one rank fails,
@@ -11,9 +12,28 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from distrain.config import JobConfig, write_config_yaml
+
+
+def adopt_slurm_env() -> None:
+    """Under `srun` (a job step of several tasks, one per rank), expose Slurm's task layout as the
+    variables torch's env:// rendezvous reads. A batch script itself is no step: left alone."""
+    env = os.environ
+    num_tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+    if "RANK" in env or "SLURM_STEP_ID" not in env or num_tasks <= 1:
+        return
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], str(num_tasks)
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in env:
+        import subprocess
+
+        nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
+        env["MASTER_ADDR"] = hosts.stdout.split()[0]
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
 
 
 def under_launcher() -> bool:
@@ -32,7 +52,11 @@ def launch(job: JobConfig) -> int:
         if int(os.environ["RANK"]) == 0:
             config_path.parent.mkdir(parents=True, exist_ok=True)
             write_config_yaml(job, config_path)
-        return run(job)
+        status = run(job)
+        # NOTE: as in the spawned workers: gloo sometimes aborts in its destructors at exit
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     config_path.parent.mkdir(parents=True, exist_ok=True)
     write_config_yaml(job, config_path)
     if job.launcher.nproc_per_node == 1:
