@@ -18,18 +18,15 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from distrain.config.load import read_config_yaml
-from distrain.models import build_config, to_empty
+from distrain.models import build_config, meta_model, to_empty
 
 
 def load_full_model(checkpoint_dir: Path):
     """The whole model of a checkpoint, in one process on the CPU (whatever layout saved it)."""
-    from transformers import AutoModelForCausalLM
-
     if not (checkpoint_dir / ".metadata").exists() or not (checkpoint_dir / "config.yaml").exists():
         raise ValueError(f"{checkpoint_dir}: not a complete distrain checkpoint (no .metadata or config.yaml)")
     job = read_config_yaml(checkpoint_dir / "config.yaml")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(build_config(job.model), dtype=torch.float32)
+    model = meta_model(build_config(job.model))
     to_empty(model, torch.device("cpu"))
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is

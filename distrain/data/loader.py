@@ -75,7 +75,8 @@ def eval_batches(dataset: PackedDataset, num_samples: int, micro_batch_size: int
     with fully masked samples so that every rank runs the same number of forward passes."""
     begin, end = (num_samples * dp_rank) // dp_size, (num_samples * (dp_rank + 1)) // dp_size
     samples = [dataset[i % len(dataset)] for i in range(begin, end)]
-    num_micro = -(-(-(-num_samples // dp_size)) // micro_batch_size)
+    largest_share = -(-num_samples // dp_size)  # ceil division
+    num_micro = -(-largest_share // micro_batch_size)
     filler = dict(dataset[0], labels=torch.full((dataset.seq_len,), IGNORE_INDEX))
     samples += [filler] * (num_micro * micro_batch_size - len(samples))
     return [collate(samples[j : j + micro_batch_size]) for j in range(0, len(samples), micro_batch_size)]

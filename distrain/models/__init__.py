@@ -79,11 +79,16 @@ def _config_keys(hf_config) -> set[str]:
     return keys
 
 
-def build_meta_model(cfg: ModelConfig, hf_config) -> tuple[nn.Module, ModelSpec]:
+def meta_model(hf_config) -> nn.Module:
+    """The model of `hf_config` with fp32 parameters on the meta device (no memory, no init)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attn_implementation, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(hf_config, attn_implementation=hf_config._attn_implementation, dtype=torch.float32)
+
+
+def build_meta_model(cfg: ModelConfig, hf_config) -> tuple[nn.Module, ModelSpec]:
+    model = meta_model(hf_config)
     return model, discover_spec(model)
 
 
@@ -124,14 +129,13 @@ def has_pretrained_weights(cfg: ModelConfig) -> bool:
     return True  # a hub id
 
 
-def pretrained_state_dict(cfg: ModelConfig, hf_config) -> dict[str, torch.Tensor] | None:
-    """Full weights from `name_or_path` in the model's own parameter names, or None (random init).
+def pretrained_state_dict(cfg: ModelConfig, hf_config) -> dict[str, torch.Tensor]:
+    """Full weights from `name_or_path` in the model's own parameter names (when
+    `has_pretrained_weights`).
 
     transformers converts hub-format checkpoints (e.g. per-expert 2-D weights) to the in-memory
     format (fused 3-D experts) on load; loading through it keeps that conversion in one place.
     """
-    if not has_pretrained_weights(cfg):
-        return None
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_config, dtype=torch.float32)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distrain.models import ModelSpec, to_empty
+from distrain.models import ModelSpec, meta_model, to_empty
 from distrain.parallel.mesh import ParallelDims
 from distrain.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -161,10 +161,7 @@ def _init_non_persistent_buffers(model: nn.Module) -> None:
 
 def full_random_state(model_config, seed: int) -> dict[str, torch.Tensor]:
     """The model's seeded random init, built whole on the CPU (identical for every layout)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    model = meta_model(model_config)
     to_empty(model, torch.device("cpu"))
     torch.manual_seed(seed)
     with torch.no_grad():
