@@ -49,7 +49,7 @@ def _validate_layout(job):
         from distrain.models import build_meta_model
         from distrain.parallel.tensor_parallel import resolved_plan
 
-        resolved_plan(build_meta_model(job.model, hf_config)[0])
+        resolved_plan(*build_meta_model(job.model, hf_config))
     return dims, hf_config
 
 

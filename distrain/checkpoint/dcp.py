@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -31,6 +32,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 _NAME = re.compile(r"^step_(\d{8})$")
+# Optimizer state keyed by parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"), not by
+# group index: the trainer's param groups follow the layout's meshes, the checkpoint must not.
+_OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def checkpoint_name(step: int) -> str:
@@ -63,8 +67,9 @@ def save_checkpoint(
     dist.barrier()
     state = {
         "model": get_model_state_dict(model),
-        "optim": get_optimizer_state_dict(model, optimizer),
+        "optim": get_optimizer_state_dict(model, optimizer, options=_OPTIM),
     }
+    _to_storage(state, [])
     dcp.save(state, checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
     if rank == 0:
@@ -83,15 +88,40 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Load model and optimizer (resharding as needed) and this rank's RNG; return train_state."""
     state = {
         "model": get_model_state_dict(model),
-        "optim": get_optimizer_state_dict(model, optimizer),
+        "optim": get_optimizer_state_dict(model, optimizer, options=_OPTIM),
     }
+    restore: list = []
+    _to_storage(state, restore)
     dcp.load(state, checkpoint_id=str(path))
+    for container, key, held in restore:
+        held.to_local().copy_(container[key].redistribute(placements=held.placements).to_local())
+        container[key] = held
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTIM)
     rng_file = path / "rng" / f"rank_{dist.get_rank()}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / "train_state.json").read_text())
+
+
+def _to_storage(tree, restore: list) -> None:
+    """In place: DCP stores every shard as one box of the global tensor, but a packed TP shard (an
+    experts `gate_up_proj` holding a slice of the gate rows and one of the up rows,
+    `_StridedShard`) is two. Such tensors are replaced by copies sharded contiguously (an
+    all-gather over TP each, at checkpoint time only); `restore` collects (container, key, held)
+    to put the loaded values back into the held tensors."""
+    from torch.distributed.tensor import DTensor
+
+    from distrain.parallel.tensor_parallel import contiguous_placements
+
+    for key, value in list(tree.items() if isinstance(tree, dict) else enumerate(tree)):
+        if isinstance(value, (dict, list)):
+            _to_storage(value, restore)
+        elif isinstance(value, DTensor):
+            placements = contiguous_placements(value.placements)
+            if placements != list(value.placements):
+                tree[key] = value.redistribute(placements=placements)
+                restore.append((tree, key, value))
 
 
 def _rng_state() -> dict[str, Any]:

@@ -58,7 +58,7 @@ def main() -> None:
     status = 1
     try:
         status = run(job)
-    except Exception:
+    except BaseException:  # noqa: BLE001 - DCP's CheckpointException is not an Exception
         traceback.print_exc()
     finally:
         # NOTE: exit without interpreter teardown: gloo sometimes aborts in its destructors

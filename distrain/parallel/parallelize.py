@@ -11,7 +11,7 @@ from torch import nn
 
 from distrain.models import ModelSpec, meta_model, to_empty
 from distrain.parallel.mesh import ParallelDims
-from distrain.parallel.tensor_parallel import apply_tensor_parallel
+from distrain.parallel.tensor_parallel import apply_tensor_parallel, contiguous_placements
 
 
 def parallelize(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh, bf16: bool) -> list[str]:
@@ -132,12 +132,28 @@ def materialize(model: nn.Module, device: torch.device, full_state: dict[str, to
     seeded random init built on the CPU, so that every layout starts from the same numbers.
     Each rank keeps only its shards of the broadcast.
     """
+    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
     to_empty(model, device)
     _init_non_persistent_buffers(model)
+    # NOTE: set_model_state_dict slices every shard as one box of the full tensor, which a packed
+    #       TP shard (`_StridedShard`: a slice of the gate rows and one of the up rows) is not:
+    #       those parameters are broadcast whole afterwards and sliced by DTensor itself.
+    packed = {
+        name: (full_state or {}).get(name) for name, param in model.named_parameters()
+        if isinstance(param, DTensor) and contiguous_placements(param.placements) != list(param.placements)
+    }
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full_state or {}, options=options)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, full in packed.items():
+            param = params[name]
+            full = full.to(device) if full is not None else torch.empty(param.shape, dtype=param.dtype, device=device)
+            dist.broadcast(full, src=0)
+            param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local())
 
 
 @torch.no_grad()

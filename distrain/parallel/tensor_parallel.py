@@ -8,6 +8,22 @@ mapped onto torch DTensor styles:
   reduce-scattered onto the sequence dimension.
 - "replicated_with_grad_allreduce": a replicated parameter that only sees this rank's heads
   (Qwen3's q_norm/k_norm), so its gradient is partial and summed over the TP ranks.
+- "colwise_gather_output" / "rowwise_split_input": fused projections the model slices by global
+  sizes (Phi-3's qkv_proj and gate_up_proj): the colwise output is all-gathered, the code between
+  runs on the full features on every TP rank, and the rowwise projection takes its slice of them.
+- "packed_colwise" on an experts module's 3-D `gate_up_proj` ([experts, 2 x intermediate, hidden],
+  gate rows then up rows): each rank holds its slice of the gate rows and of the up rows
+  (`_StridedShard(dim, split_factor=2)`), so `chunk(2)` of its local output is its gate and up;
+  "rowwise" on `down_proj` shards the intermediate dimension. "moe_tp_experts" on the experts
+  module runs its own forward on the local shards: every rank computes every expert's partial
+  output for all tokens (expert-TP). The MoE block around it (router + experts) is one region:
+  entered like a colwise projection (sequence all-gathered under SP; gradient summed over TP),
+  left like a rowwise one (partial output all-reduced, or reduce-scattered onto the sequence);
+  the router's gradient is partial and summed over TP.
+
+Models that declare no plan get a structural one (`structural_plan`): in each attention / MLP
+module of a block, the linear projections that read the module's input are colwise and the last
+one, which writes the hidden size back, rowwise; attribute head counts are set to the local ones.
 
 The embedding is sharded on the vocabulary (rowwise); the lm_head on the vocabulary too
 (colwise), and its logits stay sharded: cross-entropy runs under `loss_parallel` without ever
@@ -30,70 +46,206 @@ import re
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from distrain.config.schema import ConfigError
 from distrain.models import ModelSpec, keep_tied
 
-SUPPORTED_STYLES = ("colwise", "rowwise", "replicated_with_grad_allreduce")
+MODULE_STYLES = (
+    "colwise", "colwise_gather_output", "rowwise", "rowwise_split_input", "replicated_with_grad_allreduce",
+    "moe_tp_experts", "embedding_rowwise",
+)
+PARAMETER_STYLES = ("colwise", "packed_colwise", "rowwise")  # on an experts module's 3-D weights
 
 
-def resolved_plan(model: nn.Module) -> dict[str, str]:
-    """Module FQN -> style, for every module the model's TP plan names."""
+def resolved_plan(model: nn.Module, spec: ModelSpec) -> dict[str, str]:
+    """Module or parameter FQN -> style, for everything the model's TP plan names (or the
+    structural plan, for a model that declares none)."""
     plan = getattr(model.config, "base_model_tp_plan", None) or {}
     if not plan:
-        raise ConfigError(
-            f"{type(model).__name__} declares no tensor-parallel plan (config.base_model_tp_plan); "
-            "use parallel.tp=1 (the structural fallback is not implemented yet)"
-        )
+        return structural_plan(model, spec)
     prefix = model.base_model_prefix
     patterns = [(re.compile("^" + re.escape(f"{prefix}.{key}").replace(r"\*", r"\d+") + "$"), style) for key, style in plan.items()]
+    modules = dict(model.named_modules())
     resolved = {}
-    for name, _ in model.named_modules():
+    for name in [*modules, *(n for n, _ in model.named_parameters())]:
         for pattern, style in patterns:
             if pattern.match(name):
                 resolved[name] = style
-    unsupported = sorted({style for style in resolved.values() if style not in SUPPORTED_STYLES})
+    unsupported = sorted({
+        style for name, style in resolved.items() if style not in (MODULE_STYLES if name in modules else PARAMETER_STYLES)
+    })
     if unsupported:
         raise ConfigError(
             f"parallel.tp>1: {type(model).__name__}'s TP plan uses styles distrain does not map yet: "
-            f"{', '.join(unsupported)} (mapped: {', '.join(SUPPORTED_STYLES)}); use parallel.tp=1"
+            f"{', '.join(unsupported)} (mapped: {', '.join(sorted(set(MODULE_STYLES + PARAMETER_STYLES)))}); use parallel.tp=1"
         )
+    for name, style in resolved.items():
+        if name not in modules and resolved.get(name.rsplit(".", 1)[0]) != "moe_tp_experts":
+            raise ConfigError(
+                f"parallel.tp>1: {type(model).__name__}'s TP plan shards parameter {name} ({style}) outside an experts "
+                "module; distrain maps parameter styles only on moe_tp_experts modules; use parallel.tp=1"
+            )
+    for name, style in resolved.items():
+        if style == "moe_tp_experts":
+            _check_experts_region(model, resolved, name)
     return resolved
+
+
+def _check_experts_region(model: nn.Module, plan: dict[str, str], experts_name: str) -> None:
+    """The MoE block around an experts module is one TP region whose output stays partial until
+    it leaves: it may hold only the experts and their router (whose output only weighs the
+    experts'). A shared expert beside them would add a whole output to partial ones."""
+    block_name, experts_leaf = experts_name.rsplit(".", 1)
+    block = model.get_submodule(block_name)
+    others = sorted(n for n, child in block.named_children() if n != experts_leaf and any(True for _ in child.parameters()))
+    if len(others) != 1:
+        raise ConfigError(
+            f"parallel.tp>1: {type(model).__name__}'s MoE block {block_name} holds {', '.join(others) or 'no router'} "
+            "besides its experts, not one router; expert-TP of such blocks is not mapped yet; use parallel.tp=1"
+        )
+    experts = model.get_submodule(experts_name)
+    unplanned = sorted(n for n, _ in experts.named_parameters() if f"{experts_name}.{n}" not in plan)
+    if unplanned:
+        raise ConfigError(
+            f"parallel.tp>1: the TP plan does not say how to shard {experts_name}'s {', '.join(unplanned)}; use parallel.tp=1"
+        )
+
+
+def structural_plan(model: nn.Module, spec: ModelSpec) -> dict[str, str]:
+    """A plan by module role for a model that declares none, read from the first block: in each
+    child module holding linear projections (attention, MLP), those reading the module's input
+    (hidden size in) are colwise and the last one declared, writing the hidden size back, is
+    rowwise. Fused projections cannot be told apart from plain ones by shape: a module with one
+    input projection is mapped only as an MLP (its output the config's intermediate size)."""
+    config = model.config
+    hidden = config.hidden_size
+    blocks_name = next(name for name, module in model.named_modules() if module is spec.blocks)
+    plan = {}
+    for child_name, child in spec.blocks[0].named_children():
+        linears = [(n, m) for n, m in child.named_children() if isinstance(m, nn.Linear)]
+        if not linears:
+            continue
+        *inputs, (out_name, out) = linears
+        mlp = getattr(config, "intermediate_size", None)
+        if (
+            out.out_features != hidden
+            or not inputs
+            or any(m.in_features != hidden for _, m in inputs)
+            or (len(inputs) == 1 and inputs[0][1].out_features != mlp)
+        ):
+            raise ConfigError(
+                f"parallel.tp>1: {type(model).__name__} declares no TP plan and its {child_name} module does not read as "
+                "attention or MLP projections (hidden -> ... -> hidden, no fused projection); use parallel.tp=1"
+            )
+        for n, _ in inputs:
+            plan[f"{child_name}.{n}"] = "colwise"
+        plan[f"{child_name}.{out_name}"] = "rowwise"
+    if not plan:
+        raise ConfigError(f"parallel.tp>1: {type(model).__name__} declares no TP plan and no linear projections were found; use parallel.tp=1")
+    return {f"{blocks_name}.{i}.{key}": style for i in range(len(spec.blocks)) for key, style in plan.items()}
+
+
+def _localize_head_counts(model: nn.Module, plan: dict[str, str], tp: int) -> None:
+    """Structural plan: attention modules that shape their activations with attribute head counts
+    (`self.num_heads`) get this rank's counts."""
+    config = model.config
+    heads = {config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    for parent in {name.rsplit(".", 1)[0] for name in plan}:
+        module = model.get_submodule(parent)
+        for attr, value in list(vars(module).items()):
+            if "heads" in attr and isinstance(value, int) and value in heads:
+                setattr(module, attr, value // tp)
 
 
 def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool) -> list[str]:
     """Shard the model over `tp_mesh`; return the FQNs of parameters whose gradients are partial
     over the TP ranks (to be summed after backward)."""
-    plan = resolved_plan(model)
+    plan = resolved_plan(model, spec)
+    if not getattr(model.config, "base_model_tp_plan", None):
+        _localize_head_counts(model, plan, tp_mesh.size())
+    modules = dict(model.named_modules())
     sequence = Shard(1)
+    output = sequence if sp else Replicate()
     styles: dict[str, object] = {}
-    gather_points = set()
+    gather_points, regions, partial_modules = set(), [], []
     for name, style in plan.items():
-        if style == "colwise":
-            styles[name] = ColwiseParallel()
-            gather_points.add(name.rsplit(".", 1)[0])
-        elif style == "rowwise":
-            styles[name] = RowwiseParallel(output_layouts=sequence if sp else Replicate())
-    names = {module: name for name, module in model.named_modules()}
+        parent = name.rsplit(".", 1)[0]
+        if name not in modules:
+            continue  # experts' parameters: sharded with their module below
+        if style in ("colwise", "colwise_gather_output"):
+            styles[name] = ColwiseParallel(output_layouts=Replicate() if style == "colwise_gather_output" else Shard(-1))
+            gather_points.add(parent)
+        elif style in ("rowwise", "rowwise_split_input"):
+            styles[name] = RowwiseParallel(input_layouts=Replicate() if style == "rowwise_split_input" else Shard(-1), output_layouts=output)
+        elif style == "replicated_with_grad_allreduce":
+            partial_modules.append(name)
+        elif style == "moe_tp_experts":
+            _shard_experts(modules[name], name, plan, tp_mesh)
+            regions.append(parent)
+    names = {module: name for name, module in modules.items()}
     embed_name, head_name = names[spec.embeddings], names[spec.lm_head]
     styles[embed_name] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
-    styles[head_name] = ColwiseParallel(
-        input_layouts=sequence if sp else Replicate(), output_layouts=Shard(-1), use_local_output=False
-    )
+    styles[head_name] = ColwiseParallel(input_layouts=output, output_layouts=Shard(-1), use_local_output=False)
     # NOTE: a tied embedding / lm_head weight is sharded the same way by both styles (vocab on
     #       dim 0); the second distribute wraps it in a new Parameter, so the tie is restored.
     with keep_tied(model):
         parallelize_module(model, tp_mesh, styles)
 
     for name in gather_points:
-        model.get_submodule(name).register_forward_pre_hook(_ReplicateInput(tp_mesh, sp), with_kwargs=True)
+        modules[name].register_forward_pre_hook(_ReplicateInput(tp_mesh, sp), with_kwargs=True)
+    for name in regions:
+        modules[name].register_forward_pre_hook(_EnterRegion(tp_mesh, sp), with_kwargs=True)
+        modules[name].register_forward_hook(_LeaveRegion(tp_mesh, sp))
+        partial_modules.append(name)
     if sp:
         spec.blocks[0].register_forward_pre_hook(_SplitSequence(tp_mesh), with_kwargs=True)
         return [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
-    partial_modules = [name for name, style in plan.items() if style == "replicated_with_grad_allreduce"]
-    return [f"{m}.{p}" for m in partial_modules for p, _ in model.get_submodule(m).named_parameters()]
+    return [
+        f"{m}.{p}" for m in partial_modules for p, param in modules[m].named_parameters() if not isinstance(param, DTensor)
+    ]
+
+
+def _shard_experts(experts: nn.Module, name: str, plan: dict[str, str], tp_mesh) -> None:
+    """Shard an experts module's 3-D weights on their intermediate dimension (see the module
+    docstring) and run its own forward on the local shards."""
+    transposed = getattr(experts, "is_transposed", False)
+    for param_name, param in list(experts.named_parameters(recurse=False)):
+        style = plan[f"{name}.{param_name}"]
+        out_dim, in_dim = (param.ndim - 1, param.ndim - 2) if transposed else (param.ndim - 2, param.ndim - 1)
+        if style == "rowwise":
+            placement = Shard(in_dim)
+        elif style == "packed_colwise" and getattr(experts, "is_concatenated", True):
+            placement = _StridedShard(out_dim, split_factor=2)  # [gate; up]: a slice of each
+        else:  # colwise, or packed with gate and up interleaved row by row: contiguous pairs
+            placement = Shard(out_dim)
+        sharded = distribute_tensor(param, tp_mesh, [placement], src_data_rank=None)
+        experts._parameters[param_name] = nn.Parameter(sharded, requires_grad=param.requires_grad)
+    forward = experts.forward
+
+    def on_local_shards(*args, **kwargs):
+        held = dict(experts._parameters)
+        experts._parameters.update({n: p.to_local() for n, p in held.items() if isinstance(p, DTensor)})
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            experts._parameters.update(held)
+
+    experts.forward = on_local_shards
+
+
+def contiguous_placements(placements) -> list:
+    """`placements` with every packed TP shard (a `_StridedShard` no later mesh dim shards
+    further, so its local data are several boxes of the full tensor) made a plain `Shard`: the
+    layout tools that slice one box per rank (DCP, state-dict loading) can handle. FSDP's own
+    `_StridedShard` over a TP `Shard` of the same dim is one box and stays."""
+    result = list(placements)
+    for i, p in enumerate(result):
+        if isinstance(p, _StridedShard) and not any(isinstance(q, Shard) and q.dim == p.dim for q in result[i + 1 :]):
+            result[i] = Shard(p.dim)
+    return result
 
 
 def _first_tensor(args, kwargs):
@@ -130,6 +282,34 @@ class _ReplicateInput:
         else:
             full = DTensor.from_local(x, self.mesh, [Replicate()], run_check=False)
         return rebuild(full)
+
+
+class _EnterRegion:
+    """Enter an expert-TP MoE block: every rank routes and computes every token (all-gathered
+    from the sequence slices under SP). The gradient there is partial, each rank's experts and
+    router seeing only their share, and is summed once: reduce-scattered onto the sequence with
+    SP, all-reduced without."""
+
+    def __init__(self, mesh, sp: bool):
+        self.mesh, self.source = mesh, [Shard(1)] if sp else [Replicate()]
+
+    def __call__(self, module, args, kwargs):
+        x, rebuild = _first_tensor(args, kwargs)
+        full = DTensor.from_local(x, self.mesh, self.source, run_check=False).redistribute(placements=[Replicate()])
+        return rebuild(full.to_local(grad_placements=[Partial()]))
+
+
+class _LeaveRegion:
+    """Leave an expert-TP MoE block: its partial output is all-reduced, or reduce-scattered onto
+    the sequence under SP (gradient: replicated, all-gathered under SP)."""
+
+    def __init__(self, mesh, sp: bool):
+        self.mesh, self.target = mesh, [Shard(1)] if sp else [Replicate()]
+
+    def __call__(self, module, args, output):
+        first = output[0] if isinstance(output, tuple) else output
+        reduced = DTensor.from_local(first, self.mesh, [Partial()], run_check=False).redistribute(placements=self.target).to_local()
+        return (reduced, *output[1:]) if isinstance(output, tuple) else reduced
 
 
 def sync_tp_grads(model: nn.Module, partial_names: list[str], tp_group) -> None:

@@ -92,10 +92,6 @@ class Trainer:
             weight_decay=job.optim.weight_decay,
             foreach=True,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_multiplier(step, job.train.steps, job.optim)
-        )
-
         # run directory and checkpoint resume
         self.step = 0
         self.config_path = self.run_dir / "config.yaml"  # written by the launcher
@@ -104,9 +100,15 @@ class Trainer:
             state = load_checkpoint(resume_from, self.model, self.optimizer)
             self.step = state["step"]
             self.train_loader.load_state_dict(state["data"])
-            self.scheduler.load_state_dict(state["scheduler"])
             if self.is_main:
                 print(f"resumed from {resume_from} at step {self.step}", flush=True)
+        # NOTE: the learning rate is a function of the step alone; the scheduler is rebuilt at the
+        #       resumed step rather than loaded, as its per-group lists follow the layout's groups.
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", job.optim.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_multiplier(step, job.train.steps, job.optim), last_epoch=self.step - 1
+        )
 
         self.peak_flops = peak_flops(device, job.logging.peak_flops)
         self.state_bytes = None  # this rank's bytes of parameters, gradients, optimizer states
@@ -184,7 +186,7 @@ class Trainer:
         return (totals[0] / totals[1].clamp(min=1)).item()
 
     def save(self) -> Path:
-        train_state = {"step": self.step, "data": self.train_loader.state_dict(), "scheduler": self.scheduler.state_dict()}
+        train_state = {"step": self.step, "data": self.train_loader.state_dict()}
         return save_checkpoint(
             self.run_dir / "checkpoints",
             self.step,

@@ -22,7 +22,9 @@ and reports from rank 0 (state bytes: the largest over the ranks):
            2 s_t * A * (4 L + 2)                    per layer 2 sub-layers x (forward + backward)
                                                     all-reduce (or SP's all-gather + reduce-
                                                     scatter, the same bytes); embedding forward
-                                                    and lm_head backward
+                                                    and lm_head backward. An expert-TP MoE block
+                                                    is one such sub-layer: its router and
+                                                    experts share one entry and one exit
            + s_t * A                                SP only: all-gather of the first block's grad
            + 2 s_t * 3 * micro-batch x seq_len x 4  vocab-parallel loss (max, sum-exp, target)
            + 2 s_t * P_partial / d                  gradients partial over TP (norms), summed on
@@ -54,6 +56,9 @@ LAYOUTS = [
     ("qwen3_moe_debug", "dp_shard=2", 2, ["parallel.dp_shard=2"]),
     ("qwen3_moe_debug", "dp_shard=4", 4, ["parallel.dp_shard=4"]),
     ("qwen3_moe_debug", "dp_replicate=2 x dp_shard=2", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+    ("qwen3_moe_debug", "tp=2 (expert-TP)", 2, ["parallel.tp=2"]),
+    ("qwen3_moe_debug", "tp=2 sp (expert-TP)", 2, ["parallel.tp=2", "parallel.sp=true"]),
+    ("qwen3_moe_debug", "dp_shard=2 x tp=2 sp", 4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true"]),
     ("llama_debug", "world 1", 1, []),
     ("llama_debug", "dp_shard=2", 2, ["parallel.dp_shard=2"]),
     ("llama_debug", "tp=2", 2, ["parallel.tp=2"]),
