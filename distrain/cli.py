@@ -37,6 +37,12 @@ def _load(items: list[str]):
     return load_job(recipe, overrides)
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _validate_layout(job):
     """Check the mesh against the model before any worker exists; returns (dims, hf_config)."""
     from distrain.launch import world_size_for
@@ -45,11 +51,18 @@ def _validate_layout(job):
 
     hf_config = build_config(job.model)
     dims = ParallelDims.resolve(job.parallel, world_size_for(job), hf_config, job.train)
+    if dims.cpu_offload and (job.run.device == "cpu" or (job.run.device == "auto" and not _cuda_available())):
+        raise ConfigError(
+            "parallel.cpu_offload=true keeps parameters and optimizer states in host memory between uses on a GPU; "
+            "this run is on the CPU already (run.device), so there is nothing to offload; use parallel.cpu_offload=false"
+        )
+    from distrain.models import build_meta_model
+
+    model, spec = build_meta_model(job.model, hf_config)  # on meta: no memory; model errors surface here
     if dims.tp > 1:
-        from distrain.models import build_meta_model
         from distrain.parallel.tensor_parallel import resolved_plan
 
-        resolved_plan(*build_meta_model(job.model, hf_config))
+        resolved_plan(model, spec)
     return dims, hf_config
 
 

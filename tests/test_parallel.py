@@ -30,6 +30,7 @@ ARCHITECTURES = {
     "phi3": dict(SMALL, num_key_value_heads=4),  # fused qkv_proj and gate_up_proj
     "stablelm": dict(SMALL),  # declares no TP plan: the structural one
     "qwen2_moe": dict(SMALL, **MOE, shared_expert_intermediate_size=64),  # a shared expert inside the MoE block
+    "bloom": dict(hidden_size=64, n_layer=2, n_head=4),  # no TP plan and a fused query_key_value
 }
 
 LAYOUTS = {
@@ -127,6 +128,7 @@ def test_layouts_match_single_process(tmp_path, saved_models, data_cache, archit
         (["launcher.nproc_per_node=2", "parallel.tp=2", "++model.config.moe_intermediate_size=33"], "moe_intermediate_size"),
         (["launcher.nproc_per_node=2", "parallel.sp=true"], "parallel.sp"),
         (["launcher.nproc_per_node=4", "parallel.dp_shard=4", "train.micro_batch_size=4"], "train.global_batch_size"),
+        (["launcher.nproc_per_node=2", "parallel.cpu_offload=true", "run.device=cpu"], "parallel.cpu_offload"),
     ],
 )
 def test_invalid_layouts_exit_2_before_any_worker(tmp_path, layout, key):
@@ -153,10 +155,10 @@ def test_a_failing_rank_ends_the_job(tmp_path, tiny):
     assert elapsed < 60, elapsed  # well inside the collective timeout: nobody waited for it
 
 
-@pytest.mark.parametrize("architecture, style", [("qwen2_moe", "shared_expert, shared_expert_gate")])
+@pytest.mark.parametrize("architecture, style", [("qwen2_moe", "shared_expert, shared_expert_gate"), ("bloom", "declares no TP plan")])
 def test_tp_on_unmapped_plans_exits_2(tmp_path, saved_models, architecture, style):
     proc = run_cli(["train", "recipe=qwen3_moe_debug", "model=pretrained", f"model.name_or_path={saved_models[architecture]}",
-                    "launcher.nproc_per_node=2", "parallel.tp=2", "data.vocab_size=1024"], tmp_path)
+                    "launcher.nproc_per_node=2", "parallel.tp=2", "data.vocab_size=1024", "model.attn_implementation=eager"], tmp_path)
     assert proc.returncode == 2 and style in proc.stderr and "parallel.tp=1" in proc.stderr, proc.stderr
 
 
@@ -182,6 +184,7 @@ def test_plan_reports_the_bytes_the_shards_hold(tmp_path, saved_models, data_cac
     "recipe, world, layout, max_state_ratio",
     [
         ("qwen3_moe_debug", 2, ["parallel.dp_shard=2"], 1.0),
+        ("qwen3_moe_debug", 2, ["parallel.tp=2", "parallel.sp=true"], 1.0),  # expert-TP
         ("llama_debug", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], 1.0),
         ("llama_debug", 4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true"], 1.0),
     ],
@@ -264,3 +267,14 @@ def test_checkpoints_resume_across_layouts(tmp_path, saved_models, data_cache):
         b = got[a["step"]]
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (a["step"], a["grad_norm"], b["grad_norm"])
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_fsdp_match_eager(tmp_path, tiny):
+    """parallel.compile=true (torch.compile per block, inductor on the CPU here) under FSDP."""
+    common = ["train", "recipe=qwen3_moe_debug", *tiny, "train.steps=3", "eval.interval=0", "checkpoint.interval=0", "checkpoint.export=false"]
+    check_ok(run_cli([*common, f"run.dir={tmp_path / 'eager'}"], tmp_path))
+    check_ok(run_cli([*common, f"run.dir={tmp_path / 'compiled'}", "launcher.nproc_per_node=2", "parallel.dp_shard=2", "parallel.compile=true"],
+                     tmp_path, env=MULTI, timeout=600))
+    for a, b in zip(read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled"), strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (a, b)

@@ -83,8 +83,17 @@ def meta_model(hf_config) -> nn.Module:
     """The model of `hf_config` with fp32 parameters on the meta device (no memory, no init)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config, attn_implementation=hf_config._attn_implementation, dtype=torch.float32)
+    implementation = hf_config._attn_implementation
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_config, attn_implementation=implementation, dtype=torch.float32)
+    except ValueError as error:
+        if implementation not in str(error) and "attention implementation" not in str(error):
+            raise
+        raise ConfigError(
+            f"model.attn_implementation={implementation}: {type(hf_config).__name__.removesuffix('Config')} does not support it; "
+            "e.g. model.attn_implementation=eager"
+        ) from None
 
 
 def build_meta_model(cfg: ModelConfig, hf_config) -> tuple[nn.Module, ModelSpec]:
