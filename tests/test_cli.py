@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -105,3 +107,11 @@ def test_plan_prints_per_rank_memory(tmp_path):
     num_params = sum(p.numel() for p in model.parameters())
     assert f"{num_params:,} parameters" in proc.stdout
     assert f"{16 * num_params / 2**20:10.2f} MiB" in proc.stdout  # fp32 weights + grads + 2 Adam states
+
+
+def test_plan_shows_roles_and_the_tp_styles_applied(tmp_path):
+    proc = check_ok(run_cli(["plan", "recipe=qwen3_moe_debug", "launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true"], tmp_path))
+    assert "final norm model.norm; block roles: self_attn=attention, mlp=moe, input_layernorm=norm" in proc.stdout
+    assert "mlp.experts=moe_tp_experts, mlp.experts.gate_up_proj=packed_colwise" in proc.stdout
+    # each rank holds a slice of the gate rows and one of the up rows of every expert
+    assert re.search(r"mlp\.experts\.gate_up_proj\s+\[8, 512, 256\] -> \[8, 256, 256\]\s+dp_shard: S\(0\), tp: _S\(1, 2\)", proc.stdout)

@@ -28,6 +28,8 @@ class ModelSpec:
     embeddings: nn.Module
     lm_head: nn.Module
     tied_embeddings: bool
+    final_norm: nn.Module | None = None
+    roles: dict[str, str] = field(default_factory=dict)  # block child -> attention | mlp | moe | norm | other
     num_experts: int = 0  # 0 for dense models
     experts_per_token: int = 0
     expert_param_names: list[str] = field(default_factory=list)
@@ -116,16 +118,33 @@ def discover_spec(model: nn.Module) -> ModelSpec:
         name for name, p in model.named_parameters() if num_experts and p.ndim == 3 and p.shape[0] == num_experts
     ]
     embeddings, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+    norms = [m for m in model.base_model.children() if m is not blocks and "norm" in type(m).__name__.lower()]
     return ModelSpec(
         blocks=blocks,
         block_class=type(blocks[0]).__name__,
         embeddings=embeddings,
         lm_head=lm_head,
         tied_embeddings=lm_head.weight is embeddings.weight,
+        final_norm=norms[-1] if norms else None,
+        roles={name: _role(child) for name, child in blocks[0].named_children()},
         num_experts=num_experts,
         experts_per_token=getattr(config, "num_experts_per_tok", 0) if num_experts else 0,
         expert_param_names=expert_names,
     )
+
+
+def _role(module: nn.Module) -> str:
+    """A block child's role, from its structure (3-D expert weights) and class name."""
+    kind = type(module).__name__.lower()
+    if any(p.ndim == 3 for p in module.parameters()):
+        return "moe"
+    if "attention" in kind or "attn" in kind:
+        return "attention"
+    if "norm" in kind:
+        return "norm"
+    if any(isinstance(m, nn.Linear) for m in module.modules()):
+        return "mlp"
+    return "other"
 
 
 def has_pretrained_weights(cfg: ModelConfig) -> bool:

@@ -19,6 +19,16 @@ from distrain.parallel.mesh import ParallelDims
 from distrain.parallel.parallelize import parallelize
 
 
+def _block_plan(model, spec) -> list[str]:
+    """The TP styles applied in every block (the model's own plan, or the structural one)."""
+    from distrain.parallel.tensor_parallel import resolved_plan
+
+    source = "the model's base_model_tp_plan" if getattr(model.config, "base_model_tp_plan", None) else "structural (no plan declared)"
+    block_prefix = next(name for name, module in model.named_modules() if module is spec.blocks[0]) + "."
+    styles = [f"{name.removeprefix(block_prefix)}={style}" for name, style in resolved_plan(model, spec).items() if name.startswith(block_prefix)]
+    return [f"tensor-parallel styles per block ({source}): " + ", ".join(styles)]
+
+
 def describe_plan(job: JobConfig, dims: ParallelDims, hf_config) -> tuple[str, dict[str, int]]:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -26,6 +36,13 @@ def describe_plan(job: JobConfig, dims: ParallelDims, hf_config) -> tuple[str, d
     try:
         mesh = dims.build_mesh("cpu")
         model, spec = build_meta_model(job.model, hf_config)
+        tp_plan = _block_plan(model, spec) if dims.tp > 1 else []
+        model_name = type(model).__name__  # fully_shard renames the class
+        names = {module: name for name, module in model.named_modules()}
+        structure = (
+            f"embeddings {names[spec.embeddings]}, lm_head {names[spec.lm_head]}{' (tied)' if spec.tied_embeddings else ''}, "
+            f"final norm {names.get(spec.final_norm, 'none')}; block roles: " + ", ".join(f"{n}={r}" for n, r in spec.roles.items())
+        )
         # activation checkpointing and compile change no placement or byte; leave them out here
         partial = set(parallelize(model, spec, dataclasses.replace(dims, activation_checkpointing="none", compile=False), mesh, bf16=False))
         rows: dict[str, tuple] = {}
@@ -49,8 +66,10 @@ def describe_plan(job: JobConfig, dims: ParallelDims, hf_config) -> tuple[str, d
         f"world size {dims.world_size}: dp_replicate={dims.dp_replicate} dp_shard={dims.dp_shard} tp={dims.tp} "
         f"sp={str(dims.sp).lower()} ep={dims.ep}; activation_checkpointing={dims.activation_checkpointing} "
         f"compile={str(dims.compile).lower()} reshard_after_forward={str(dims.reshard_after_forward).lower()}",
-        f"model {type(model).__name__}: {num_params:,} parameters, {len(spec.blocks)} x {spec.block_class}"
+        f"model {model_name}: {num_params:,} parameters, {len(spec.blocks)} x {spec.block_class}"
         + (f", {spec.num_experts} experts (top-{spec.experts_per_token})" if spec.num_experts else ""),
+        structure,
+        *tp_plan,
         "",
         "parameter (rank 0)  full shape -> local shape  placement",
     ]
