@@ -212,31 +212,35 @@ def test_counted_bytes_meet_the_layout_minimum(tmp_path, tiny_dense, recipe, wor
 
 
 @pytest.mark.slow
-def test_srun_tasks_run_in_process(tmp_path, tiny):
-    """Two processes with the environment srun gives its tasks become a 2-rank job of their own."""
-    import socket
+def test_sbatch_on_a_two_node_slurm_cluster(tmp_path, tiny):
+    """The shipped batch script on a real 2-node Slurm cluster (two slurmd on this machine): each
+    srun task is one rank running in-process; the run matches one process, and a failing rank
+    fails the job."""
     import subprocess
     import sys
 
-    args = ["train", "recipe=qwen3_moe_debug", *tiny, "train.steps=3", "eval.interval=0", "checkpoint.export=false"]
-    check_ok(run_cli([*args, f"run.dir={tmp_path / 'reference'}"], tmp_path))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "distrain", *args, "parallel.dp_shard=2", f"run.dir={tmp_path / 'srun'}"],
-            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**__import__("os").environ, **MULTI, "SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2",
-                 "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-        )
-        for rank in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    assert "step 3/3" in outputs[0] and "step" not in outputs[1]  # rank 0 alone prints
-    expected, got = read_metrics(tmp_path / "reference"), read_metrics(tmp_path / "srun")
-    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], abs=1e-5)
+    from conftest import REPO
+    from local_slurm import local_slurm, run_batch
+
+    args = [*tiny, "train.steps=3", "eval.interval=0", "checkpoint.export=false"]
+    check_ok(run_cli(["train", "recipe=qwen3_moe_debug", *args, f"run.dir={tmp_path / 'reference'}"], tmp_path))
+    script, options = REPO / "scripts" / "slurm" / "train.sbatch", ["--ntasks-per-node=1", f"--chdir={tmp_path}"]
+    with local_slurm(tmp_path / "slurm") as env:
+        env = {**env, "DISTRAIN": str(Path(sys.executable).parent / "distrain"), "WANDB_SILENT": "true"}
+        layout = ["recipe=qwen3_moe_debug", *args, "parallel.tp=2", "parallel.sp=true"]
+        state, code, output = run_batch(env, script, [*layout, f"run.dir={tmp_path / 'slurm-run'}"], nodes=2, timeout=240, sbatch_options=options)
+        assert (state, code) == ("COMPLETED", "0:0"), output
+        assert output.count("step 3/3") == 1  # rank 0 alone prints
+        expected, got = read_metrics(tmp_path / "reference"), read_metrics(tmp_path / "slurm-run")
+        assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], abs=1e-5)
+
+        start = time.perf_counter()
+        env_fault = {**env, "DISTRAIN_FAULT": "1:2"}
+        state, code, output = run_batch(env_fault, script, [*layout, f"run.dir={tmp_path / 'failing'}"], nodes=2, timeout=240, sbatch_options=options)
+        assert state == "FAILED" and code != "0:0" and "injected fault" in output, (state, code, output)
+        assert time.perf_counter() - start < 120
+    down = subprocess.run(["sinfo"], env=env, capture_output=True, timeout=60)
+    assert down.returncode != 0  # the controller this started is gone
 
 
 @pytest.mark.slow

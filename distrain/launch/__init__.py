@@ -30,9 +30,15 @@ def adopt_slurm_env() -> None:
     if "MASTER_ADDR" not in env:
         import subprocess
 
+        def scontrol(*args: str) -> str:
+            return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True).stdout
+
         nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
-        hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
-        env["MASTER_ADDR"] = hosts.stdout.split()[0]
+        first = scontrol("show", "hostnames", nodes).split()[0]
+        # NOTE: the address Slurm itself reaches the node at; a node name need not resolve
+        #       (several slurmd on one host, names missing from DNS)
+        fields = dict(f.split("=", 1) for f in scontrol("show", "node", "-o", first).split() if "=" in f)
+        env["MASTER_ADDR"] = fields.get("NodeAddr", first)
     env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
 
 
