@@ -62,7 +62,7 @@ def _validate_layout(job):
     if dims.tp > 1:
         from distrain.parallel.tensor_parallel import resolved_plan
 
-        resolved_plan(model, spec)
+        resolved_plan(model, spec, dims.tp)
     return dims, hf_config
 
 

@@ -43,15 +43,16 @@ LAYOUTS = {
     "tp=4 sp": ["launcher.nproc_per_node=4", "parallel.tp=4", "parallel.sp=true"],
     "dp_shard=2 full AC": ["launcher.nproc_per_node=2", "parallel.dp_shard=2", "parallel.activation_checkpointing=full"],
     "tp=2 sp selective AC": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true", "parallel.activation_checkpointing=selective"],
+    "tp=2 selective AC": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.activation_checkpointing=selective"],
     "dp_shard=2 no reshard": ["launcher.nproc_per_node=2", "parallel.dp_shard=2", "parallel.reshard_after_forward=false"],
 }
 FSDP_ONLY = ["dp_shard=4", "dp_replicate=2 x dp_shard=2"]
 CASES = [
-    ("llama", [name for name in LAYOUTS if name != "tp=2"]),
+    ("llama", [name for name in LAYOUTS if name not in ("tp=2", "tp=2 selective AC")]),
     ("qwen3", ["tp=2", "dp_shard=2 x tp=2 sp"]),
     ("mistral", ["dp_shard=2 x tp=2"]),
     ("gemma", [*FSDP_ONLY, "tp=2 sp"]),  # tied embedding and lm_head: one vocab-sharded tensor
-    ("qwen3_moe", [*FSDP_ONLY, "tp=2", "dp_shard=2 x tp=2 sp"]),  # expert-TP: packed gate_up
+    ("qwen3_moe", [*FSDP_ONLY, "tp=2", "dp_shard=2 x tp=2 sp", "tp=2 selective AC"]),  # expert-TP: packed gate_up
     ("mixtral", [*FSDP_ONLY, "tp=2 sp"]),
     ("phi3", [*FSDP_ONLY, "tp=2 sp"]),  # fused qkv / gate_up: gathered output, split input
     ("stablelm", ["tp=2 sp"]),
@@ -125,7 +126,8 @@ def test_layouts_match_single_process(tmp_path, saved_models, data_cache, archit
         (["launcher.nproc_per_node=2", "parallel.ep=3"], "parallel.ep"),
         (["launcher.nproc_per_node=4", "parallel.ep=8"], "parallel.ep"),
         (["launcher.nproc_per_node=2", "parallel.tp=2", "++model.config.vocab_size=4097"], "vocab_size"),
-        (["launcher.nproc_per_node=2", "parallel.tp=2", "++model.config.moe_intermediate_size=33"], "moe_intermediate_size"),
+        (["launcher.nproc_per_node=2", "parallel.tp=2", "++model.config.moe_intermediate_size=33"], "gate_up_proj"),
+        (["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.compile=true"], "parallel.compile"),
         (["launcher.nproc_per_node=2", "parallel.sp=true"], "parallel.sp"),
         (["launcher.nproc_per_node=4", "parallel.dp_shard=4", "train.micro_batch_size=4"], "train.global_batch_size"),
         (["launcher.nproc_per_node=2", "parallel.cpu_offload=true", "run.device=cpu"], "parallel.cpu_offload"),
@@ -155,10 +157,17 @@ def test_a_failing_rank_ends_the_job(tmp_path, tiny):
     assert elapsed < 60, elapsed  # well inside the collective timeout: nobody waited for it
 
 
-@pytest.mark.parametrize("architecture, style", [("qwen2_moe", "shared_expert, shared_expert_gate"), ("bloom", "declares no TP plan")])
-def test_tp_on_unmapped_plans_exits_2(tmp_path, saved_models, architecture, style):
+@pytest.mark.parametrize(
+    "architecture, extra, style",
+    [
+        ("qwen2_moe", [], "shared_expert, shared_expert_gate"),  # a whole output added to partial ones
+        ("bloom", [], "declares no TP plan"),  # fused query_key_value, no plan
+        ("stablelm", ["++model.config.qk_layernorm=true"], "q_layernorm"),  # per-head norms indexed by global head
+    ],
+)
+def test_tp_on_unmapped_plans_exits_2(tmp_path, saved_models, architecture, extra, style):
     proc = run_cli(["train", "recipe=qwen3_moe_debug", "model=pretrained", f"model.name_or_path={saved_models[architecture]}",
-                    "launcher.nproc_per_node=2", "parallel.tp=2", "data.vocab_size=1024", "model.attn_implementation=eager"], tmp_path)
+                    "launcher.nproc_per_node=2", "parallel.tp=2", "data.vocab_size=1024", "model.attn_implementation=eager", *extra], tmp_path)
     assert proc.returncode == 2 and style in proc.stderr and "parallel.tp=1" in proc.stderr, proc.stderr
 
 

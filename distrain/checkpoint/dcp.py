@@ -4,7 +4,8 @@ A checkpoint is `run.dir/checkpoints/step_NNNNNNNN/` holding:
 - the DCP files of `{"model": ..., "optim": ...}`, every tensor under its fully qualified HF
   parameter name with standard placements, so DCP reshards on load into any other layout;
 - `train_state.json`: step, global data position and data fingerprint, wandb run id;
-- `rng/rank_R.pt`: each rank's RNG states (a rank without its own file is reseeded from the seed);
+- `rng/dp_R.pt`: the RNG states of data-parallel rank R, shared by its TP ranks (random routing or
+  dropout must agree across them); a rank whose file is missing keeps the stream seeded for it;
 - `config.yaml` (the resolved config) and `tokenizer/`, so export needs nothing else.
 
 It is written under `step_NNNNNNNN.tmp` and renamed only when every rank has finished, so a
@@ -57,7 +58,10 @@ def save_checkpoint(
     config_yaml: Path,
     tokenizer_dir: Path,
     keep: int,
+    rng_name: str | None,
 ) -> Path:
+    """`rng_name`: the file this rank's RNG states go to (`dp_R`), None for ranks that share
+    another rank's stream."""
     rank = dist.get_rank()
     final = checkpoints_dir / checkpoint_name(step)
     tmp = final.with_name(final.name + ".tmp")
@@ -71,7 +75,8 @@ def save_checkpoint(
     }
     _to_storage(state, [])
     dcp.save(state, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
+    if rng_name is not None:
+        torch.save(_rng_state(), tmp / "rng" / f"{rng_name}.pt")
     if rank == 0:
         (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
         shutil.copy(config_yaml, tmp / "config.yaml")
@@ -84,7 +89,7 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng_name: str) -> dict[str, Any]:
     """Load model and optimizer (resharding as needed) and this rank's RNG; return train_state."""
     state = {
         "model": get_model_state_dict(model),
@@ -98,7 +103,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         container[key] = held
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTIM)
-    rng_file = path / "rng" / f"rank_{dist.get_rank()}.pt"
+    rng_file = path / "rng" / f"{rng_name}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / "train_state.json").read_text())

@@ -60,6 +60,11 @@ class ParallelDims:
                 f"train.global_batch_size={train.micro_batch_size * dp * max(1, train.global_batch_size // (train.micro_batch_size * dp))}"
                 f" or train.micro_batch_size={max(1, train.global_batch_size // dp)}"
             )
+        if cfg.compile and cfg.tp > 1:
+            raise ConfigError(
+                "parallel.compile=true with parallel.tp>1: with torch 2.13 the compiled TP blocks lose the vocab-parallel embedding's gradient "
+                "; use parallel.compile=false or parallel.tp=1"
+            )
         if cfg.sp and cfg.tp == 1:
             raise ConfigError("parallel.sp=true shards the sequence over the TP ranks and needs parallel.tp>1; e.g. parallel.tp=2")
         if cfg.ep > 1:
@@ -98,13 +103,6 @@ def _check_model_fits(cfg: ParallelConfig, dp_shard: int, hf_config, seq_len: in
             f"lm_head are sharded on it); pad the vocabulary to a multiple of {tp}, e.g. "
             f"model.config.vocab_size={-(-hf_config.vocab_size // tp) * tp}"
         )
-    for key in ("intermediate_size", "moe_intermediate_size"):
-        size = getattr(hf_config, key, None)
-        if tp > 1 and isinstance(size, int) and size % tp:
-            raise ConfigError(
-                f"parallel.tp={tp} does not divide model.config.{key}={size} (MLP and expert projections are sharded "
-                f"on it); e.g. parallel.tp={max(_divisors(size, tp))}"
-            )
     if cfg.sp and seq_len is not None and seq_len % tp:
         raise ConfigError(
             f"parallel.sp=true shards the sequence over parallel.tp={tp}, which does not divide "

@@ -94,7 +94,10 @@ def apply_fsdp(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh, bf16
             #       over TP, gradients TP already made whole must be averaged: separate units.
             for modules, divide in ((summed, 1.0), (averaged, float(dims.tp))):
                 if modules:
-                    fully_shard(modules, mesh=whole_mesh, reshard_after_forward=dims.reshard_after_forward, **common)
+                    # NOTE: kept unsharded between forward and backward: these units are tiny (norms,
+                    #       routers), and resharding them breaks selective checkpointing of MoE blocks
+                    #       (their all-gather replayed inside the recompute is missing from its cache)
+                    fully_shard(modules, mesh=whole_mesh, reshard_after_forward=False, **common)
                     units.append((modules[0], divide))
     for block in spec.blocks:
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=dims.reshard_after_forward, **common)

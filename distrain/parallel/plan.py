@@ -19,13 +19,13 @@ from distrain.parallel.mesh import ParallelDims
 from distrain.parallel.parallelize import parallelize
 
 
-def _block_plan(model, spec) -> list[str]:
+def _block_plan(model, spec, tp: int) -> list[str]:
     """The TP styles applied in every block (the model's own plan, or the structural one)."""
     from distrain.parallel.tensor_parallel import resolved_plan
 
     source = "the model's base_model_tp_plan" if getattr(model.config, "base_model_tp_plan", None) else "structural (no plan declared)"
     block_prefix = next(name for name, module in model.named_modules() if module is spec.blocks[0]) + "."
-    styles = [f"{name.removeprefix(block_prefix)}={style}" for name, style in resolved_plan(model, spec).items() if name.startswith(block_prefix)]
+    styles = [f"{name.removeprefix(block_prefix)}={style}" for name, style in resolved_plan(model, spec, tp).items() if name.startswith(block_prefix)]
     return [f"tensor-parallel styles per block ({source}): " + ", ".join(styles)]
 
 
@@ -36,7 +36,7 @@ def describe_plan(job: JobConfig, dims: ParallelDims, hf_config) -> tuple[str, d
     try:
         mesh = dims.build_mesh("cpu")
         model, spec = build_meta_model(job.model, hf_config)
-        tp_plan = _block_plan(model, spec) if dims.tp > 1 else []
+        tp_plan = _block_plan(model, spec, dims.tp) if dims.tp > 1 else []
         model_name = type(model).__name__  # fully_shard renames the class
         names = {module: name for name, module in model.named_modules()}
         structure = (

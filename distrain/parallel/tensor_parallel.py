@@ -60,12 +60,17 @@ MODULE_STYLES = (
 PARAMETER_STYLES = ("colwise", "packed_colwise", "rowwise")  # on an experts module's 3-D weights
 
 
-def resolved_plan(model: nn.Module, spec: ModelSpec) -> dict[str, str]:
+def resolved_plan(model: nn.Module, spec: ModelSpec, tp: int) -> dict[str, str]:
     """Module or parameter FQN -> style, for everything the model's TP plan names (or the
-    structural plan, for a model that declares none)."""
+    structural plan, for a model that declares none); every dimension it shards must divide by
+    `tp`."""
     plan = getattr(model.config, "base_model_tp_plan", None) or {}
-    if not plan:
-        return structural_plan(model, spec)
+    resolved = _declared_plan(model, plan) if plan else structural_plan(model, spec)
+    _check_divisible(model, resolved, tp)
+    return resolved
+
+
+def _declared_plan(model: nn.Module, plan: dict[str, str]) -> dict[str, str]:
     prefix = model.base_model_prefix
     patterns = [(re.compile("^" + re.escape(f"{prefix}.{key}").replace(r"\*", r"\d+") + "$"), style) for key, style in plan.items()]
     modules = dict(model.named_modules())
@@ -94,6 +99,33 @@ def resolved_plan(model: nn.Module, spec: ModelSpec) -> dict[str, str]:
     return resolved
 
 
+def _sharded_sizes(model: nn.Module, modules: dict[str, nn.Module], name: str, style: str) -> list[tuple[str, int]]:
+    """(what, size) of each dimension `style` shards on module or parameter `name`."""
+    module = modules.get(name)
+    if isinstance(module, nn.Linear) and style != "replicated_with_grad_allreduce":
+        return [("output features", module.out_features)] if style.startswith("colwise") else [("input features", module.in_features)]
+    if module is None:  # an experts module's 3-D weight
+        experts_name, param_name = name.rsplit(".", 1)
+        experts = modules[experts_name]
+        shape = getattr(experts, param_name).shape
+        out_dim, in_dim = (-1, -2) if getattr(experts, "is_transposed", False) else (-2, -1)
+        if style == "rowwise":
+            return [("intermediate size", shape[in_dim])]
+        return [("intermediate size", shape[out_dim] // (2 if style == "packed_colwise" else 1))]
+    return []
+
+
+def _check_divisible(model: nn.Module, plan: dict[str, str], tp: int) -> None:
+    modules = dict(model.named_modules())
+    for name, style in plan.items():
+        for what, size in _sharded_sizes(model, modules, name, style):
+            if size % tp:
+                working = max(d for d in range(1, tp + 1) if size % d == 0)
+                raise ConfigError(
+                    f"parallel.tp={tp} does not divide the {size} {what} of {name} ({style}); e.g. parallel.tp={working}"
+                )
+
+
 def _check_experts_region(model: nn.Module, plan: dict[str, str], experts_name: str) -> None:
     """The MoE block around an experts module is one TP region whose output stays partial until
     it leaves: it may hold only the experts and their router (whose output only weighs the
@@ -107,6 +139,12 @@ def _check_experts_region(model: nn.Module, plan: dict[str, str], experts_name: 
             "besides its experts, not one router; expert-TP of such blocks is not mapped yet; use parallel.tp=1"
         )
     experts = model.get_submodule(experts_name)
+    not_3d = sorted(n for n, p in experts.named_parameters() if p.ndim != 3)
+    if not_3d:
+        raise ConfigError(
+            f"parallel.tp>1: {experts_name} holds parameters that are not 3-D expert weights ({', '.join(not_3d)}, e.g. "
+            "expert biases); expert-TP does not map them yet; use parallel.tp=1"
+        )
     unplanned = sorted(n for n, _ in experts.named_parameters() if f"{experts_name}.{n}" not in plan)
     if unplanned:
         raise ConfigError(
@@ -128,6 +166,13 @@ def structural_plan(model: nn.Module, spec: ModelSpec) -> dict[str, str]:
         linears = [(n, m) for n, m in child.named_children() if isinstance(m, nn.Linear)]
         if not linears:
             continue
+        others = sorted({n.split(".")[0] for n, _ in child.named_parameters() if n.split(".")[0] not in dict(linears)})
+        if others:
+            # e.g. per-head norms that index global heads: sharding the heads would misalign them
+            raise ConfigError(
+                f"parallel.tp>1: {type(model).__name__} declares no TP plan and its {child_name} module holds parameters "
+                f"besides its linear projections ({', '.join(others)}); the structural plan does not shard those; use parallel.tp=1"
+            )
         *inputs, (out_name, out) = linears
         mlp = getattr(config, "intermediate_size", None)
         if (
@@ -163,7 +208,7 @@ def _localize_head_counts(model: nn.Module, plan: dict[str, str], tp: int) -> No
 def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool) -> list[str]:
     """Shard the model over `tp_mesh`; return the FQNs of parameters whose gradients are partial
     over the TP ranks (to be summed after backward)."""
-    plan = resolved_plan(model, spec)
+    plan = resolved_plan(model, spec, tp_mesh.size())
     if not getattr(model.config, "base_model_tp_plan", None):
         _localize_head_counts(model, plan, tp_mesh.size())
     modules = dict(model.named_modules())

@@ -82,6 +82,11 @@ class Trainer:
         materialize(self.model, device, full_state)
         del full_state
         self.model.train()
+        # NOTE: one RNG stream per data-parallel rank, the same on its TP ranks: anything random
+        #       in a replicated region (router jitter, sampled routing, dropout) must agree there.
+        torch.manual_seed(job.run.seed + 1 + self.dp_rank)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(job.run.seed + 1 + self.dp_rank)
 
         # optimizer and schedule
         self.optimizer = torch.optim.AdamW(
@@ -97,7 +102,7 @@ class Trainer:
         self.config_path = self.run_dir / "config.yaml"  # written by the launcher
         resume_from = latest_checkpoint(self.run_dir / "checkpoints") if job.checkpoint.resume else None
         if resume_from is not None:
-            state = load_checkpoint(resume_from, self.model, self.optimizer)
+            state = load_checkpoint(resume_from, self.model, self.optimizer, f"dp_{self.dp_rank}")
             self.step = state["step"]
             self.train_loader.load_state_dict(state["data"])
             if self.is_main:
@@ -196,6 +201,7 @@ class Trainer:
             self.config_path,
             self.tokenizer_dir,
             self.job.checkpoint.keep,
+            rng_name=f"dp_{self.dp_rank}" if self.mesh["tp"].get_local_rank() == 0 else None,
         )
 
     def train(self) -> None:

@@ -16,8 +16,9 @@ and reports from rank 0 (state bytes: the largest over the ranks):
     FSDP   s_d * (2 * P_blocks + P_root + P)        all-gather blocks in forward and backward,
                                                     the root once; reduce-scatter every gradient
     HSDP   + 2 s_r * P / d                          all-reduce of the gradient shards
-    with TP, parameters TP leaves whole (norms, W bytes) are FSDP-sharded over d x t ranks:
-           s_dt * 3 W (+ 2 s_r * W / (d t))         all-gather in forward and backward, reduce-scatter
+    with TP, parameters TP leaves whole (norms, routers, W bytes) are FSDP-sharded over d x t
+    ranks, and kept gathered from forward to backward (they are tiny):
+           s_dt * 2 W (+ 2 s_r * W / (d t))         all-gather once, reduce-scatter
     TP     per micro-batch, with A = micro-batch x seq_len x hidden x 4 bytes:
            2 s_t * A * (4 L + 2)                    per layer 2 sub-layers x (forward + backward)
                                                     all-reduce (or SP's all-gather + reduce-
@@ -175,7 +176,7 @@ def analytic_bus_bytes(trainer, job) -> float:
     share = lambda k: (k - 1) / k  # noqa: E731
     total = share(d) * (2 * p_blocks + p_root + (p_blocks + p_root))
     total += 2 * share(r) * (p_blocks + p_root) / d
-    total += share(d * t) * 3 * p_whole + 2 * share(r) * p_whole / (d * t)
+    total += share(d * t) * 2 * p_whole + 2 * share(r) * p_whole / (d * t)
     if t > 1:
         config, micro, seq = model.config, job.train.micro_batch_size, job.train.seq_len
         activation = micro * seq * config.hidden_size * 4
