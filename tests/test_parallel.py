@@ -56,6 +56,7 @@ CASES = [
     ("mixtral", [*FSDP_ONLY, "tp=2 sp"]),
     ("phi3", [*FSDP_ONLY, "tp=2 sp"]),  # fused qkv / gate_up: gathered output, split input
     ("stablelm", ["tp=2 sp"]),
+    ("qwen2_moe", ["tp=2 sp", "dp_shard=2 x tp=2"]),  # a shared expert and its gate inside the MoE block
 ]
 
 
@@ -160,7 +161,6 @@ def test_a_failing_rank_ends_the_job(tmp_path, tiny):
 @pytest.mark.parametrize(
     "architecture, extra, style",
     [
-        ("qwen2_moe", [], "shared_expert, shared_expert_gate"),  # a whole output added to partial ones
         ("bloom", [], "declares no TP plan"),  # fused query_key_value, no plan
         ("stablelm", ["++model.config.qk_layernorm=true"], "q_layernorm"),  # per-head norms indexed by global head
     ],

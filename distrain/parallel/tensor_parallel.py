@@ -19,7 +19,8 @@ mapped onto torch DTensor styles:
   output for all tokens (expert-TP). The MoE block around it (router + experts) is one region:
   entered like a colwise projection (sequence all-gathered under SP; gradient summed over TP),
   left like a rowwise one (partial output all-reduced, or reduce-scattered onto the sequence);
-  the router's gradient is partial and summed over TP.
+  the router's gradient is partial and summed over TP. A shared expert inside the block is sharded
+  colwise / rowwise with its output left partial ("colwise_partial" / "rowwise_partial").
 
 Models that declare no plan get a structural one (`structural_plan`): in each attention / MLP
 module of a block, the linear projections that read the module's input are colwise and the last
@@ -93,9 +94,9 @@ def _declared_plan(model: nn.Module, plan: dict[str, str]) -> dict[str, str]:
                 f"parallel.tp>1: {type(model).__name__}'s TP plan shards parameter {name} ({style}) outside an experts "
                 "module; distrain maps parameter styles only on moe_tp_experts modules; use parallel.tp=1"
             )
-    for name, style in resolved.items():
+    for name, style in list(resolved.items()):
         if style == "moe_tp_experts":
-            _check_experts_region(model, resolved, name)
+            resolved.update(_moe_region_plan(model, resolved, name))
     return resolved
 
 
@@ -126,18 +127,41 @@ def _check_divisible(model: nn.Module, plan: dict[str, str], tp: int) -> None:
                 )
 
 
-def _check_experts_region(model: nn.Module, plan: dict[str, str], experts_name: str) -> None:
+def _moe_region_plan(model: nn.Module, plan: dict[str, str], experts_name: str) -> dict[str, str]:
     """The MoE block around an experts module is one TP region whose output stays partial until
-    it leaves: it may hold only the experts and their router (whose output only weighs the
-    experts'). A shared expert beside them would add a whole output to partial ones."""
+    it leaves, so everything in it that adds to the output must be partial too. Besides the
+    experts it may hold gates (routers, a shared expert's gate: parameters that never write the
+    hidden size, whose outputs only weigh partial ones; their gradients are partial) and shared
+    experts made of linear projections (hidden -> intermediate -> hidden, no fused or bias
+    output projection), which are sharded here with a partial output. Returns the plan entries
+    of those shared experts."""
     block_name, experts_leaf = experts_name.rsplit(".", 1)
     block = model.get_submodule(block_name)
-    others = sorted(n for n, child in block.named_children() if n != experts_leaf and any(True for _ in child.parameters()))
-    if len(others) != 1:
-        raise ConfigError(
-            f"parallel.tp>1: {type(model).__name__}'s MoE block {block_name} holds {', '.join(others) or 'no router'} "
-            "besides its experts, not one router; expert-TP of such blocks is not mapped yet; use parallel.tp=1"
-        )
+    hidden = model.config.hidden_size
+    entries, gates = {}, []
+    for child_name, child in block.named_children():
+        if child_name == experts_leaf or not any(True for _ in child.parameters()):
+            continue
+        linears = [(n, m) for n, m in child.named_children() if isinstance(m, nn.Linear)]
+        *inputs, (out_name, out) = linears or [(None, None)]
+        if (
+            len(inputs) >= 2
+            and all(n.split(".")[0] in dict(linears) for n, _ in child.named_parameters())
+            and all(m.in_features == hidden for _, m in inputs)
+            and out.out_features == hidden
+            and out.bias is None
+        ):
+            entries.update({f"{block_name}.{child_name}.{n}": "colwise_partial" for n, _ in inputs})
+            entries[f"{block_name}.{child_name}.{out_name}"] = "rowwise_partial"
+        elif all(param.shape[0] != hidden for param in child.parameters()):
+            gates.append(child_name)
+        else:
+            raise ConfigError(
+                f"parallel.tp>1: {type(model).__name__}'s MoE block {block_name} holds {child_name}, neither a gate nor a "
+                "shared expert of linear projections; expert-TP of such blocks is not mapped yet; use parallel.tp=1"
+            )
+    if not gates:
+        raise ConfigError(f"parallel.tp>1: {type(model).__name__}'s MoE block {block_name} has no router beside its experts; use parallel.tp=1")
     experts = model.get_submodule(experts_name)
     not_3d = sorted(n for n, p in experts.named_parameters() if p.ndim != 3)
     if not_3d:
@@ -150,6 +174,7 @@ def _check_experts_region(model: nn.Module, plan: dict[str, str], experts_name: 
         raise ConfigError(
             f"parallel.tp>1: the TP plan does not say how to shard {experts_name}'s {', '.join(unplanned)}; use parallel.tp=1"
         )
+    return entries
 
 
 def structural_plan(model: nn.Module, spec: ModelSpec) -> dict[str, str]:
@@ -230,6 +255,12 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool) 
         elif style == "moe_tp_experts":
             _shard_experts(modules[name], name, plan, tp_mesh)
             regions.append(parent)
+        elif style in ("colwise_partial", "rowwise_partial"):  # a shared expert inside an MoE region
+            linear = modules[name]
+            for param_name, param in list(linear.named_parameters(recurse=False)):
+                placement = Shard(0) if style == "colwise_partial" else Shard(1)
+                linear._parameters[param_name] = nn.Parameter(distribute_tensor(param, tp_mesh, [placement], src_data_rank=None))
+            _run_on_local_shards(linear)
     names = {module: name for name, module in modules.items()}
     embed_name, head_name = names[spec.embeddings], names[spec.lm_head]
     styles[embed_name] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
@@ -268,17 +299,23 @@ def _shard_experts(experts: nn.Module, name: str, plan: dict[str, str], tp_mesh)
             placement = Shard(out_dim)
         sharded = distribute_tensor(param, tp_mesh, [placement], src_data_rank=None)
         experts._parameters[param_name] = nn.Parameter(sharded, requires_grad=param.requires_grad)
-    forward = experts.forward
+    _run_on_local_shards(experts)
+
+
+def _run_on_local_shards(module: nn.Module) -> None:
+    """Run `module`'s own forward on the local shards of its DTensor parameters (plain tensors:
+    the result is this rank's partial output); gradients flow back to the DTensor parameters."""
+    forward = module.forward
 
     def on_local_shards(*args, **kwargs):
-        held = dict(experts._parameters)
-        experts._parameters.update({n: p.to_local() for n, p in held.items() if isinstance(p, DTensor)})
+        held = dict(module._parameters)
+        module._parameters.update({n: p.to_local() for n, p in held.items() if isinstance(p, DTensor)})
         try:
             return forward(*args, **kwargs)
         finally:
-            experts._parameters.update(held)
+            module._parameters.update(held)
 
-    experts.forward = on_local_shards
+    module.forward = on_local_shards
 
 
 def contiguous_placements(placements) -> list:
