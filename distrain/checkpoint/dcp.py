@@ -115,18 +115,14 @@ def _to_storage(tree, restore: list) -> None:
     `_StridedShard`) is two. Such tensors are replaced by copies sharded contiguously (an
     all-gather over TP each, at checkpoint time only); `restore` collects (container, key, held)
     to put the loaded values back into the held tensors."""
-    from torch.distributed.tensor import DTensor
-
-    from distrain.parallel.tensor_parallel import contiguous_placements
+    from distrain.parallel.tensor_parallel import contiguous_placements, is_packed
 
     for key, value in list(tree.items() if isinstance(tree, dict) else enumerate(tree)):
         if isinstance(value, (dict, list)):
             _to_storage(value, restore)
-        elif isinstance(value, DTensor):
-            placements = contiguous_placements(value.placements)
-            if placements != list(value.placements):
-                tree[key] = value.redistribute(placements=placements)
-                restore.append((tree, key, value))
+        elif is_packed(value):
+            tree[key] = value.redistribute(placements=contiguous_placements(value.placements))
+            restore.append((tree, key, value))
 
 
 def _rng_state() -> dict[str, Any]:

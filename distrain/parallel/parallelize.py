@@ -11,7 +11,7 @@ from torch import nn
 
 from distrain.models import ModelSpec, meta_model, to_empty
 from distrain.parallel.mesh import ParallelDims
-from distrain.parallel.tensor_parallel import apply_tensor_parallel, contiguous_placements
+from distrain.parallel.tensor_parallel import apply_tensor_parallel, is_packed
 
 
 def parallelize(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh, bf16: bool) -> list[str]:
@@ -137,7 +137,7 @@ def materialize(model: nn.Module, device: torch.device, full_state: dict[str, to
     """
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import distribute_tensor
 
     to_empty(model, device)
     _init_non_persistent_buffers(model)
@@ -146,7 +146,7 @@ def materialize(model: nn.Module, device: torch.device, full_state: dict[str, to
     #       those parameters are broadcast whole afterwards and sliced by DTensor itself.
     packed = {
         name: (full_state or {}).get(name) for name, param in model.named_parameters()
-        if isinstance(param, DTensor) and contiguous_placements(param.placements) != list(param.placements)
+        if is_packed(param)
     }
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full_state or {}, options=options)

@@ -100,7 +100,7 @@ def _declared_plan(model: nn.Module, plan: dict[str, str]) -> dict[str, str]:
     return resolved
 
 
-def _sharded_sizes(model: nn.Module, modules: dict[str, nn.Module], name: str, style: str) -> list[tuple[str, int]]:
+def _sharded_sizes(modules: dict[str, nn.Module], name: str, style: str) -> list[tuple[str, int]]:
     """(what, size) of each dimension `style` shards on module or parameter `name`."""
     module = modules.get(name)
     if isinstance(module, nn.Linear) and style != "replicated_with_grad_allreduce":
@@ -119,12 +119,20 @@ def _sharded_sizes(model: nn.Module, modules: dict[str, nn.Module], name: str, s
 def _check_divisible(model: nn.Module, plan: dict[str, str], tp: int) -> None:
     modules = dict(model.named_modules())
     for name, style in plan.items():
-        for what, size in _sharded_sizes(model, modules, name, style):
+        for what, size in _sharded_sizes(modules, name, style):
             if size % tp:
                 working = max(d for d in range(1, tp + 1) if size % d == 0)
                 raise ConfigError(
                     f"parallel.tp={tp} does not divide the {size} {what} of {name} ({style}); e.g. parallel.tp={working}"
                 )
+
+
+def _linear_children(module: nn.Module) -> tuple[list[tuple[str, nn.Linear]], list[str]]:
+    """`module`'s direct linear projections in declaration order, and the names of its other
+    children (or own parameters) that hold parameters."""
+    linears = [(n, m) for n, m in module.named_children() if isinstance(m, nn.Linear)]
+    others = sorted({n.split(".")[0] for n, _ in module.named_parameters() if n.split(".")[0] not in dict(linears)})
+    return linears, others
 
 
 def _moe_region_plan(model: nn.Module, plan: dict[str, str], experts_name: str) -> dict[str, str]:
@@ -142,11 +150,11 @@ def _moe_region_plan(model: nn.Module, plan: dict[str, str], experts_name: str) 
     for child_name, child in block.named_children():
         if child_name == experts_leaf or not any(True for _ in child.parameters()):
             continue
-        linears = [(n, m) for n, m in child.named_children() if isinstance(m, nn.Linear)]
+        linears, others = _linear_children(child)
         *inputs, (out_name, out) = linears or [(None, None)]
         if (
             len(inputs) >= 2
-            and all(n.split(".")[0] in dict(linears) for n, _ in child.named_parameters())
+            and not others
             and all(m.in_features == hidden for _, m in inputs)
             and out.out_features == hidden
             and out.bias is None
@@ -188,10 +196,9 @@ def structural_plan(model: nn.Module, spec: ModelSpec) -> dict[str, str]:
     blocks_name = next(name for name, module in model.named_modules() if module is spec.blocks)
     plan = {}
     for child_name, child in spec.blocks[0].named_children():
-        linears = [(n, m) for n, m in child.named_children() if isinstance(m, nn.Linear)]
+        linears, others = _linear_children(child)
         if not linears:
             continue
-        others = sorted({n.split(".")[0] for n, _ in child.named_parameters() if n.split(".")[0] not in dict(linears)})
         if others:
             # e.g. per-head norms that index global heads: sharding the heads would misalign them
             raise ConfigError(
@@ -257,9 +264,8 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool) 
             regions.append(parent)
         elif style in ("colwise_partial", "rowwise_partial"):  # a shared expert inside an MoE region
             linear = modules[name]
-            for param_name, param in list(linear.named_parameters(recurse=False)):
-                placement = Shard(0) if style == "colwise_partial" else Shard(1)
-                linear._parameters[param_name] = nn.Parameter(distribute_tensor(param, tp_mesh, [placement], src_data_rank=None))
+            for param_name, _ in list(linear.named_parameters(recurse=False)):
+                _distribute_parameter(linear, param_name, Shard(0) if style == "colwise_partial" else Shard(1), tp_mesh)
             _run_on_local_shards(linear)
     names = {module: name for name, module in modules.items()}
     embed_name, head_name = names[spec.embeddings], names[spec.lm_head]
@@ -297,9 +303,15 @@ def _shard_experts(experts: nn.Module, name: str, plan: dict[str, str], tp_mesh)
             placement = _StridedShard(out_dim, split_factor=2)  # [gate; up]: a slice of each
         else:  # colwise, or packed with gate and up interleaved row by row: contiguous pairs
             placement = Shard(out_dim)
-        sharded = distribute_tensor(param, tp_mesh, [placement], src_data_rank=None)
-        experts._parameters[param_name] = nn.Parameter(sharded, requires_grad=param.requires_grad)
+        _distribute_parameter(experts, param_name, placement, tp_mesh)
     _run_on_local_shards(experts)
+
+
+def _distribute_parameter(module: nn.Module, name: str, placement, tp_mesh) -> None:
+    """Replace `module`'s (meta) parameter `name` by a DTensor parameter placed on `tp_mesh`."""
+    param = module._parameters[name]
+    sharded = distribute_tensor(param, tp_mesh, [placement], src_data_rank=None)
+    module._parameters[name] = nn.Parameter(sharded, requires_grad=param.requires_grad)
 
 
 def _run_on_local_shards(module: nn.Module) -> None:
@@ -316,6 +328,11 @@ def _run_on_local_shards(module: nn.Module) -> None:
             module._parameters.update(held)
 
     module.forward = on_local_shards
+
+
+def is_packed(tensor) -> bool:
+    """Whether `tensor` is a DTensor holding a packed TP shard (see `contiguous_placements`)."""
+    return isinstance(tensor, DTensor) and contiguous_placements(tensor.placements) != list(tensor.placements)
 
 
 def contiguous_placements(placements) -> list:
