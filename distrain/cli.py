@@ -2,10 +2,11 @@
 
     distrain train recipe=NAME_OR_PATH [key=value ...] [--cfg job]
     distrain plan  recipe=NAME_OR_PATH [key=value ...]
-    distrain export CHECKPOINT_DIR OUT_DIR [--dtype float32|bfloat16]
+    distrain export CHECKPOINT_DIR OUT_DIR [--dtype float32|bfloat16] [--force]
 
-Exit status: 0 on success, 2 for a configuration error (reported before any worker starts),
-1 (or the failing rank's status) for anything else.
+Exit status: 0 on success; 2 for a configuration error (reported before any worker starts);
+3 when the run stopped on non-finite values; 75 when it saved and stopped on SIGUSR1 (requeue
+it), 143 / 130 on SIGTERM / SIGINT; 1 (or the failing rank's status) for anything else.
 """
 
 from __future__ import annotations
@@ -66,6 +67,27 @@ def _validate_layout(job):
     return dims, hf_config
 
 
+def _validate_run(job, hf_config) -> None:
+    """Data, run directory and resume, before any worker starts: the tokenized cache is built
+    here (no rank waits for it inside a collective), and its vocabulary must fit the model."""
+    import os
+
+    from distrain.data.corpus import prepare_corpus
+    from distrain.launch import under_launcher
+    from distrain.launch.run_dir import check_run
+
+    _, fingerprint, vocab_size = prepare_corpus(job.data)
+    if vocab_size > hf_config.vocab_size:
+        raise ConfigError(
+            f"model.config.vocab_size={hf_config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "
+            f"set model.config.vocab_size>={vocab_size} (or use a tokenizer with fewer)"
+        )
+    # NOTE: ranks started in-process (torchrun, srun) each composed a config; rank 0's is the
+    #       run's (distrain.launch.worker.agree), so only rank 0 checks the directory it names
+    if not under_launcher() or os.environ["RANK"] == "0":
+        check_run(job, fingerprint, lock=True)
+
+
 def cmd_train(args) -> int:
     from distrain.launch import adopt_slurm_env
 
@@ -78,7 +100,8 @@ def cmd_train(args) -> int:
 
         print(yaml.safe_dump(to_dict(job), sort_keys=False), end="")
         return 0
-    _validate_layout(job)
+    _, hf_config = _validate_layout(job)
+    _validate_run(job, hf_config)
     from distrain.launch import launch
 
     return launch(job)
@@ -99,7 +122,7 @@ def cmd_export(args) -> int:
 
     from distrain.checkpoint.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint_dir, args.out_dir, dtype=getattr(torch, args.dtype))
+    out = export_checkpoint(args.checkpoint_dir, args.out_dir, dtype=getattr(torch, args.dtype), force=args.force)
     print(f"exported {args.checkpoint_dir} to {out}")
     return 0
 
@@ -118,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint_dir")
     export.add_argument("out_dir")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    export.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds a previous export (nothing else)")
     export.set_defaults(func=cmd_export)
     return parser
 

@@ -149,7 +149,7 @@ def test_a_failing_rank_ends_the_job(tmp_path, tiny):
         ["train", "recipe=qwen3_moe_debug", *tiny, "launcher.nproc_per_node=2", "launcher.timeout_s=60", "train.steps=50",
          f"run.dir={tmp_path / 'run'}"],
         tmp_path,
-        env={**MULTI, "DISTRAIN_FAULT": "1:3"},
+        env={**MULTI, "DISTRAIN_FAULT": "raise@step:rank=1:step=3"},
         timeout=120,
     )
     elapsed = time.perf_counter() - start
@@ -244,7 +244,7 @@ def test_sbatch_on_a_two_node_slurm_cluster(tmp_path, tiny):
         assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], abs=1e-5)
 
         start = time.perf_counter()
-        env_fault = {**env, "DISTRAIN_FAULT": "1:2"}
+        env_fault = {**env, "DISTRAIN_FAULT": "raise@step:rank=1:step=2"}
         state, code, output = run_batch(env_fault, script, [*layout, f"run.dir={tmp_path / 'failing'}"], nodes=2, timeout=240, sbatch_options=options)
         assert state == "FAILED" and code != "0:0" and "injected fault" in output, (state, code, output)
         assert time.perf_counter() - start < 120
@@ -271,7 +271,7 @@ def test_checkpoints_resume_across_layouts(tmp_path, saved_models, data_cache):
     shutil.copytree(reference / "checkpoints" / "step_00000003", run_dir / "checkpoints" / "step_00000003")
     (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in (reference / "metrics.jsonl").read_text().splitlines()[:3]))
     # steps 4-6 under tp=2 with SP; rank 1 fails at step 7, after the step-6 checkpoint
-    crashed = run_cli([*args(run_dir), "launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true"], tmp_path, env={**MULTI, "DISTRAIN_FAULT": "1:7"})
+    crashed = run_cli([*args(run_dir), "launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true"], tmp_path, env={**MULTI, "DISTRAIN_FAULT": "raise@step:rank=1:step=7"})
     assert crashed.returncode != 0 and (run_dir / "checkpoints" / "step_00000006").is_dir()
     check_ok(run_cli(args(run_dir), tmp_path))  # steps 7-8 in one process
     got = {r["step"]: r for r in read_metrics(run_dir)}

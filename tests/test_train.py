@@ -38,8 +38,9 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path, tiny):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
-def read_wandb_history(run_file: Path) -> list[dict]:
-    """History records of an offline `.wandb` file (a LevelDB-style log of protobuf records)."""
+def read_wandb_records(run_file: Path, kind: str) -> list:
+    """The records of one type ("history", "run", ...) of an offline `.wandb` file (a
+    LevelDB-style log of protobuf records)."""
     from wandb.proto import wandb_internal_pb2
 
     data, block, pos, records, pending = run_file.read_bytes(), 32768, 7, [], b""
@@ -48,46 +49,53 @@ def read_wandb_history(run_file: Path) -> list[dict]:
         if left < 7:
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0 and length == 0:
+        _crc, length, record_kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if record_kind == 0 and length == 0:
             pos += left
             continue
         chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):
+        pending = chunk if record_kind in (1, 2) else pending + chunk
+        if record_kind in (1, 4):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
-            if record.WhichOneof("record_type") == "history":
-                records.append({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
+            if record.WhichOneof("record_type") == kind:
+                records.append(getattr(record, kind))
     return records
+
+
+def read_wandb_history(run_file: Path) -> list[dict]:
+    return [{item.key or "/".join(item.nested_key): item.value_json for item in h.item} for h in read_wandb_records(run_file, "history")]
 
 
 @pytest.mark.slow
 def test_resume_after_a_crash_repeats_the_uninterrupted_run(tmp_path, tiny):
     args = [*tiny, *QUIET, "train.steps=6", "checkpoint.interval=3", "checkpoint.keep=0", "logging.wandb.mode=offline"]
-    run_dir = tmp_path / "run"
-    full = train(tmp_path, run_dir, args)
+    full = train(tmp_path, tmp_path / "full", args)
     assert [r["step"] for r in full] == [1, 2, 3, 4, 5, 6]
 
     # the wandb offline run holds every logged step with the same losses as metrics.jsonl
-    (first_run,) = list((run_dir / "wandb").glob("offline-run-*"))
+    (first_run,) = list((tmp_path / "full" / "wandb").glob("offline-run-*"))
     history = read_wandb_history(next(first_run.glob("run-*.wandb")))
     assert [int(h["_step"]) for h in history] == [1, 2, 3, 4, 5, 6]
     assert [float(h["loss"]) for h in history] == pytest.approx([r["loss"] for r in full], rel=1e-6)
 
-    # crash after the step-3 checkpoint: the step-6 checkpoint and the log lines after 3 are lost
-    shutil.rmtree(run_dir / "checkpoints" / "step_00000006")
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    (run_dir / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    # a real crash at step 6: steps 4 and 5 are logged (metrics.jsonl, wandb) but not checkpointed
+    run_dir = tmp_path / "run"
+    crashed = run_cli(["train", "recipe=qwen3_moe_debug", *args, f"run.dir={run_dir}"], tmp_path, env={"DISTRAIN_FAULT": "raise@step:step=6"})
+    assert crashed.returncode == 1 and "injected fault" in crashed.stderr
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
     resumed = train(tmp_path, run_dir, args)
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(full[3:], resumed[3:]):
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]  # rewound to step 3, then 4-6 once
+    for a, b in zip(full, resumed):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
-    # the resumed run appends to the same wandb run
+    # the resumed wandb run is the same run, rewound to step 3: it logs 4-6 again
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]
+    (run_record,) = read_wandb_records(next(runs[1].glob("run-*.wandb")), "run")
+    assert (run_record.branch_point.run, run_record.branch_point.value) == (runs[0].name.split("-")[-1], 3)
+    assert [int(h["_step"]) for h in read_wandb_history(next(runs[1].glob("run-*.wandb")))] == [4, 5, 6]
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path, tiny):
@@ -97,7 +105,8 @@ def test_incomplete_checkpoint_is_ignored(tmp_path, tiny):
     shutil.copytree(run_dir / "checkpoints" / "step_00000002", run_dir / "checkpoints" / "step_00000003.tmp")
     (run_dir / "checkpoints" / "step_00000003.tmp" / ".metadata").unlink()
     proc = check_ok(run_cli(["train", "recipe=qwen3_moe_debug", *tiny, *QUIET, "train.steps=3", f"run.dir={run_dir}"], tmp_path))
-    assert "resumed from" in proc.stdout and "step_00000002" in proc.stdout
+    assert "resuming from" in proc.stdout and "step_00000002 at step 2" in proc.stdout
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]  # keep=2, no .tmp left
     assert (run_dir / "checkpoints" / "step_00000003" / ".metadata").exists()
 
 

@@ -3,19 +3,26 @@
 A checkpoint is `run.dir/checkpoints/step_NNNNNNNN/` holding:
 - the DCP files of `{"model": ..., "optim": ...}`, every tensor under its fully qualified HF
   parameter name with standard placements, so DCP reshards on load into any other layout;
-- `train_state.json`: step, global data position and data fingerprint, wandb run id;
+- `train_state.json`: step, global data position and what defines the data stream (seed,
+  sequence length, data fingerprint);
 - `rng/dp_R.pt`: the RNG states of data-parallel rank R, shared by its TP ranks (random routing or
   dropout must agree across them); a rank whose file is missing keeps the stream seeded for it;
 - `config.yaml` (the resolved config) and `tokenizer/`, so export needs nothing else.
 
-It is written under `step_NNNNNNNN.tmp` and renamed only when every rank has finished, so a
-folder without `.tmp` is always complete; resume takes the newest one.
+It is written under `step_NNNNNNNN.tmp` and renamed only when every rank has written its part,
+so a folder named `step_NNNNNNNN` is complete; `check_complete` also verifies that every file
+the DCP metadata names is there at its full length. Old checkpoints are pruned by renaming them
+to `*.deleting` first, so a half-deleted folder never looks like a checkpoint. With
+`checkpoint.async`, the tensors are copied to host memory and written by a background thread
+(DCP async save on a gloo group of its own); the rename and pruning happen once the write has
+finished, at a later step boundary, the next save or the end of the run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -32,61 +39,167 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from distrain import faults
+
 _NAME = re.compile(r"^step_(\d{8})$")
 # Optimizer state keyed by parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"), not by
 # group index: the trainer's param groups follow the layout's meshes, the checkpoint must not.
 _OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
+# Leftovers of interrupted work: a save (`.tmp`) or a prune (`.deleting`) that did not finish.
+_LEFTOVER = re.compile(r"^step_\d{8}\.(tmp|deleting)$")
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+def checkpoint_step(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """The folders named as complete checkpoints, oldest first."""
     if not checkpoints_dir.is_dir():
-        return None
-    complete = sorted(p for p in checkpoints_dir.iterdir() if _NAME.match(p.name) and p.is_dir())
+        return []
+    return sorted(p for p in checkpoints_dir.iterdir() if _NAME.match(p.name) and p.is_dir())
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    complete = list_checkpoints(checkpoints_dir)
     return complete[-1] if complete else None
 
 
-def save_checkpoint(
-    checkpoints_dir: Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    train_state: dict[str, Any],
-    config_yaml: Path,
-    tokenizer_dir: Path,
-    keep: int,
-    rng_name: str | None,
-) -> Path:
-    """`rng_name`: the file this rank's RNG states go to (`dp_R`), None for ranks that share
-    another rank's stream."""
-    rank = dist.get_rank()
-    final = checkpoints_dir / checkpoint_name(step)
-    tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
-    dist.barrier()
-    state = {
-        "model": get_model_state_dict(model),
-        "optim": get_optimizer_state_dict(model, optimizer, options=_OPTIM),
-    }
-    _to_storage(state, [])
-    dcp.save(state, checkpoint_id=str(tmp))
-    if rng_name is not None:
-        torch.save(_rng_state(), tmp / "rng" / f"{rng_name}.pt")
-    if rank == 0:
-        (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
-        shutil.copy(config_yaml, tmp / "config.yaml")
-        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-    dist.barrier()
-    if rank == 0:
+def check_complete(path: Path) -> str | None:
+    """None if `path` holds a whole checkpoint, else what is wrong with it. Reads the DCP metadata
+    and file sizes only, never the tensors."""
+    if not path.is_dir():
+        return "not a folder" if path.exists() else "no such folder"
+    for name in (".metadata", "train_state.json", "config.yaml"):
+        if not (path / name).is_file():
+            return f"{name} is missing (not a distrain checkpoint, or an interrupted save)"
+    try:
+        with open(path / ".metadata", "rb") as f:
+            metadata = pickle.load(f)
+        json.loads((path / "train_state.json").read_text())
+    except Exception as error:  # noqa: BLE001 - any unreadable byte means a broken checkpoint
+        return f"unreadable metadata ({type(error).__name__}: {error})"
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"shard file {name} is missing"
+        if file.stat().st_size < size:
+            return f"shard file {name} is truncated ({file.stat().st_size} of {size} bytes)"
+    return None
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / "train_state.json").read_text())
+
+
+def clean_leftovers(checkpoints_dir: Path) -> list[Path]:
+    """Remove what interrupted saves and prunes left behind; only while no save can be running
+    (the run directory's lock is held). Returns what was removed."""
+    removed = [p for p in checkpoints_dir.iterdir() if _LEFTOVER.match(p.name)] if checkpoints_dir.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+class Checkpointer:
+    """Saves checkpoints into `checkpoints_dir` (collective: every rank calls `save`)."""
+
+    def __init__(self, checkpoints_dir: Path, keep: int, async_save: bool, config_yaml: Path, tokenizer_dir: Path):
+        self.dir, self.keep = checkpoints_dir, keep
+        self.config_yaml, self.tokenizer_dir = config_yaml, tokenizer_dir
+        self.rank = dist.get_rank()
+        # NOTE: the background write runs DCP's own collectives; on a group of their own they
+        #       cannot interleave with the training step's, and gloo serves CUDA runs too.
+        self.async_group = dist.new_group(backend="gloo") if async_save else None
+        self.pending: tuple[Any, Path, Path, int] | None = None  # (future, tmp, final, step) in flight
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict[str, Any], rng_name: str | None) -> Path:
+        """Write the checkpoint of `step` (asynchronously with `checkpoint.async`). `rng_name`: the
+        file this rank's RNG states go to (`dp_R`), None for ranks sharing another rank's stream."""
+        self.wait()
+        final = self.dir / checkpoint_name(step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        dist.barrier()
+        faults.fire("save_begin", step)
+        state = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, optimizer, options=_OPTIM),
+        }
+        _to_storage(state, [])
+        if rng_name is not None:
+            torch.save(_rng_state(), tmp / "rng" / f"{rng_name}.pt")
+        if self.rank == 0:
+            _write_synced(tmp / "train_state.json", json.dumps(train_state, indent=1))
+            shutil.copy(self.config_yaml, tmp / "config.yaml")
+            shutil.copytree(self.tokenizer_dir, tmp / "tokenizer")
+        if self.async_group is not None:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group)
+            self.pending = (future, tmp, final, step)
+            faults.fire("async_staged", step)
+            return final
+        dcp.save(state, checkpoint_id=str(tmp))
+        faults.fire("save_written", step)
+        dist.barrier()
+        if self.rank == 0:
+            self._publish(tmp, final, step)
+        dist.barrier()
+        return final
+
+    def poll(self) -> None:
+        """At a step boundary: publish the background save if it has finished."""
+        if self.pending is not None and self.pending[0].done():
+            self._finish()
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is written and published."""
+        if self.pending is not None:
+            self._finish()
+
+    def _finish(self) -> None:
+        future, tmp, final, step = self.pending
+        self.pending = None
+        future.result()  # raises what the background write raised
+        # NOTE: rank 0's future completes after DCP's coordinator wrote `.metadata`, which it does
+        #       only once every rank's files are written: rank 0 can publish on its own.
+        faults.fire("async_written", step)
+        if self.rank == 0:
+            self._publish(tmp, final, step)
+
+    def _publish(self, tmp: Path, final: Path, step: int) -> None:
+        faults.fire("save_before_rename", step)
         os.replace(tmp, final)
-        _prune(checkpoints_dir, keep)
-    dist.barrier()
-    return final
+        _fsync_dir(self.dir)
+        faults.fire("save_renamed", step)
+        if self.keep > 0:
+            # NOTE: never the checkpoint just written, whatever the others are named
+            older = [p for p in list_checkpoints(self.dir) if p != final]
+            for old in older[: max(0, len(older) - (self.keep - 1))]:
+                doomed = old.with_name(old.name + ".deleting")
+                os.replace(old, doomed)  # from here on it is not a checkpoint, whatever remains
+                faults.fire("prune", step)
+                shutil.rmtree(doomed, ignore_errors=True)
+
+
+def all_finite(tensors) -> bool:
+    """Whether every local entry of `tensors` is finite, on every rank (one all-reduce)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    local = [t for t in local if t.numel() > 0 and t.is_floating_point()]
+    device = local[0].device if local else torch.device("cpu")
+    bad = torch.zeros((), device=device)
+    if local:
+        bad = (~torch.stack(torch._foreach_norm(local, float("inf"))).isfinite()).any().float()
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng_name: str) -> dict[str, Any]:
@@ -106,7 +219,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     rng_file = path / "rng" / f"{rng_name}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / "train_state.json").read_text())
+    return read_train_state(path)
 
 
 def _to_storage(tree, restore: list) -> None:
@@ -138,9 +251,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _prune(checkpoints_dir: Path, keep: int) -> None:
-    if keep <= 0:
-        return
-    complete = sorted(p for p in checkpoints_dir.iterdir() if _NAME.match(p.name))
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

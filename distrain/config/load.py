@@ -7,6 +7,7 @@ user's recipe can name a shipped recipe in its `defaults` list and override any 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -47,16 +48,22 @@ def _check_override_keys(overrides: list[str]) -> None:
         _field_type(JobConfig, key.split("."), key)
 
 
+def _keyed_fields(cls: Any) -> dict[str, dataclasses.Field]:
+    """Config key -> field; a key that is a Python keyword (`checkpoint.async`) names its field
+    in the field's metadata (`async_`)."""
+    return {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls)}
+
+
 def _field_type(cls: Any, parts: list[str], full_key: str) -> Any:
     if not parts:
         return cls
     if not dataclasses.is_dataclass(cls):
         return Any  # free-form dict (model.config): keys are the model config's own
-    names = [f.name for f in dataclasses.fields(cls)]
-    if parts[0] not in names:
-        raise ConfigError(f"{full_key}: unknown key '{parts[0]}'; valid keys here: {', '.join(names)}")
+    fields = _keyed_fields(cls)
+    if parts[0] not in fields:
+        raise ConfigError(f"{full_key}: unknown key '{parts[0]}'; valid keys here: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
-    return _field_type(_strip_optional(hints[parts[0]]), parts[1:], full_key)
+    return _field_type(_strip_optional(hints[fields[parts[0]].name]), parts[1:], full_key)
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -80,6 +87,7 @@ def compose(recipe: str, overrides: list[str]) -> dict[str, Any]:
     # Every schema key exists with its default before the YAML layers merge on top, so any key can
     # be overridden whichever group option a recipe picked.
     ConfigStore.instance().store(name="distrain_schema", node=to_dict(JobConfig()))
+    OmegaConf.register_new_resolver("distrain_run_id", run_id, replace=True)
     searchpath = f"hydra.searchpath=[file://{RECIPES_DIR},file://{CONFIGS_DIR}]"
     try:
         with initialize_config_dir(config_dir=str(folder), version_base=None):
@@ -90,6 +98,23 @@ def compose(recipe: str, overrides: list[str]) -> dict[str, Any]:
         raise ConfigError(f"recipe={recipe}: {first_line}") from None
     data.pop("hydra", None)
     return data
+
+
+def run_id() -> str:
+    """What names a run's default directory (`${distrain_run_id:}` in configs/base.yaml): the
+    Slurm job id, which a requeued job keeps, so it finds its checkpoints; else torchrun's
+    `--rdzv-id`, shared by every rank; else the time. Ranks still agree when their clocks
+    differ: rank 0's config is the one every rank runs (`distrain.launch.worker.agree`)."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        return f"job{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
+    if env.get("SLURM_JOB_ID"):
+        return f"job{env['SLURM_JOB_ID']}"
+    if env.get("TORCHELASTIC_RUN_ID", "none") not in ("", "none"):
+        return env["TORCHELASTIC_RUN_ID"]
+    import datetime
+
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def to_job_config(data: dict[str, Any]) -> JobConfig:
@@ -105,12 +130,12 @@ def to_job_config(data: dict[str, Any]) -> JobConfig:
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
+    fields = _keyed_fields(cls)
     for key in data:
-        if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown key; valid keys here: {', '.join(names)}")
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key; valid keys here: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
-    values = {key: _convert(hints[key], data[key], f"{prefix}{key}") for key in data}
+    values = {fields[key].name: _convert(hints[fields[key].name], data[key], f"{prefix}{key}") for key in data}
     return cls(**values)
 
 
@@ -148,8 +173,11 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
-def to_dict(job: JobConfig) -> dict[str, Any]:
-    return dataclasses.asdict(job)
+def to_dict(job: Any) -> dict[str, Any]:
+    """A config dataclass -> a plain dict under its config keys."""
+    if not dataclasses.is_dataclass(job):
+        return copy.deepcopy(job)
+    return {key: to_dict(getattr(job, f.name)) for key, f in _keyed_fields(job).items()}
 
 
 def load_job(recipe: str, overrides: list[str]) -> JobConfig:

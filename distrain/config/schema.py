@@ -110,6 +110,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global L2 norm; 0 disables clipping
     # "auto": bf16 compute with fp32 master weights on CUDA, fp32 on CPU.
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # A step whose loss or gradient norm is not finite (NaN/inf) changes nothing (weights,
+    # optimizer state); "skip" goes on with the next batch, "stop" ends the run (exit 3).
+    nonfinite: Literal["skip", "stop"] = "skip"
+    max_nonfinite_steps: int = 10  # consecutive skipped steps after which the run stops anyway
 
     def validate(self) -> None:
         _require(self.steps >= 1, f"train.steps={self.steps}: must be >= 1 (e.g. train.steps=100)")
@@ -122,6 +126,7 @@ class TrainConfig:
             f"{self.micro_batch_size * max(1, self.global_batch_size // self.micro_batch_size)})",
         )
         _require(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip}: must be >= 0 (0 disables clipping)")
+        _require(self.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps={self.max_nonfinite_steps}: must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -166,12 +171,19 @@ class EvalConfig:
 class CheckpointConfig:
     interval: int = 50  # steps between checkpoints; 0 saves only at the end
     keep: int = 2  # newest complete checkpoints kept; 0 keeps all
-    resume: bool = True  # resume from the newest complete checkpoint in run.dir/checkpoints
+    # auto: the newest complete checkpoint in run.dir/checkpoints, if any; never: start fresh (in
+    # a run.dir without checkpoints); or the path of one checkpoint folder
+    resume: str = "auto"
     export: bool = True  # write run.dir/export (safetensors, from_pretrained-loadable) at the end
+    # Write checkpoints in the background (DCP async save): training goes on while the files are
+    # written; the next save and the end of the run wait for it. Costs host memory for one copy
+    # of this rank's shards.
+    async_: bool = field(default=False, metadata={"key": "async"})
 
     def validate(self) -> None:
         _require(self.interval >= 0, f"checkpoint.interval={self.interval}: must be >= 0")
         _require(self.keep >= 0, f"checkpoint.keep={self.keep}: must be >= 0 (0 keeps all)")
+        _require(self.resume != "", "checkpoint.resume is empty: use auto, never or the path of a checkpoint folder")
 
 
 @dataclass(frozen=True)
@@ -198,7 +210,9 @@ class LoggingConfig:
 class LauncherConfig:
     nproc_per_node: int = 1
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    timeout_s: int = 300  # collective timeout: a dead peer ends the job within it
+    # Bounds every collective (a dead or hung peer ends the job within it) and the time workers
+    # get to save a checkpoint and exit after a stop signal, before they are killed.
+    timeout_s: int = 300
 
     def validate(self) -> None:
         _require(self.nproc_per_node >= 1, f"launcher.nproc_per_node={self.nproc_per_node}: must be >= 1")

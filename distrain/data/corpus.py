@@ -45,7 +45,10 @@ class Corpus:
     tokenizer_dir: Path  # an AutoTokenizer-loadable folder, copied into exports
 
 
-def load_corpus(cfg: DataConfig) -> Corpus:
+def prepare_corpus(cfg: DataConfig) -> tuple[Path, str, int]:
+    """Build the tokenized cache unless it exists; return (folder, fingerprint, tokenizer
+    vocabulary size), reading no tokens. Called before any worker starts, so no rank waits for
+    the build inside a collective; ranks sharing a machine then find it built."""
     cache_root = Path(cfg.cache_dir).expanduser()
     cache_root.mkdir(parents=True, exist_ok=True)
     if cfg.source == "stdlib":
@@ -61,6 +64,13 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         with _locked(cache_root / f"hf-{key}.lock"):
             if not (folder / "done").exists():
                 _build_hf(cfg, folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    return folder, f"{key}/train", meta["vocab_size"]
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    folder, fingerprint, _ = prepare_corpus(cfg)
+    key = fingerprint.split("/")[0]
     meta = json.loads((folder / "meta.json").read_text())
     splits = {
         name: TokenizedCorpus(

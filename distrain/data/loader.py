@@ -57,7 +57,9 @@ class GlobalBatchLoader:
         return [collate(samples[i : i + mb]) for i in range(0, per_rank, mb)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "seed": self.seed, "fingerprint": self.dataset.corpus.fingerprint}
+        # NOTE: seed, seq_len and fingerprint define the stream that `position` indexes; a resume
+        #       that changes them is refused before spawn (distrain.checkpoint.resume)
+        return {"position": self.position, "seed": self.seed, "seq_len": self.dataset.seq_len, "fingerprint": self.dataset.corpus.fingerprint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["fingerprint"] != self.dataset.corpus.fingerprint:

@@ -3,17 +3,15 @@
 - Under `torchrun` (RANK/WORLD_SIZE in the environment), or `srun` with one task per rank (its
   SLURM_* task layout becomes RANK/WORLD_SIZE/LOCAL_RANK), every rank composed the config itself
   and runs in-process.
-- With `launcher.nproc_per_node` > 1, this process writes the resolved `config.yaml` and starts
-  that many workers with `torch.distributed.run`; each reads the file and runs. If one rank fails,
-  the elastic agent stops the others and this returns non-zero.
+- With `launcher.nproc_per_node` > 1, this process starts that many workers with
+  `torch.distributed.run`, handing them the resolved config in a file. If one rank fails, the
+  elastic agent stops the others and this returns non-zero.
 - Otherwise the single process runs in-process as a world of one.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 from distrain.config import JobConfig, write_config_yaml
 
@@ -51,43 +49,64 @@ def world_size_for(job: JobConfig) -> int:
 
 
 def launch(job: JobConfig) -> int:
-    from distrain.launch.worker import run
+    """Run `job` on its ranks; returns the exit status (in-process ranks exit with it)."""
+    from distrain.launch.worker import run, run_and_exit, watch_parent
 
-    config_path = Path(job.run.dir) / "config.yaml"
     if under_launcher():
-        if int(os.environ["RANK"]) == 0:
-            config_path.parent.mkdir(parents=True, exist_ok=True)
-            write_config_yaml(job, config_path)
-        status = run(job)
-        # NOTE: as in the spawned workers: gloo sometimes aborts in its destructors at exit
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    write_config_yaml(job, config_path)
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # a worker of torchrun's elastic agent
+            watch_parent()
+        run_and_exit(job)
     if job.launcher.nproc_per_node == 1:
         return run(job)
-    return _spawn_local(job, config_path)
+    return _spawn_local(job)
 
 
-def _spawn_local(job: JobConfig, config_path: Path) -> int:
+def _spawn_local(job: JobConfig) -> int:
+    """`launcher.nproc_per_node` ranks under torch's elastic agent, in this process. The agent
+    forwards SIGTERM, SIGINT and SIGUSR1 to the workers (which save and stop, `distrain.train.stop`)
+    and waits `launcher.timeout_s` for them before it kills them; a failing rank makes it stop
+    the others in the same way."""
+    import logging
+    import signal
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run as elastic_run
 
+    from distrain.train import stop
+
+    # the ranks say what happened; the agent's own log lines would repeat it at length
+    quiet = logging.getLogger("torch.distributed.elastic")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+    with tempfile.NamedTemporaryFile("w", prefix="distrain-job-", suffix=".yaml", delete=False) as handoff:
+        pass
+    write_config_yaml(job, handoff.name)
+    os.environ["DISTRAIN_LAUNCHER_PID"] = str(os.getpid())  # for the kill@... test faults
     args = get_args_parser().parse_args(
         [
             "--standalone",
             f"--nproc_per_node={job.launcher.nproc_per_node}",
             "--max_restarts=0",
+            "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+            f"--shutdown_timeout={job.launcher.timeout_s}",
             "--module",
             "distrain.launch.worker",
-            str(config_path),
+            handoff.name,
         ]
     )
     try:
         elastic_run(args)
     except ChildFailedError as error:
-        first = next(iter(error.failures.values()))
-        print(f"distrain: rank {first.local_rank} failed with exit code {first.exitcode}; see the log above", flush=True)
-        return first.exitcode if first.exitcode > 0 else 1
+        rank, failure = error.get_first_failure()
+        if failure.exitcode in (2, stop.EXIT_NONFINITE, stop.EXIT_REQUEUE, 128 + signal.SIGINT, 128 + signal.SIGTERM):
+            return failure.exitcode  # the rank has said why
+        print(f"distrain: rank {rank} failed with exit code {failure.exitcode}; see its output above", flush=True)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException as error:
+        # the workers got the same signal, saved and stopped (or were killed at the timeout)
+        return stop.exit_status([int(error.sigval == sig) for sig in stop.SIGNALS]) or 128 + error.sigval
+    finally:
+        os.unlink(handoff.name)
     return 0

@@ -1,4 +1,4 @@
-"""One rank: init the process group from the config, train, tear down.
+"""One rank: init the process group from the config, agree on the run, train, tear down.
 
 `python -m distrain.launch.worker CONFIG_YAML` is what the local launcher starts on each rank.
 """
@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from distrain.config import JobConfig, read_config_yaml
+from distrain.config import ConfigError, JobConfig, read_config_yaml, to_dict
+from distrain.config.load import to_job_config
+from distrain.train import stop
 
 
 def resolve_device(job: JobConfig) -> torch.device:
@@ -41,23 +47,82 @@ def init_distributed(job: JobConfig, device: torch.device) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
+def agree(job: JobConfig) -> tuple[JobConfig, str | None]:
+    """Rank 0 decides the run (its config, including `run.dir`, and the checkpoint to resume;
+    see `distrain.launch.run_dir.prepare_run`) and every rank takes its decision: ranks that
+    composed their own configs (torchrun, srun) may have named different directories."""
+    decision: list = [None]
+    if dist.get_rank() == 0:
+        from distrain.data.corpus import prepare_corpus
+        from distrain.launch.run_dir import prepare_run
+
+        try:
+            resume, lines = prepare_run(job, prepare_corpus(job.data)[1])
+            print("\n".join(lines), flush=True)
+            decision = [(to_dict(job), None if resume.path is None else str(resume.path))]
+        except ConfigError as error:
+            decision = [("error", str(error))]
+    dist.broadcast_object_list(decision, src=0)
+    first, second = decision[0]
+    if first == "error":
+        raise ConfigError(second)
+    return to_job_config(first), second
+
+
 def run(job: JobConfig) -> int:
     from distrain.train.trainer import Trainer
 
+    stop.install()
     device = resolve_device(job)
     init_distributed(job, device)
     try:
-        Trainer(job, device).train()
+        job, resume_from = agree(job)
+        trainer = Trainer(job, device, None if resume_from is None else Path(resume_from))
+        status = trainer.train()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
-    return 0
+    # NOTE: what rank 0 alone does last (closing wandb, the export) runs outside every collective:
+    #       it may take longer than launcher.timeout_s; the other ranks have exited already.
+    if trainer.metrics is not None:
+        trainer.metrics.close()
+    if status == 0 and job.checkpoint.export and trainer.is_main:
+        from distrain.checkpoint.dcp import latest_checkpoint
+        from distrain.checkpoint.export import export_checkpoint
+
+        last = latest_checkpoint(trainer.run_dir / "checkpoints")
+        if last is not None:
+            out = export_checkpoint(last, trainer.run_dir / "export", force=True)
+            print(f"exported {last.name} to {out}", flush=True)
+    return status
+
+
+def watch_parent() -> None:
+    """Die with the launcher: torch's elastic agent starts workers in sessions of their own, so a
+    SIGKILL of the launcher (or of its process group) would leave them training as orphans."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="distrain-watch-parent", daemon=True).start()
 
 
 def main() -> None:
-    job = read_config_yaml(sys.argv[1])
+    watch_parent()
+    run_and_exit(read_config_yaml(sys.argv[1]))
+
+
+def run_and_exit(job: JobConfig) -> None:
+    """Run this rank and exit with its status: a config error is one line, a bug a traceback."""
     status = 1
     try:
         status = run(job)
+    except ConfigError as error:
+        print(f"distrain: config error: {error}", file=sys.stderr)
+        status = 2
     except BaseException:  # noqa: BLE001 - DCP's CheckpointException is not an Exception
         traceback.print_exc()
     finally:

@@ -6,11 +6,14 @@ Only rank 0 builds a `MetricsLogger`; other ranks log nothing.
 from __future__ import annotations
 
 import json
+import math
+import os
 import secrets
 import time
 from pathlib import Path
 from typing import Any
 
+from distrain import faults
 from distrain.config.schema import JobConfig
 
 
@@ -32,10 +35,12 @@ class MetricsLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-        self.wandb = _init_wandb(job, run_dir, config_dict) if job.logging.wandb.mode != "disabled" else None
+        self.wandb = _init_wandb(job, run_dir, config_dict, start_step) if job.logging.wandb.mode != "disabled" else None
 
     def log(self, record: dict[str, Any]) -> None:
         step = record["step"]
+        # NaN and inf are not JSON: a non-finite value is written as null (the record says "skipped")
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self.jsonl.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
@@ -44,9 +49,9 @@ class MetricsLogger:
         eta = elapsed / max(done, 1) * (self.total_steps - step)
         mfu = record.get("mfu")
         fields = {
-            "loss": f"{record['loss']:.4f}",
+            "loss": "n/a" if record["loss"] is None else f"{record['loss']:.4f}",
             "lr": f"{record['lr']:.2e}",
-            "grad_norm": f"{record['grad_norm']:.3f}",
+            "grad_norm": "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}",
             "tokens/s": f"{record['tokens_per_s']:.0f}",
             "mfu": "n/a" if mfu is None else f"{100 * mfu:.2f}%",
         }
@@ -67,21 +72,46 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def _init_wandb(job: JobConfig, run_dir: Path, config_dict: dict[str, Any]):
+def rewind_metrics(run_dir: Path, step: int) -> int:
+    """Drop the records of steps after `step` from metrics.jsonl (steps a crash lost and the
+    resumed run repeats); returns how many. The file is replaced whole, never left half-written."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by a crash
+    if len(kept) == len(lines):
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    faults.fire("metrics_rewind")
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def _init_wandb(job: JobConfig, run_dir: Path, config_dict: dict[str, Any], start_step: int):
     import wandb
 
-    # The run id lives in the run directory, so a resumed run appends to the same wandb run.
+    # The run id lives in the run directory, so a resumed run continues the same wandb run,
+    # rewound to the resumed step: the steps a crash lost are logged again, not twice.
     id_file = run_dir / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+    resuming = id_file.exists()
+    run_id = id_file.read_text().strip() if resuming else secrets.token_hex(4)
     id_file.write_text(run_id)
+    where = {"resume_from": f"{run_id}?_step={start_step}"} if resuming and start_step > 0 else {"id": run_id, "resume": "allow"}
     return wandb.init(
         project=job.logging.wandb.project,
         entity=job.logging.wandb.entity,
         name=job.run.name,
-        id=run_id,
-        resume="allow",
         mode=job.logging.wandb.mode,
         dir=str(run_dir),
         config=config_dict,
+        **where,
     )
 

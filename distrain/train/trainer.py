@@ -9,7 +9,7 @@ the global batch, whatever the micro-batch size, accumulation count or number of
 from __future__ import annotations
 
 import contextlib
-import os
+import math
 import time
 from pathlib import Path
 
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from distrain.checkpoint.dcp import latest_checkpoint, load_checkpoint, save_checkpoint
-from distrain.checkpoint.export import export_checkpoint
+from distrain import faults
+from distrain.checkpoint.dcp import Checkpointer, all_finite, checkpoint_name, load_checkpoint
 from distrain.config import JobConfig, to_dict
 from distrain.data.corpus import load_corpus
 from distrain.data.loader import GlobalBatchLoader, eval_batches
@@ -32,11 +32,14 @@ from distrain.parallel.grads import clip_grad_norm
 from distrain.parallel.mesh import ParallelDims
 from distrain.parallel.tensor_parallel import sync_tp_grads
 from distrain.parallel.parallelize import full_random_state, materialize, parallelize
+from distrain.train import stop
 from distrain.train.schedule import lr_multiplier
 
 
 class Trainer:
-    def __init__(self, job: JobConfig, device: torch.device):
+    """`resume_from`: the checkpoint every rank loads (rank 0's choice, shared), or None."""
+
+    def __init__(self, job: JobConfig, device: torch.device, resume_from: Path | None = None):
         self.job, self.device = job, device
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
@@ -52,11 +55,7 @@ class Trainer:
 
         # data first: the tokenizer decides the vocabulary the model must cover
         corpus = load_corpus(job.data)
-        if corpus.train.vocab_size > hf_config.vocab_size:
-            raise ValueError(
-                f"model.config.vocab_size={hf_config.vocab_size} is smaller than the tokenizer's "
-                f"{corpus.train.vocab_size} tokens; set model.config.vocab_size>={corpus.train.vocab_size}"
-            )
+        assert corpus.train.vocab_size <= hf_config.vocab_size, "checked before spawn (distrain.cli)"
         self.tokenizer_dir = corpus.tokenizer_dir
         self.train_loader = GlobalBatchLoader(
             PackedDataset(corpus.train, job.train.seq_len),
@@ -97,23 +96,27 @@ class Trainer:
             weight_decay=job.optim.weight_decay,
             foreach=True,
         )
-        # run directory and checkpoint resume
-        self.step = 0
-        self.config_path = self.run_dir / "config.yaml"  # written by the launcher
-        resume_from = latest_checkpoint(self.run_dir / "checkpoints") if job.checkpoint.resume else None
+        # checkpoints and resume
+        self.config_path = self.run_dir / "config.yaml"  # written by rank 0 (distrain.launch.run_dir)
+        self.checkpointer = Checkpointer(
+            self.run_dir / "checkpoints", job.checkpoint.keep, job.checkpoint.async_, self.config_path, self.tokenizer_dir
+        )
+        self.step = self.saved_step = 0
         if resume_from is not None:
             state = load_checkpoint(resume_from, self.model, self.optimizer, f"dp_{self.dp_rank}")
-            self.step = state["step"]
+            self.step = self.saved_step = state["step"]
             self.train_loader.load_state_dict(state["data"])
-            if self.is_main:
-                print(f"resumed from {resume_from} at step {self.step}", flush=True)
-        # NOTE: the learning rate is a function of the step alone; the scheduler is rebuilt at the
-        #       resumed step rather than loaded, as its per-group lists follow the layout's groups.
+        # NOTE: the config wins over the hyperparameters a checkpoint brings back (rank 0 lists
+        #       what changed); the learning rate is a function of the step alone, so the scheduler
+        #       is rebuilt at the resumed step rather than loaded (its lists follow the layout).
         for group in self.optimizer.param_groups:
-            group.setdefault("initial_lr", job.optim.lr)
+            group.update(
+                initial_lr=job.optim.lr, betas=(job.optim.beta1, job.optim.beta2), eps=job.optim.eps, weight_decay=job.optim.weight_decay
+            )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_multiplier(step, job.train.steps, job.optim), last_epoch=self.step - 1
         )
+        self.nonfinite_streak = 0
 
         self.peak_flops = peak_flops(device, job.logging.peak_flops)
         self.state_bytes = None  # this rank's bytes of parameters, gradients, optimizer states
@@ -143,15 +146,33 @@ class Trainer:
             dist.all_reduce(value, group=self.dp_group)
         return value
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, list[int]]:
+        """Forward, backward and (unless the ranks agree the step is not finite) the update.
+        Returns the loss, the gradient norm and the agreed flags (`agree`)."""
         loss = self.forward_backward(micro_batches)
-        grad_norm = self.optimizer_step()
-        return loss, grad_norm
+        max_norm = self.job.train.grad_clip if self.job.train.grad_clip > 0 else float("inf")
+        grad_norm = clip_grad_norm(self.model.parameters(), max_norm).item()
+        flags = self.agree(nonfinite=not (math.isfinite(loss) and math.isfinite(grad_norm)))
+        if not flags[0]:
+            self.optimizer.step()
+            if faults.active("nan", "weights", self.step + 1):
+                _poison(self.model)
+        if self.state_bytes is None:
+            self.state_bytes = {
+                "param_bytes": _local_bytes(self.model.parameters()),
+                "grad_bytes": _local_bytes(p.grad for p in self.model.parameters() if p.grad is not None),
+                "optimizer_bytes": _local_bytes(v for s in self.optimizer.state.values() for k, v in s.items() if k != "step"),
+            }
+        self.scheduler.step()  # a skipped step still advances the schedule: the lr is a function of the step
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm, flags
 
     def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
         """Accumulate the gradients of one global batch; return its loss (mean per target token)."""
         num_targets = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches).to(self.device, torch.float32)
         scale = 1.0 / self._dp_sum(num_targets).clamp(min=1).item()
+        if faults.active("nan", "loss", self.step + 1):
+            scale = float("nan")
         loss_total = torch.zeros((), device=self.device)
         for mb in micro_batches:
             loss = self._loss_sum(mb) * scale
@@ -162,20 +183,12 @@ class Trainer:
             sync_tp_grads(self.model, self.partial_grads, self.mesh["tp"].get_group())
         return self._dp_sum(loss_total).item()
 
-    def optimizer_step(self) -> float:
-        """Clip, update, advance the schedule; return the gradient norm before clipping."""
-        max_norm = self.job.train.grad_clip if self.job.train.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm(self.model.parameters(), max_norm)
-        self.optimizer.step()
-        if self.state_bytes is None:
-            self.state_bytes = {
-                "param_bytes": _local_bytes(self.model.parameters()),
-                "grad_bytes": _local_bytes(p.grad for p in self.model.parameters() if p.grad is not None),
-                "optimizer_bytes": _local_bytes(v for s in self.optimizer.state.values() for k, v in s.items() if k != "step"),
-            }
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm.item()
+    def agree(self, nonfinite: bool) -> list[int]:
+        """One all-reduce (max) over every rank of [this step is not finite, *stop signals
+        received]: every rank skips the same steps and stops after the same step."""
+        flags = torch.tensor([int(nonfinite), *stop.received()], device=self.device, dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags.tolist()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -191,61 +204,96 @@ class Trainer:
         return (totals[0] / totals[1].clamp(min=1)).item()
 
     def save(self) -> Path:
+        """Checkpoint the current step, unless a non-finite value got into the state: then no
+        checkpoint is written (nor any pruned) and the run stops."""
+        state = [*self.model.parameters(), *(v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v))]
+        if not all_finite(state):
+            raise NonFiniteState(
+                f"the weights or optimizer state hold non-finite values after step {self.step}; no checkpoint written, "
+                f"the newest complete one is step {self.saved_step}"
+            )
         train_state = {"step": self.step, "data": self.train_loader.state_dict()}
-        return save_checkpoint(
-            self.run_dir / "checkpoints",
-            self.step,
-            self.model,
-            self.optimizer,
-            train_state,
-            self.config_path,
-            self.tokenizer_dir,
-            self.job.checkpoint.keep,
-            rng_name=f"dp_{self.dp_rank}" if self.mesh["tp"].get_local_rank() == 0 else None,
-        )
+        rng_name = f"dp_{self.dp_rank}" if self.mesh["tp"].get_local_rank() == 0 else None
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, train_state, rng_name)
+        self.saved_step = self.step
+        return path
 
-    def train(self) -> None:
+    def say(self, line: str) -> None:
+        if self.is_main:
+            print(line, flush=True)
+
+    def train(self) -> int:
+        """Train to `train.steps`; return the exit status (0, or why the run stopped early)."""
         job = self.job
         tokens_per_step = job.train.global_batch_size * job.train.seq_len
-        last_checkpoint = None
-        # DISTRAIN_FAULT=RANK:STEP makes that rank raise at that step: how the tests check that
-        # one failing rank ends the whole job.
-        fault = tuple(int(x) for x in os.environ["DISTRAIN_FAULT"].split(":")) if "DISTRAIN_FAULT" in os.environ else None
-        while self.step < job.train.steps:
-            if fault == (self.rank, self.step + 1):
-                raise RuntimeError(f"injected fault (DISTRAIN_FAULT) on rank {self.rank} at step {self.step + 1}")
-            lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
-            start = time.perf_counter()
-            loss, grad_norm = self.train_step(self.train_loader.next_batch())
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            step_time = time.perf_counter() - start
-            self.step += 1
-            record = {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr}
-            if job.eval.interval and (self.step % job.eval.interval == 0 or self.step == job.train.steps):
-                record["eval_loss"] = self.evaluate()
-            if self.step % job.logging.interval == 0 or self.step == job.train.steps or "eval_loss" in record:
-                tokens_per_s = tokens_per_step / step_time
-                record.update(
-                    tokens_per_s=tokens_per_s,
-                    mfu=None if self.peak_flops is None else tokens_per_s / self.world_size * self.flops_per_token / self.peak_flops,
-                    step_time_s=step_time,
-                    samples_consumed=self.train_loader.position,
-                    max_memory_bytes=_max_memory(self.device),
-                    **(self.state_bytes or {}),
-                )
-                if self.metrics is not None:
-                    self.metrics.log(record)
-            if (job.checkpoint.interval and self.step % job.checkpoint.interval == 0) or self.step == job.train.steps:
-                last_checkpoint = self.save()
-        if last_checkpoint is None:
-            last_checkpoint = latest_checkpoint(self.run_dir / "checkpoints")
-        if self.metrics is not None:
-            self.metrics.close()
-        if job.checkpoint.export and self.is_main and last_checkpoint is not None:
-            out = export_checkpoint(last_checkpoint, self.run_dir / "export")
-            print(f"exported {last_checkpoint.name} to {out}", flush=True)
-        dist.barrier()
+        if self.step >= job.train.steps:
+            self.say(f"the checkpoint is at step {self.step}, train.steps={job.train.steps}: nothing to train")
+        try:
+            while self.step < job.train.steps:
+                faults.fire("step", self.step + 1)
+                lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
+                start = time.perf_counter()
+                loss, grad_norm, flags = self.train_step(self.train_loader.next_batch())
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                step_time = time.perf_counter() - start
+                self.step += 1
+                self.checkpointer.poll()
+                nonfinite, stop_flags = flags[0], flags[1:]
+                last = self.step == job.train.steps
+                record = {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr}
+                if nonfinite:
+                    self.nonfinite_streak += 1
+                    record["skipped"] = True
+                    self.say(
+                        f"step {self.step}: loss {loss} or grad norm {grad_norm} is not finite; skipped (weights and "
+                        f"optimizer state unchanged), {self.nonfinite_streak} in a row"
+                    )
+                else:
+                    self.nonfinite_streak = 0
+                if job.eval.interval and (self.step % job.eval.interval == 0 or last) and not any(stop_flags):
+                    record["eval_loss"] = self.evaluate()
+                if self.step % job.logging.interval == 0 or last or nonfinite or "eval_loss" in record:
+                    tokens_per_s = tokens_per_step / step_time
+                    record.update(
+                        tokens_per_s=tokens_per_s,
+                        mfu=None if self.peak_flops is None else tokens_per_s / self.world_size * self.flops_per_token / self.peak_flops,
+                        step_time_s=step_time,
+                        samples_consumed=self.train_loader.position,
+                        max_memory_bytes=_max_memory(self.device),
+                        **(self.state_bytes or {}),
+                    )
+                    if self.metrics is not None:
+                        self.metrics.log(record)
+                if nonfinite and (job.train.nonfinite == "stop" or self.nonfinite_streak > job.train.max_nonfinite_steps):
+                    why = "train.nonfinite=stop" if job.train.nonfinite == "stop" else f"more than train.max_nonfinite_steps={job.train.max_nonfinite_steps} in a row"
+                    raise NonFiniteState(f"non-finite loss or gradients at step {self.step} ({why}); the newest complete checkpoint is step {self.saved_step}")
+                if any(stop_flags) and not last:
+                    path = self.save() if self.saved_step != self.step else self.run_dir / "checkpoints" / checkpoint_name(self.step)
+                    self.checkpointer.wait()
+                    status = stop.exit_status(stop_flags)
+                    requeue = " (exit 75: requeue the job to continue)" if status == stop.EXIT_REQUEUE else ""
+                    self.say(f"distrain: stopped by {stop.name(stop_flags)} after step {self.step}; checkpoint {path}; "
+                             f"run the same command to resume{requeue}")
+                    return status
+                if (job.checkpoint.interval and self.step % job.checkpoint.interval == 0) or last:
+                    self.save()
+            self.checkpointer.wait()
+        except NonFiniteState as error:
+            self.checkpointer.wait()
+            self.say(f"distrain: stopped: {error}")
+            return stop.EXIT_NONFINITE
+        return 0
+
+
+class NonFiniteState(RuntimeError):
+    """The run must stop: its state is not finite (or kept being so)."""
+
+
+def _poison(model: torch.nn.Module) -> None:
+    """The `nan@weights` fault: a non-finite weight, as an overflowing update would leave."""
+    with torch.no_grad():
+        _local(next(model.parameters())).view(-1)[0] = float("nan")
 
 
 def _param_groups(model: torch.nn.Module) -> list[dict]:

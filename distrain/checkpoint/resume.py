@@ -1,0 +1,129 @@
+"""Which checkpoint a run resumes from, and whether it may.
+
+`checkpoint.resume`:
+- `auto`: the newest complete checkpoint in `run.dir/checkpoints`; one that fails
+  `check_complete` (a truncated shard, a missing `.metadata`) is set aside as `*.corrupt`, with a
+  warning, and the one before it is used; none: start from scratch;
+- `never`: start from scratch, in a run directory that holds no checkpoints;
+- a path: that checkpoint, which must be complete.
+
+A resume continues the same data stream at the same sample index, so what defines the stream
+(`run.seed`, `train.seq_len`, the data fingerprint) must not change: such a resume is refused
+with the key and how to start fresh. Every other changed key is allowed and reported; the config
+wins (optimizer hyperparameters included). Complete checkpoints of this run newer than the chosen
+one are set aside (`*.superseded` or `*.corrupt`), never deleted: the run's later saves must not
+collide with them, and nothing of the user's is destroyed.
+
+`choose` has no side effects: the CLI calls it before any worker starts (to fail with exit 2),
+and rank 0 calls it again, holding the run directory's lock, then `set_aside` applies it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distrain.checkpoint.dcp import check_complete, checkpoint_step, list_checkpoints, read_train_state
+from distrain.config import ConfigError, JobConfig, read_config_yaml, to_dict
+
+STREAM_KEYS = {"seed": "run.seed", "seq_len": "train.seq_len"}
+
+
+@dataclass
+class Resume:
+    path: Path | None  # None: from scratch
+    set_aside: list[tuple[Path, str]] = field(default_factory=list)  # (checkpoint, why) renamed to *.why
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def step(self) -> int:
+        return 0 if self.path is None else checkpoint_step_of(self.path)
+
+
+def checkpoint_step_of(path: Path) -> int:
+    return int(read_train_state(path)["step"])
+
+
+def choose(job: JobConfig, data_fingerprint: str | None = None) -> Resume:
+    checkpoints_dir = Path(job.run.dir) / "checkpoints"
+    existing = list_checkpoints(checkpoints_dir)
+    resume = Resume(path=None)
+    if job.checkpoint.resume == "never":
+        if existing:
+            raise ConfigError(
+                f"checkpoint.resume=never but {checkpoints_dir} holds checkpoints ({existing[-1].name} the newest): "
+                "starting over there would overwrite them; resume with checkpoint.resume=auto, or pick a new run.dir"
+            )
+        return resume
+    if job.checkpoint.resume == "auto":
+        for candidate in reversed(existing):
+            problem = check_complete(candidate)
+            if problem is None:
+                resume.path = candidate
+                break
+            resume.set_aside.append((candidate, "corrupt"))
+            resume.warnings.append(f"warning: checkpoint {candidate} is unusable ({problem}); set aside as {candidate.name}.corrupt, trying the one before")
+    else:
+        path = Path(job.checkpoint.resume).expanduser()
+        problem = check_complete(path)
+        if problem is not None:
+            raise ConfigError(
+                f"checkpoint.resume={job.checkpoint.resume}: {problem}; pass a complete checkpoint folder "
+                "(run.dir/checkpoints/step_NNNNNNNN), or checkpoint.resume=auto for the newest complete one"
+            )
+        resume.path = path.resolve()
+    if resume.path is not None:
+        check_same_stream(job, resume.path, data_fingerprint)
+        newer = [p for p in existing if checkpoint_step(p) > resume.step and p.resolve() != resume.path.resolve()]
+        resume.set_aside += [(p, "superseded") for p in newer if p not in {q for q, _ in resume.set_aside}]
+    return resume
+
+
+def check_same_stream(job: JobConfig, path: Path, data_fingerprint: str | None) -> None:
+    data = read_train_state(path).get("data", {})
+    fresh = "start fresh in another run.dir (or set checkpoint.resume=never there)"
+    current = {"seed": job.run.seed, "seq_len": job.train.seq_len}
+    for name, key in STREAM_KEYS.items():
+        if name in data and data[name] != current[name]:
+            raise ConfigError(
+                f"{key}={current[name]}: checkpoint {path} was trained with {key}={data[name]}; resuming with another value "
+                f"would continue at sample {data.get('position', '?')} of a different data stream; use {key}={data[name]} to resume, or {fresh}"
+            )
+    if data_fingerprint is not None and data.get("fingerprint") not in (None, data_fingerprint):
+        raise ConfigError(
+            f"data: checkpoint {path} was trained on data {data['fingerprint']}, this run's data.* settings give "
+            f"{data_fingerprint} (another dataset, tokenizer or split); use the checkpoint's data settings to resume, or {fresh}"
+        )
+
+
+def changed_keys(job: JobConfig, path: Path) -> list[str]:
+    """`key: before -> now` for every config key this run sets differently from the checkpoint's."""
+    before = _flatten(to_dict(read_config_yaml(path / "config.yaml")))
+    now = _flatten(to_dict(job))
+    return [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(before.keys() | now.keys())
+            if before.get(key) != now.get(key) and key != "run.dir"]
+
+
+def set_aside(resume: Resume) -> list[str]:
+    """Rename the checkpoints `choose` set aside; returns a line for each."""
+    lines = []
+    for path, why in resume.set_aside:
+        target = path.with_name(f"{path.name}.{why}")
+        suffix = 1
+        while target.exists():
+            suffix += 1
+            target = path.with_name(f"{path.name}.{why}{suffix}")
+        os.replace(path, target)
+        lines.append(f"checkpoint {path.name} set aside as {target.name} ({why}: the run resumes from step {resume.step})")
+    return lines
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "config":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
