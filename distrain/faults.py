@@ -73,7 +73,9 @@ def _kill_job() -> None:
     """SIGKILL every process of this job at once, as a node failure would: the launcher, its
     other workers and this process."""
     launcher = int(os.environ.get("DISTRAIN_LAUNCHER_PID", os.getpid()))
-    victims = [pid for pid in _children(launcher) if pid != os.getpid()] + [launcher]
+    # NOTE: the launcher first (its other workers listed before it dies): ranks firing together
+    #       would otherwise kill each other first
+    victims = [launcher] + [pid for pid in _children(launcher) if pid != os.getpid()]  # evaluated before any kill
     for pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)

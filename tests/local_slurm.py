@@ -129,16 +129,30 @@ def local_slurm(state: Path, nodes: int = 2):
         yield env
     finally:
         subprocess.run(["scancel", "--user=root"], env=env, capture_output=True)
+        for _ in range(30):  # let the steps end before their slurmd goes
+            queue = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True)
+            if queue.returncode != 0 or not queue.stdout.strip():
+                break
+            time.sleep(0.5)
         _stop(pid_files)
         if started_munge:
             _stop([Path("/run/munge/munged.pid")])
 
 
-def run_batch(env: dict, script: Path, args: list[str], nodes: int, timeout: float, sbatch_options: list[str] = ()) -> tuple[str, str, str]:
-    """sbatch `script` on `nodes` nodes, wait (polling each second) and return
-    (state, exit code, output)."""
+def submit(env: dict, script: Path, args: list[str], nodes: int, sbatch_options: list[str] = ()) -> str:
+    """sbatch `script` on `nodes` nodes; returns the job id (its output: job-<id>.out beside
+    SLURM_CONF)."""
     output = Path(env["SLURM_CONF"]).parent / "job-%j.out"
-    job = _run("sbatch", "--parsable", f"--nodes={nodes}", f"--output={output}", *sbatch_options, str(script), *args, env=env).strip().split(";")[0]
+    return _run("sbatch", "--parsable", f"--nodes={nodes}", f"--output={output}", *sbatch_options, str(script), *args, env=env).strip().split(";")[0]
+
+
+def job_fields(env: dict, job: str) -> dict[str, str]:
+    return dict(f.split("=", 1) for f in _run("scontrol", "show", "job", "-o", job, env=env).split() if "=" in f)
+
+
+def wait_job(env: dict, job: str, timeout: float) -> tuple[str, str, str]:
+    """Poll (each second) until `job` has left the queue; cancel it at `timeout`. Returns
+    (state, exit code, output)."""
     deadline = time.monotonic() + timeout
     while _run("squeue", "-h", "-j", job, env=env).strip():
         if time.monotonic() > deadline:
@@ -146,6 +160,11 @@ def run_batch(env: dict, script: Path, args: list[str], nodes: int, timeout: flo
             time.sleep(6)
             break
         time.sleep(1)
-    fields = dict(f.split("=", 1) for f in _run("scontrol", "show", "job", "-o", job, env=env).split() if "=" in f)
-    text = Path(str(output).replace("%j", job)).read_text()
+    fields = job_fields(env, job)
+    text = (Path(env["SLURM_CONF"]).parent / f"job-{job}.out").read_text()
     return fields.get("JobState", "?"), fields.get("ExitCode", "?"), text
+
+
+def run_batch(env: dict, script: Path, args: list[str], nodes: int, timeout: float, sbatch_options: list[str] = ()) -> tuple[str, str, str]:
+    """sbatch `script` on `nodes` nodes, wait and return (state, exit code, output)."""
+    return wait_job(env, submit(env, script, args, nodes, sbatch_options), timeout)

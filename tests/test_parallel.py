@@ -82,7 +82,7 @@ def common_args(model_dir: Path, data_cache: Path, run_dir: Path) -> list[str]:
         "train", "recipe=qwen3_moe_debug", "model=pretrained", f"model.name_or_path={model_dir}",
         "data.vocab_size=1024", "data.max_bytes=600000", f"data.cache_dir={data_cache}",
         "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=2", f"train.steps={STEPS}",
-        "optim.lr=1e-3", "optim.eps=1e-6", "optim.warmup_steps=2", "eval.interval=0", "checkpoint.interval=0", "checkpoint.export=false",
+        "optim.lr=1e-3", "optim.eps=1e-6", "optim.warmup_steps=2", f"eval.interval={STEPS}", "eval.batches=3", "checkpoint.interval=0", "checkpoint.export=false",
         f"run.dir={run_dir}",
     ]
 
@@ -99,6 +99,8 @@ def assert_same_run(reference_dir: Path, run_dir: Path) -> None:
     for a, b in zip(expected, got):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (a["step"], a["grad_norm"], b["grad_norm"])
+    # the eval set (3 micro-batches of 2) is split unevenly over 4 ranks and padded: same loss
+    assert abs(expected[-1]["eval_loss"] - got[-1]["eval_loss"]) <= 1e-5, (expected[-1]["eval_loss"], got[-1]["eval_loss"])
     reference, params = final_params(reference_dir), final_params(run_dir)
     assert reference.keys() == params.keys()
     for name in reference:
@@ -218,38 +220,6 @@ def test_counted_bytes_meet_the_layout_minimum(tmp_path, tiny_dense, recipe, wor
     row = json.loads(result.read_text())
     assert 1.0 <= row["comm_ratio"] <= 1.05, row
     assert 1.0 <= row["state_ratio"] <= max_state_ratio, row
-
-
-@pytest.mark.slow
-def test_sbatch_on_a_two_node_slurm_cluster(tmp_path, tiny):
-    """The shipped batch script on a real 2-node Slurm cluster (two slurmd on this machine): each
-    srun task is one rank running in-process; the run matches one process, and a failing rank
-    fails the job."""
-    import subprocess
-    import sys
-
-    from conftest import REPO
-    from local_slurm import local_slurm, run_batch
-
-    args = [*tiny, "train.steps=3", "eval.interval=0", "checkpoint.export=false"]
-    check_ok(run_cli(["train", "recipe=qwen3_moe_debug", *args, f"run.dir={tmp_path / 'reference'}"], tmp_path))
-    script, options = REPO / "scripts" / "slurm" / "train.sbatch", ["--ntasks-per-node=1", f"--chdir={tmp_path}"]
-    with local_slurm(tmp_path / "slurm") as env:
-        env = {**env, "DISTRAIN": str(Path(sys.executable).parent / "distrain"), "WANDB_SILENT": "true"}
-        layout = ["recipe=qwen3_moe_debug", *args, "parallel.tp=2", "parallel.sp=true"]
-        state, code, output = run_batch(env, script, [*layout, f"run.dir={tmp_path / 'slurm-run'}"], nodes=2, timeout=240, sbatch_options=options)
-        assert (state, code) == ("COMPLETED", "0:0"), output
-        assert output.count("step 3/3") == 1  # rank 0 alone prints
-        expected, got = read_metrics(tmp_path / "reference"), read_metrics(tmp_path / "slurm-run")
-        assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], abs=1e-5)
-
-        start = time.perf_counter()
-        env_fault = {**env, "DISTRAIN_FAULT": "raise@step:rank=1:step=2"}
-        state, code, output = run_batch(env_fault, script, [*layout, f"run.dir={tmp_path / 'failing'}"], nodes=2, timeout=240, sbatch_options=options)
-        assert state == "FAILED" and code != "0:0" and "injected fault" in output, (state, code, output)
-        assert time.perf_counter() - start < 120
-    down = subprocess.run(["sinfo"], env=env, capture_output=True, timeout=60)
-    assert down.returncode != 0  # the controller this started is gone
 
 
 @pytest.mark.slow

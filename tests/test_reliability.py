@@ -313,7 +313,9 @@ def test_a_killed_launcher_takes_its_workers_and_frees_the_run_directory(tmp_pat
         time.sleep(0.2)
     assert len(workers) == 2 and not any(alive(pid) for pid in workers), "orphaned workers outlived their launcher by 10 s"
 
-    last = int(checkpoints(run_dir)[-1].split("_")[1])
+    from distrain.checkpoint.dcp import checkpoint_step, latest_checkpoint
+
+    last = checkpoint_step(latest_checkpoint(run_dir / "checkpoints"))  # an interrupted save may have left a .tmp
     rerun = check_ok(run_cli(train_args(tiny, run_dir, *QUIET, f"train.steps={last + 2}", "launcher.nproc_per_node=2"), tmp_path, env=MULTI))
     assert f"at step {last}" in rerun.stdout
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, last + 3))

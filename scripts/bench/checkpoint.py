@@ -1,0 +1,151 @@
+"""What checkpoints cost: save and load throughput against torch.save / torch.load of the same
+bytes on the same disk, and the training time a save blocks, synchronous against async.
+
+    python scripts/bench/checkpoint.py [--recipe llama_debug] [--rounds 3] [--steps 12] [--interval 4] [key=value ...]
+
+World size 1, in this process; by default a ~30M-parameter Llama (overrides below) so that the
+state (fp32 weights + two AdamW moments, about 12 bytes per parameter) is a few hundred MB.
+
+1. Throughput, `rounds` alternating rounds in the run directory's folder: distrain's save
+   (`Trainer.save`: DCP files fsynced, rename, train state, tokenizer) against `torch.save` of a
+   dict of the same tensors plus an fsync (what a durable checkpoint needs), and distrain's
+   resume load (`load_checkpoint`: DCP into the sharded model and optimizer) against `torch.load`
+   plus copying into the same tensors. Median GB/s of state bytes; goal ratio >= 0.8.
+   The page cache is warm for both (not dropped between rounds).
+2. Blocking: `steps` training steps with a save every `interval` steps, once with synchronous
+   saves and once with `checkpoint.async=true`; per save, the time the training loop waits
+   (the `save()` call, plus the wait for the previous async save), in seconds and in median
+   step times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import report  # noqa: E402
+
+MEDIUM = [
+    "++model.config.hidden_size=512", "++model.config.intermediate_size=1408", "++model.config.num_hidden_layers=8",
+    "++model.config.num_attention_heads=8", "++model.config.num_key_value_heads=4",
+    "train.global_batch_size=2", "train.micro_batch_size=2", "train.seq_len=256",
+]
+
+
+def build(recipe: str, run_dir: str, overrides: list[str], async_save: bool):
+    from distrain.config import load_job, write_config_yaml
+    from distrain.data.corpus import prepare_corpus
+    from distrain.train.trainer import Trainer
+
+    job = load_job(recipe, [f"run.dir={run_dir}", "eval.interval=0", "checkpoint.keep=1", f"checkpoint.async={str(async_save).lower()}",
+                            "logging.wandb.mode=disabled", *MEDIUM, *overrides])
+    prepare_corpus(job.data)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_config_yaml(job, Path(run_dir) / "config.yaml")
+    return job, Trainer(job, torch.device("cpu"))
+
+
+def state_tensors(trainer) -> dict[str, torch.Tensor]:
+    tensors = {f"model.{n}": p.detach() for n, p in trainer.model.named_parameters()}
+    for i, (param, state) in enumerate(trainer.optimizer.state.items()):
+        tensors.update({f"optim.{i}.{k}": v for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0})
+    return tensors
+
+
+def throughput(trainer, folder: Path, rounds: int) -> list[dict]:
+    from distrain.checkpoint.dcp import load_checkpoint
+
+    tensors = state_tensors(trainer)
+    num_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    times = {"distrain save": [], "torch.save": [], "distrain load": [], "torch.load": []}
+    plain = folder / "plain.pt"
+    for _ in range(rounds):
+        trainer.step += 1  # a new checkpoint name each round
+        start = time.perf_counter()
+        path = trainer.save()
+        times["distrain save"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        torch.save(tensors, plain)
+        with open(plain, "rb+") as f:
+            os.fsync(f.fileno())
+        times["torch.save"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        load_checkpoint(path, trainer.model, trainer.optimizer, "dp_0")
+        times["distrain load"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        loaded = torch.load(plain, weights_only=True)
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                tensor.copy_(loaded[name])
+        times["torch.load"].append(time.perf_counter() - start)
+    plain.unlink()
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    rows = []
+    for kind in ("save", "load"):
+        for who in ("torch", "distrain"):
+            key = f"{who} {kind}" if who == "distrain" else f"torch.{kind}"
+            rows.append({"what": key, "state_MB": num_bytes / 2**20, "median_s": medians[key], "GB_per_s": num_bytes / medians[key] / 1e9,
+                         "ratio_vs_torch": medians[f"torch.{kind}"] / medians[key]})
+    return rows
+
+
+def blocking(recipe: str, overrides: list[str], steps: int, interval: int, async_save: bool) -> dict:
+    run_dir = tempfile.mkdtemp(prefix="distrain-bench-ckpt-")
+    _, trainer = build(recipe, run_dir, overrides, async_save)
+    step_times, blocked = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        trainer.train_step(trainer.train_loader.next_batch())
+        trainer.step += 1
+        trainer.checkpointer.poll()
+        step_times.append(time.perf_counter() - start)
+        if trainer.step % interval == 0:
+            start = time.perf_counter()
+            trainer.save()
+            blocked.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    trainer.checkpointer.wait()
+    tail = time.perf_counter() - start
+    step = statistics.median(step_times)
+    return {"mode": "async" if async_save else "sync", "saves": len(blocked), "median_step_s": step,
+            "blocked_per_save_s": statistics.mean(blocked), "steps_blocked_per_save": statistics.mean(blocked) / step,
+            "final_wait_s": tail}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipe", default="llama_debug")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--interval", type=int, default=4)
+    parser.add_argument("--out", default="results/bench")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    from distrain.config import load_job
+    from distrain.launch.worker import init_distributed
+
+    init_distributed(load_job(args.recipe, []), torch.device("cpu"))
+    run_dir = tempfile.mkdtemp(prefix="distrain-bench-ckpt-")
+    _, trainer = build(args.recipe, run_dir, args.overrides, async_save=False)
+    trainer.train_step(trainer.train_loader.next_batch())  # Adam states exist from here on
+    rows = throughput(trainer, Path(run_dir), args.rounds)
+    report("checkpoint_throughput", rows, args.out, {"recipe": args.recipe, "overrides": MEDIUM + args.overrides, "rounds": args.rounds,
+                                                     "folder": run_dir, "goal": "ratio_vs_torch >= 0.8"})
+    del trainer
+    rows = [blocking(args.recipe, args.overrides, args.steps, args.interval, async_save) for async_save in (False, True)]
+    report("checkpoint_blocking", rows, args.out, {"recipe": args.recipe, "overrides": MEDIUM + args.overrides, "steps": args.steps,
+                                                   "interval": args.interval})
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
