@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         print(f"distrain: config error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before the run's own handlers exist (config, data preparation)
+        print("distrain: interrupted", file=sys.stderr)
+        sys.exit(130)
     sys.exit(status)
 
 

@@ -236,6 +236,12 @@ def test_a_resume_that_changes_the_data_stream_is_refused(tmp_path, tiny):
     assert {v for k, v in state.items() if k.endswith(".eps")} == {1e-6}
 
 
+def test_a_model_vocabulary_smaller_than_the_tokenizer_exits_2_before_spawn(tmp_path, tiny):
+    proc = run_cli(train_args(tiny, tmp_path / "run", "++model.config.vocab_size=512", "launcher.nproc_per_node=2"), tmp_path)
+    assert proc.returncode == 2 and "model.config.vocab_size=512" in one_line(proc.stderr), proc.stderr
+    assert not (tmp_path / "run").exists() and not proc.stdout  # no worker started, nothing written
+
+
 @pytest.mark.slow
 def test_corrupt_checkpoints_are_named_or_skipped(tmp_path, tiny):
     common = [*QUIET, "train.steps=4", "checkpoint.interval=2", "checkpoint.keep=0"]

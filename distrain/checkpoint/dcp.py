@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,7 @@ class Checkpointer:
         #       cannot interleave with the training step's, and gloo serves CUDA runs too.
         self.async_group = dist.new_group(backend="gloo") if async_save else None
         self.pending: tuple[Any, Path, Path, int] | None = None  # (future, tmp, final, step) in flight
+        self.deleting: threading.Thread | None = None  # removes pruned checkpoints off the training path
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict[str, Any], rng_name: str | None) -> Path:
         """Write the checkpoint of `step` (asynchronously with `checkpoint.async`). `rng_name`: the
@@ -161,9 +163,13 @@ class Checkpointer:
             self._finish()
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is written and published."""
+        """Block until the save in flight (if any) is written and published, and pruned
+        checkpoints are gone."""
         if self.pending is not None:
             self._finish()
+        if self.deleting is not None:
+            self.deleting.join()
+            self.deleting = None
 
     def _finish(self) -> None:
         future, tmp, final, step = self.pending
@@ -183,11 +189,19 @@ class Checkpointer:
         if self.keep > 0:
             # NOTE: never the checkpoint just written, whatever the others are named
             older = [p for p in list_checkpoints(self.dir) if p != final]
-            for old in older[: max(0, len(older) - (self.keep - 1))]:
-                doomed = old.with_name(old.name + ".deleting")
-                os.replace(old, doomed)  # from here on it is not a checkpoint, whatever remains
-                faults.fire("prune", step)
-                shutil.rmtree(doomed, ignore_errors=True)
+            doomed = [old.with_name(old.name + ".deleting") for old in older[: max(0, len(older) - (self.keep - 1))]]
+            for old, new in zip(older, doomed):
+                os.replace(old, new)  # from here on it is not a checkpoint, whatever remains of it
+            faults.fire("prune", step)
+            if self.deleting is not None:
+                self.deleting.join()
+            self.deleting = threading.Thread(target=_remove_all, args=(doomed,), daemon=True)
+            self.deleting.start()
+
+
+def _remove_all(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def all_finite(tensors) -> bool:
@@ -197,7 +211,11 @@ def all_finite(tensors) -> bool:
     device = local[0].device if local else torch.device("cpu")
     bad = torch.zeros((), device=device)
     if local:
-        bad = (~torch.stack(torch._foreach_norm(local, float("inf"))).isfinite()).any().float()
+        # NOTE: a sum is a fast read of every entry (an inf-norm is 20x slower on CPU); a NaN or
+        #       inf makes it non-finite, and so may a finite overflow: those tensors get the exact test
+        sums_finite = torch.stack([t.sum(dtype=torch.float32) for t in local]).isfinite().tolist()
+        suspects = [t for t, ok in zip(local, sums_finite) if not ok]
+        bad = torch.tensor(float(any(not torch.isfinite(t).all() for t in suspects)), device=device)
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bad.item() == 0
 

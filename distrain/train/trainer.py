@@ -204,12 +204,14 @@ class Trainer:
         return (totals[0] / totals[1].clamp(min=1)).item()
 
     def save(self) -> Path:
-        """Checkpoint the current step, unless a non-finite value got into the state: then no
+        """Checkpoint the current step, unless a non-finite value got into the weights: then no
         checkpoint is written (nor any pruned) and the run stops."""
-        state = [*self.model.parameters(), *(v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v))]
-        if not all_finite(state):
+        # NOTE: the weights alone: every applied step had a finite gradient norm, so every squared
+        #       gradient was finite and Adam's moments are too; only the update (a huge lr, weights
+        #       near the float limit) can overflow, and it lands in the weights.
+        if not all_finite(self.model.parameters()):
             raise NonFiniteState(
-                f"the weights or optimizer state hold non-finite values after step {self.step}; no checkpoint written, "
+                f"the weights hold non-finite values after step {self.step}; no checkpoint written, "
                 f"the newest complete one is step {self.saved_step}"
             )
         train_state = {"step": self.step, "data": self.train_loader.state_dict()}
@@ -246,8 +248,8 @@ class Trainer:
                     self.nonfinite_streak += 1
                     record["skipped"] = True
                     self.say(
-                        f"step {self.step}: loss {loss} or grad norm {grad_norm} is not finite; skipped (weights and "
-                        f"optimizer state unchanged), {self.nonfinite_streak} in a row"
+                        f"step {self.step}: non-finite loss ({loss:.4g}) or gradient norm ({grad_norm:.4g}): update skipped, "
+                        f"weights and optimizer state unchanged ({self.nonfinite_streak} in a row)"
                     )
                 else:
                     self.nonfinite_streak = 0
