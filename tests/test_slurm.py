@@ -73,12 +73,13 @@ def test_preempted_job_saves_requeues_and_resumes(cluster, tmp_path, tiny):
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True)
     deadline = time.monotonic() + 120
-    idle = lambda: subprocess.run(["sinfo", "-h", "-N", "-t", "idle", "-o", "%N"], env=cluster, capture_output=True, text=True).stdout.split()  # noqa: E731
-    while job_fields(cluster, job).get("Restarts") != "1" or job_fields(cluster, job)["JobState"] != "PENDING" or len(idle()) < 2:
+    steps_alive = lambda: subprocess.run(["pgrep", "-f", f"slurmstepd: \\[{job}\\."], capture_output=True).returncode == 0  # noqa: E731
+    while job_fields(cluster, job).get("Restarts") != "1" or job_fields(cluster, job)["JobState"] != "PENDING" or steps_alive():
         assert time.monotonic() < deadline, job_fields(cluster, job)
         time.sleep(0.5)
-    # NOTE: Slurm holds a requeued job for about 2 minutes (BeginTime); release it once the nodes
-    #       are done with its first run (released earlier, its start fails: "credential revoked")
+    # NOTE: Slurm holds a requeued job for about 2 minutes (BeginTime); release it once its first
+    #       run's steps are gone. Released sooner (within the second of the requeue), slurmd
+    #       refuses it: "Job credential revoked".
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster, check=True)
     state, code, output = wait_job(cluster, job, timeout=300)
     assert (state, code) == ("COMPLETED", "0:0"), output + logs(tmp_path, job)

@@ -39,12 +39,14 @@ def init_distributed(job: JobConfig, device: torch.device) -> None:
     backend = job.launcher.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and job.parallel.cpu_offload:
+        backend = "cpu:gloo,cuda:nccl"  # offloaded gradients are reduced on the host (gradient norm)
     timeout = datetime.timedelta(seconds=job.launcher.timeout_s)
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
     if "RANK" in os.environ:
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, timeout=timeout, **kwargs)
     else:  # a world of one, so that meshes, DCP and collectives work the same everywhere
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs)
 
 
 def agree(job: JobConfig) -> tuple[JobConfig, str | None]:

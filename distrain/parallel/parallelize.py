@@ -112,6 +112,16 @@ def apply_fsdp(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh, bf16
     return left_partial
 
 
+def reshard(model: nn.Module) -> None:
+    """Free what FSDP gathered for a forward that no backward follows (evaluation): without this
+    the root's gathered parameters (embedding, lm_head) would stay whole until the next step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def _modules_with_only_whole_params(root: nn.Module, stop_at) -> list[nn.Module]:
     """Modules under `root` (not inside `stop_at`) that own parameters, all of them plain
     tensors (not sharded by TP), in a subtree holding no DTensor parameter."""
@@ -128,8 +138,9 @@ def _modules_with_only_whole_params(root: nn.Module, stop_at) -> list[nn.Module]
     return found
 
 
-def materialize(model: nn.Module, device: torch.device, full_state: dict[str, torch.Tensor] | None) -> None:
-    """Allocate the (possibly sharded) parameters on `device` and fill them from rank 0.
+def materialize(model: nn.Module, device: torch.device, full_state: dict[str, torch.Tensor] | None, cpu_offload: bool = False) -> None:
+    """Allocate the (possibly sharded) parameters on `device` (on the host with `cpu_offload`:
+    FSDP moves them in for compute; buffers stay on `device`) and fill them from rank 0.
 
     `full_state` is the full model's state on rank 0 (None elsewhere): pretrained weights, or a
     seeded random init built on the CPU, so that every layout starts from the same numbers.
@@ -139,8 +150,13 @@ def materialize(model: nn.Module, device: torch.device, full_state: dict[str, to
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.tensor import distribute_tensor
 
-    to_empty(model, device)
+    to_empty(model, torch.device("cpu") if cpu_offload else device)
     _init_non_persistent_buffers(model)
+    if cpu_offload:
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(device)
     # NOTE: set_model_state_dict slices every shard as one box of the full tensor, which a packed
     #       TP shard (`_StridedShard`: a slice of the gate rows and one of the up rows) is not:
     #       those parameters are broadcast whole afterwards and sliced by DTensor itself.

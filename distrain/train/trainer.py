@@ -31,7 +31,7 @@ from distrain.models import build_config, build_meta_model, has_pretrained_weigh
 from distrain.parallel.grads import clip_grad_norm
 from distrain.parallel.mesh import ParallelDims
 from distrain.parallel.tensor_parallel import sync_tp_grads
-from distrain.parallel.parallelize import full_random_state, materialize, parallelize
+from distrain.parallel.parallelize import full_random_state, materialize, parallelize, reshard
 from distrain.train import stop
 from distrain.train.schedule import lr_multiplier
 
@@ -78,7 +78,7 @@ class Trainer:
                 full_state = pretrained_state_dict(job.model, hf_config)
             else:
                 full_state = full_random_state(hf_config, job.run.seed)
-        materialize(self.model, device, full_state)
+        materialize(self.model, device, full_state, self.dims.cpu_offload)
         del full_state
         self.model.train()
         # NOTE: one RNG stream per data-parallel rank, the same on its TP ranks: anything random
@@ -199,6 +199,7 @@ class Trainer:
         for batch in batches:
             totals[0] += _local(self._loss_sum(batch))
             totals[1] += (batch["labels"] != IGNORE_INDEX).sum()
+        reshard(self.model)
         self.model.train()
         totals = self._dp_sum(totals)
         return (totals[0] / totals[1].clamp(min=1)).item()
@@ -272,7 +273,7 @@ class Trainer:
                     raise NonFiniteState(f"non-finite loss or gradients at step {self.step} ({why}); the newest complete checkpoint is step {self.saved_step}")
                 if any(stop_flags) and not last:
                     path = self.save() if self.saved_step != self.step else self.run_dir / "checkpoints" / checkpoint_name(self.step)
-                    self.checkpointer.wait()
+                    self.checkpointer.close()
                     status = stop.exit_status(stop_flags)
                     requeue = " (exit 75: requeue the job to continue)" if status == stop.EXIT_REQUEUE else ""
                     self.say(f"distrain: stopped by {stop.name(stop_flags)} after step {self.step}; checkpoint {path}; "
@@ -280,9 +281,9 @@ class Trainer:
                     return status
                 if (job.checkpoint.interval and self.step % job.checkpoint.interval == 0) or last:
                     self.save()
-            self.checkpointer.wait()
+            self.checkpointer.close()
         except NonFiniteState as error:
-            self.checkpointer.wait()
+            self.checkpointer.close()
             self.say(f"distrain: stopped: {error}")
             return stop.EXIT_NONFINITE
         return 0

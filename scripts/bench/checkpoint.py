@@ -3,7 +3,8 @@ bytes on the same disk, and the training time a save blocks, synchronous against
 
     python scripts/bench/checkpoint.py [--recipe llama_debug] [--rounds 3] [--steps 8] [--interval 4] [key=value ...]
 
-World size 1, in this process; by default a ~60M-parameter Llama (overrides below): its state
+World size 1, in this process, on `run.device` (auto: CUDA when there is one); by default a
+~60M-parameter Llama (overrides below): its state
 (fp32 weights + two AdamW moments, 12 bytes per parameter) is about 700 MB in tensors of a few
 MB each, as a rank's shard of a real model is (per-tensor overheads dominate smaller ones).
 
@@ -42,7 +43,7 @@ MEDIUM = [
 ]
 
 
-def build(recipe: str, run_dir: str, overrides: list[str], async_save: bool):
+def build(recipe: str, run_dir: str, overrides: list[str], async_save: bool, device: torch.device):
     from distrain.config import load_job, write_config_yaml
     from distrain.data.corpus import prepare_corpus
     from distrain.train.trainer import Trainer
@@ -52,7 +53,7 @@ def build(recipe: str, run_dir: str, overrides: list[str], async_save: bool):
     prepare_corpus(job.data)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     write_config_yaml(job, Path(run_dir) / "config.yaml")
-    return job, Trainer(job, torch.device("cpu"))
+    return job, Trainer(job, device)
 
 
 def state_tensors(trainer) -> dict[str, torch.Tensor]:
@@ -120,15 +121,17 @@ def throughput(trainer, folder: Path, rounds: int) -> tuple[list[dict], bool]:
     return rows, cold
 
 
-def blocking(recipe: str, overrides: list[str], steps: int, interval: int, async_save: bool) -> dict:
+def blocking(recipe: str, overrides: list[str], steps: int, interval: int, async_save: bool, device: torch.device) -> dict:
     run_dir = tempfile.mkdtemp(prefix="distrain-bench-ckpt-")
-    _, trainer = build(recipe, run_dir, overrides, async_save)
+    _, trainer = build(recipe, run_dir, overrides, async_save, device)
     step_times, blocked = [], []
     for _ in range(steps):
         start = time.perf_counter()
         trainer.train_step(trainer.train_loader.next_batch())
         trainer.step += 1
         trainer.checkpointer.poll()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         step_times.append(time.perf_counter() - start)
         if trainer.step % interval == 0:
             start = time.perf_counter()
@@ -149,23 +152,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--interval", type=int, default=4)
+    parser.add_argument("--only", choices=["throughput", "blocking"], help="run one part")
     parser.add_argument("--out", default="results/bench")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
     from distrain.config import load_job
-    from distrain.launch.worker import init_distributed
+    from distrain.launch.worker import init_distributed, resolve_device
 
-    init_distributed(load_job(args.recipe, []), torch.device("cpu"))
-    run_dir = tempfile.mkdtemp(prefix="distrain-bench-ckpt-")
-    _, trainer = build(args.recipe, run_dir, args.overrides, async_save=False)
-    trainer.train_step(trainer.train_loader.next_batch())  # Adam states exist from here on
-    rows, cold = throughput(trainer, Path(run_dir), args.rounds)
-    report("checkpoint_throughput", rows, args.out, {"recipe": args.recipe, "overrides": MEDIUM + args.overrides, "rounds": args.rounds,
-                                                     "folder": run_dir, "cold_loads": cold, "goal": "ratio_vs_torch >= 0.8"})
-    del trainer
-    rows = [blocking(args.recipe, args.overrides, args.steps, args.interval, async_save) for async_save in (False, True)]
-    report("checkpoint_blocking", rows, args.out, {"recipe": args.recipe, "overrides": MEDIUM + args.overrides, "steps": args.steps,
+    job = load_job(args.recipe, args.overrides)
+    device = resolve_device(job)
+    init_distributed(job, device)
+    if args.only != "blocking":
+        run_dir = tempfile.mkdtemp(prefix="distrain-bench-ckpt-")
+        _, trainer = build(args.recipe, run_dir, args.overrides, async_save=False, device=device)
+        trainer.train_step(trainer.train_loader.next_batch())  # Adam states exist from here on
+        rows, cold = throughput(trainer, Path(run_dir), args.rounds)
+        report("checkpoint_throughput", rows, args.out, {"recipe": args.recipe, "device": str(device), "overrides": MEDIUM + args.overrides,
+                                                         "rounds": args.rounds, "folder": run_dir, "cold_loads": cold, "goal": "ratio_vs_torch >= 0.8"})
+        del trainer
+    if args.only == "throughput":
+        return
+    rows = [blocking(args.recipe, args.overrides, args.steps, args.interval, async_save, device) for async_save in (False, True)]
+    report("checkpoint_blocking", rows, args.out, {"recipe": args.recipe, "device": str(device), "overrides": MEDIUM + args.overrides, "steps": args.steps,
                                                    "interval": args.interval})
     torch.distributed.destroy_process_group()
 

@@ -1,0 +1,48 @@
+#!/bin/bash
+# The CUDA paths of what CI tests on CPU, in one run on a machine with one GPU and PyTorch installed
+# (packages it lacks may travel as wheels in .whl/): training in bf16 on a world of one with NCCL,
+# checkpoints, resume, export, a stop signal with async checkpoints, a non-finite step, FSDP CPU
+# offload, and the checkpoint benchmark with the state on the GPU.
+#
+#   bash scripts/device_check.sh        # logs and benchmark JSON under $OUT (default /tmp/distrain-device)
+set -uo pipefail
+OUT=${OUT:-/tmp/distrain-device}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 WANDB_SILENT=true
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+
+train() {  # train NAME [key=value ...]: whole log appended to $OUT/runs.log; prints its key lines and exit status
+    local name=$1; shift
+    local start=$SECONDS
+    python3 -m distrain train recipe=qwen3_moe_debug data.cache_dir=/tmp/distrain-cache "$@" >/tmp/run.log 2>&1
+    local status=$?
+    { echo "===== $name: $*"; cat /tmp/run.log; } >>"$OUT/runs.log"
+    echo "== $name: exit $status in $((SECONDS - start)) s"
+    grep -E "^step (1|10|20|30|40|50)/|resuming|scratch|stopped|non-finite|exported|Error|error" /tmp/run.log | grep -v "Writing" | tail -12
+}
+
+train cuda_train train.steps=40 checkpoint.interval=20 eval.interval=20 run.dir=/tmp/r1
+train cuda_resume train.steps=50 checkpoint.interval=20 eval.interval=0 run.dir=/tmp/r1
+DISTRAIN_FAULT="signal@step:step=15:signal=SIGTERM" train cuda_sigterm_async train.steps=30 checkpoint.interval=10 checkpoint.async=true run.dir=/tmp/r2
+train cuda_after_sigterm train.steps=30 checkpoint.interval=10 checkpoint.async=true run.dir=/tmp/r2
+DISTRAIN_FAULT="nan@loss:step=5" train cuda_nan train.steps=8 checkpoint.interval=0 eval.interval=0 checkpoint.export=false run.dir=/tmp/r3
+train cuda_cpu_offload train.steps=10 parallel.cpu_offload=true checkpoint.export=false run.dir=/tmp/r4
+python3 - <<'EOF'
+import json
+for run in ("/tmp/r1", "/tmp/r2"):
+    steps = [json.loads(l)["step"] for l in open(f"{run}/metrics.jsonl")]
+    print(run, "steps logged once each:", steps == list(range(1, len(steps) + 1)), "last", steps[-1])
+EOF
+
+echo "== checkpoint benchmark (state on the GPU)"
+python3 scripts/bench/checkpoint.py --rounds 3 --steps 8 --interval 4 --out "$OUT" \
+    ++model.config.hidden_size=2048 ++model.config.intermediate_size=5632 ++model.config.num_hidden_layers=8 \
+    ++model.config.num_attention_heads=16 ++model.config.num_key_value_heads=8 train.global_batch_size=8 train.micro_batch_size=8 \
+    data.cache_dir=/tmp/distrain-cache 2>&1 | grep -v Writing | tee "$OUT/bench.log"
