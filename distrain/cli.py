@@ -12,6 +12,7 @@ it), 143 / 130 on SIGTERM / SIGINT; 1 (or the failing rank's status) for anythin
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from distrain.config import ConfigError
@@ -86,11 +87,22 @@ def _validate_run(job, hf_config) -> None:
     #       run's (distrain.launch.worker.agree), so only rank 0 checks the directory it names
     if not under_launcher() or os.environ["RANK"] == "0":
         check_run(job, fingerprint, lock=True)
+        if job.checkpoint.export:  # found at the end of the run, it would fail a finished run
+            from pathlib import Path
+
+            from distrain.checkpoint.export import check_export_target
+
+            check_export_target(Path(job.run.dir) / "export", force=True)
 
 
 def cmd_train(args) -> int:
     from distrain.launch import adopt_slurm_env
+    from distrain.train import stop
 
+    # NOTE: a scheduler's stop request (SIGTERM, SIGUSR1) during the set-up below (the tokenized
+    #       cache may take long to build) must not kill the task with no status the batch script
+    #       understands; Ctrl-C (SIGINT) still interrupts the set-up at once
+    stop.install((signal.SIGTERM, signal.SIGUSR1))
     adopt_slurm_env()
     job = _load(args.overrides)
     if args.cfg == "job":
@@ -102,6 +114,9 @@ def cmd_train(args) -> int:
         return 0
     _, hf_config = _validate_layout(job)
     _validate_run(job, hf_config)
+    if any(stop.received()):
+        print(f"distrain: stopped by {stop.name(stop.received())} before training started; nothing to save", flush=True)
+        return stop.exit_status(stop.received())
     from distrain.launch import launch
 
     return launch(job)

@@ -72,27 +72,15 @@ def fire(point: str, step: int | None = None) -> None:
 def _kill_job() -> None:
     """SIGKILL every process of this job at once, as a node failure would: the launcher, its
     other workers and this process."""
+    from distrain.launch.procs import child_pids
+
     launcher = int(os.environ.get("DISTRAIN_LAUNCHER_PID", os.getpid()))
     # NOTE: the launcher first (its other workers listed before it dies): ranks firing together
     #       would otherwise kill each other first
-    victims = [launcher] + [pid for pid in _children(launcher) if pid != os.getpid()]  # evaluated before any kill
+    victims = [launcher] + [pid for pid in child_pids(launcher) if pid != os.getpid()]  # evaluated before any kill
     for pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _children(parent: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == parent:
-                pids.append(int(entry))
-    return pids

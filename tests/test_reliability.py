@@ -27,7 +27,7 @@ def train_args(tiny: list[str], run_dir: Path, *extra: str) -> list[str]:
 
 
 def checkpoints(run_dir: Path) -> list[str]:
-    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))  # not .trash
 
 
 def read_checkpoint(path: Path, tmp_path: Path) -> dict:
@@ -65,9 +65,9 @@ def one_line(stream: str) -> str:
 
 
 def children(pid: int) -> list[int]:
-    from distrain.faults import _children
+    from distrain.launch.procs import child_pids
 
-    return _children(pid)
+    return child_pids(pid)
 
 
 def alive(pid: int) -> bool:
@@ -235,6 +235,19 @@ def test_a_resume_that_changes_the_data_stream_is_refused(tmp_path, tiny):
     assert {v for k, v in state.items() if k.endswith(".weight_decay")} == {0.05}
     assert {v for k, v in state.items() if k.endswith(".eps")} == {1e-6}
 
+    # resume=PATH starts a new run from another run's checkpoint; rerunning the same command
+    # (a requeue does) continues the new run's own checkpoints, not the path again
+    fork = tmp_path / "fork"
+    from_path = [*QUIET, "optim.weight_decay=0.05", "optim.eps=1e-6", f"checkpoint.resume={run_dir / 'checkpoints' / 'step_00000002'}"]
+    proc = check_ok(run_cli(train_args(tiny, fork, *from_path, "train.steps=4"), tmp_path))
+    assert "resuming from" in proc.stdout and "step_00000002 at step 2" in proc.stdout
+    proc = check_ok(run_cli(train_args(tiny, fork, *from_path, "train.steps=5"), tmp_path))
+    assert "is ignored" in proc.stdout and f"resuming from {fork}/checkpoints/step_00000004 at step 4" in proc.stdout
+    assert [r["step"] for r in read_metrics(fork)] == [3, 4, 5]
+    # checkpoint.resume=true / false are auto / never
+    proc = run_cli(train_args(tiny, fork, *QUIET, "train.steps=5", "checkpoint.resume=false"), tmp_path)
+    assert proc.returncode == 2 and "checkpoint.resume=never" in proc.stderr
+
 
 def test_a_model_vocabulary_smaller_than_the_tokenizer_exits_2_before_spawn(tmp_path, tiny):
     proc = run_cli(train_args(tiny, tmp_path / "run", "++model.config.vocab_size=512", "launcher.nproc_per_node=2"), tmp_path)
@@ -253,9 +266,9 @@ def test_corrupt_checkpoints_are_named_or_skipped(tmp_path, tiny):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     (run_dir / "checkpoints" / "step_00000002" / ".metadata").rename(run_dir / "checkpoints" / "step_00000002" / "metadata.bak")
 
-    # resume=PATH names the broken checkpoint and exits 2
+    # a new run from a broken checkpoint (resume=PATH) names it and exits 2
     for name, problem in (("step_00000004", "truncated"), ("step_00000002", ".metadata is missing")):
-        proc = run_cli(train_args(tiny, run_dir, *common, f"checkpoint.resume={run_dir / 'checkpoints' / name}"), tmp_path)
+        proc = run_cli(train_args(tiny, tmp_path / "new", *common, f"checkpoint.resume={run_dir / 'checkpoints' / name}"), tmp_path)
         assert proc.returncode == 2 and name in proc.stderr and problem in one_line(proc.stderr), proc.stderr
 
     # auto: warns and falls back to the one before, setting the broken one aside (not deleting it)
@@ -327,19 +340,23 @@ def test_a_killed_launcher_takes_its_workers_and_frees_the_run_directory(tmp_pat
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, last + 3))
 
 
-# Moments of a save, each the last moment of one run: the next run must resume from a complete
-# checkpoint and continue the uninterrupted run exactly.
+# Ten moments of a save and three others, each the last moment of one run: every next run must
+# resume from a complete checkpoint and continue the uninterrupted run exactly. RANK_LAST is the
+# last rank of the layout. keep=2, a save every 2 steps, 12 steps.
 KILLS = [
     ("kill@save_begin:step=2", []),  # checkpoint folder made, nothing written
-    ("kill@save_written:step=4:rank=0", []),  # rank 0's shards written, the others' maybe not
-    ("kill@save_before_rename:step=4", []),  # every file written, not yet renamed
-    ("kill@save_renamed:step=4", []),  # renamed, not yet pruned
-    ("kill@prune:step=6", []),  # an old checkpoint half deleted
-    ("kill@step:step=8", []),  # between checkpoints: step 7 logged, not saved
+    ("kill@save_written:step=2:rank=0", []),  # rank 0's shards written, the others' maybe not
+    ("kill@save_written:step=2:rank=RANK_LAST", []),  # the last rank's shards written
+    ("kill@save_before_rename:step=2", []),  # every file written, not yet renamed
+    ("kill@save_renamed:step=4", []),  # renamed, the older one not yet pruned
+    ("kill@prune:step=6", []),  # an old checkpoint thrown out, not yet deleted
+    ("kill@step:step=8:rank=0", []),  # between checkpoints: step 7 logged (by rank 0), not saved
+    ("kill@metrics_rewind", []),  # moving step 7's record out of metrics.jsonl on resume
     ("kill@async_staged:step=8", ["checkpoint.async=true"]),  # a background save in flight
     ("kill@async_written:step=8", ["checkpoint.async=true"]),  # written in the background, not published
-    ("kill@metrics_rewind", []),  # rewinding metrics.jsonl on resume
-    ("kill@export", []),  # the final export half written
+    ("kill@prune:step=8", ["checkpoint.async=true"]),  # published in the background, pruning
+    ("kill@save_renamed:step=12", []),  # the last checkpoint renamed, not yet exported
+    ("kill@export", []),  # the final export half written (resumed at the last step: nothing to train)
 ]
 
 
@@ -352,6 +369,7 @@ def test_kill_9_at_any_moment_of_a_save_resumes_exactly(tmp_path, tiny, world):
     check_ok(run_cli(train_args(tiny, tmp_path / "reference", *common), tmp_path, env=MULTI))
     run_dir = tmp_path / "run"
     for fault, extra in KILLS:
+        fault = fault.replace("RANK_LAST", str(world - 1))
         proc = run_cli(train_args(tiny, run_dir, *common, *extra), tmp_path, env={**MULTI, "DISTRAIN_FAULT": fault})
         assert proc.returncode == -signal.SIGKILL, (fault, proc.returncode, proc.stderr[-2000:])
         for name in checkpoints(run_dir):
@@ -360,6 +378,7 @@ def test_kill_9_at_any_moment_of_a_save_resumes_exactly(tmp_path, tiny, world):
     check_ok(run_cli(train_args(tiny, run_dir, *common), tmp_path, env=MULTI))
     assert_same_losses(read_metrics(tmp_path / "reference"), read_metrics(run_dir), range(1, 13))
     assert checkpoints(run_dir) == ["step_00000010", "step_00000012"]
+    assert not list((run_dir / "checkpoints" / ".trash").iterdir())  # everything thrown out is gone
     assert (run_dir / "export" / "model.safetensors").exists() and not list(run_dir.glob(".export*"))
 
 
@@ -387,15 +406,27 @@ def test_signals_save_a_checkpoint_and_stop(tmp_path, tiny):
     assert usr1.returncode == 75 and "stopped by SIGUSR1 after step 3" in usr1.stdout, usr1
     assert checkpoints(tmp_path / "usr1") == ["step_00000003"]
 
-    # a second Ctrl-C stops at once, workers included
+    # SIGUSR1 to the launcher of 2 ranks: passed on, rank 0 says it once, the launcher exits 75
+    usr1 = run_cli(train_args(tiny, tmp_path / "usr1x2", *common, "launcher.nproc_per_node=2"), tmp_path,
+                   env={**MULTI, "DISTRAIN_FAULT": "signal@step:rank=0:step=3:signal=SIGUSR1"})
+    assert usr1.returncode == 75 and usr1.stdout.count("stopped by SIGUSR1 after step") == 1, usr1
+    stopped = int(usr1.stdout.split("stopped by SIGUSR1 after step ")[1].split(";")[0])
+    assert checkpoints(tmp_path / "usr1x2") == [f"step_{stopped:08d}"]
+
+    # a second Ctrl-C stops at once, workers included, even while they save (here: for 60 s)
     run_dir = tmp_path / "twice"
-    proc = start(train_args(tiny, run_dir, *common, "launcher.nproc_per_node=2"), tmp_path)
+    proc = start(train_args(tiny, run_dir, *common, "launcher.nproc_per_node=2"), tmp_path, env={"DISTRAIN_FAULT": "sleep@save_begin:seconds=60"})
     wait_for_steps(run_dir, 3, proc)
     workers = children(proc.pid)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while not (run_dir / "checkpoints").is_dir() or not list((run_dir / "checkpoints").glob("*.tmp")):  # saving now
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(0.5)
+    second = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=10)
-    assert proc.returncode == 130
-    time.sleep(2)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130 and time.monotonic() - second < 5, (proc.returncode, time.monotonic() - second)
+    time.sleep(1)
     assert len(workers) == 2 and not any(alive(pid) for pid in workers)

@@ -99,3 +99,21 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(cluster, tmp_path, tiny):
     state, code, output = wait_job(cluster, job, timeout=240)
     assert state == "FAILED" and code != "0:0", (state, code, output + logs(tmp_path, job))
     assert time.perf_counter() - start < 90
+
+
+def test_a_cancelled_job_is_not_requeued(cluster, tmp_path, tiny):
+    """scancel (SIGTERM to the ranks and the batch script): the ranks save, and the job ends
+    CANCELLED, not requeued."""
+    from local_slurm import job_fields, submit, wait_job
+
+    args = ["recipe=qwen3_moe_debug", *tiny, "train.steps=2000", "eval.interval=0", "checkpoint.interval=0", "checkpoint.export=false",
+            f"run.dir={tmp_path / 'run'}"]
+    job = submit(cluster, SCRIPT, args, nodes=2, sbatch_options=options(tmp_path))
+    deadline = time.monotonic() + 120
+    while not ((tmp_path / "run" / "metrics.jsonl").exists() and len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline, logs(tmp_path, job)
+        time.sleep(0.2)
+    subprocess.run(["scancel", job], env=cluster, check=True)
+    state, _, output = wait_job(cluster, job, timeout=120)
+    assert state == "CANCELLED" and job_fields(cluster, job).get("Restarts") == "0", (state, output + logs(tmp_path, job))
+    assert "stopped by SIGTERM" in logs(tmp_path, job) and list((tmp_path / "run" / "checkpoints").glob("step_*"))

@@ -11,8 +11,9 @@ A checkpoint is `run.dir/checkpoints/step_NNNNNNNN/` holding:
 
 It is written under `step_NNNNNNNN.tmp` and renamed only when every rank has written its part,
 so a folder named `step_NNNNNNNN` is complete; `check_complete` also verifies that every file
-the DCP metadata names is there at its full length. Old checkpoints are pruned by renaming them
-to `*.deleting` first, so a half-deleted folder never looks like a checkpoint. With
+the DCP metadata names is there at its full length. Old checkpoints are pruned by moving them
+into `checkpoints/.trash/` first (a rename), so a half-deleted folder never looks like a
+checkpoint; the trash is emptied by rank 0 in the background, off the training path. With
 `checkpoint.async`, the tensors are copied to host memory and written by a background thread
 (DCP async save on a gloo group of its own); the rename and pruning happen once the write has
 finished, at a later step boundary, the next save or the end of the run.
@@ -20,18 +21,21 @@ finished, at a later step boundary, the next save or the end of the run.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pickle
 import re
 import shutil
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -46,8 +50,9 @@ _NAME = re.compile(r"^step_(\d{8})$")
 # Optimizer state keyed by parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"), not by
 # group index: the trainer's param groups follow the layout's meshes, the checkpoint must not.
 _OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
-# Leftovers of interrupted work: a save (`.tmp`) or a prune (`.deleting`) that did not finish.
+# Leftovers of interrupted saves (`.tmp`) and of older distrain prunes (`.deleting`).
 _LEFTOVER = re.compile(r"^step_\d{8}\.(tmp|deleting)$")
+TRASH = ".trash"
 
 
 def checkpoint_name(step: int) -> str:
@@ -100,27 +105,48 @@ def read_train_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "train_state.json").read_text())
 
 
+def discard(path: Path, checkpoints_dir: Path) -> None:
+    """Move `path` into the trash (instant: a rename); `Checkpointer` removes it in the background."""
+    trash = checkpoints_dir / TRASH
+    trash.mkdir(parents=True, exist_ok=True)
+    os.replace(path, trash / f"{path.name}-{uuid.uuid4().hex[:8]}")
+
+
+def prune(checkpoints_dir: Path, keep: int, newest: Path) -> None:
+    """Throw out all but the `keep` newest checkpoints (0: keep all); never `newest` (the one just
+    written, or the one a run resumes from), whatever the others are named."""
+    if keep > 0:
+        older = [p for p in list_checkpoints(checkpoints_dir) if p.resolve() != newest.resolve()]
+        for old in older[: max(0, len(older) - (keep - 1))]:
+            discard(old, checkpoints_dir)  # from here on it is not a checkpoint, whatever remains of it
+
+
 def clean_leftovers(checkpoints_dir: Path) -> list[Path]:
-    """Remove what interrupted saves and prunes left behind; only while no save can be running
-    (the run directory's lock is held). Returns what was removed."""
-    removed = [p for p in checkpoints_dir.iterdir() if _LEFTOVER.match(p.name)] if checkpoints_dir.is_dir() else []
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    return removed
+    """Throw out what interrupted saves left behind; only while no save can be running (the run
+    directory's lock is held). Returns what was thrown out."""
+    leftovers = [p for p in checkpoints_dir.iterdir() if _LEFTOVER.match(p.name)] if checkpoints_dir.is_dir() else []
+    for path in leftovers:
+        discard(path, checkpoints_dir)
+    return leftovers
 
 
 class Checkpointer:
     """Saves checkpoints into `checkpoints_dir` (collective: every rank calls `save`)."""
 
-    def __init__(self, checkpoints_dir: Path, keep: int, async_save: bool, config_yaml: Path, tokenizer_dir: Path):
+    def __init__(self, checkpoints_dir: Path, keep: int, async_save: bool, config_yaml: Path, tokenizer_dir: Path,
+                 device: torch.device, timeout: datetime.timedelta):
         self.dir, self.keep = checkpoints_dir, keep
         self.config_yaml, self.tokenizer_dir = config_yaml, tokenizer_dir
         self.rank = dist.get_rank()
-        # NOTE: the background write runs DCP's own collectives; on a group of their own they
-        #       cannot interleave with the training step's, and gloo serves CUDA runs too.
-        self.async_group = dist.new_group(backend="gloo") if async_save else None
+        self.async_group = self.stager = None
+        if async_save:
+            # NOTE: the background write runs DCP's own collectives; on a group of their own they
+            #       cannot interleave with the training step's, and gloo serves CUDA runs too.
+            self.async_group = dist.new_group(backend="gloo", timeout=timeout)
+            self.stager = _run_stager(device)
         self.pending: tuple[Any, Path, Path, int] | None = None  # (future, tmp, final, step) in flight
-        self.deleting: threading.Thread | None = None  # removes pruned checkpoints off the training path
+        self.deleting: list[threading.Thread] = []  # rank 0 empties the trash off the training path
+        self._empty_trash()
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict[str, Any], rng_name: str | None) -> Path:
         """Write the checkpoint of `step` (asynchronously with `checkpoint.async`). `rng_name`: the
@@ -145,16 +171,13 @@ class Checkpointer:
             shutil.copy(self.config_yaml, tmp / "config.yaml")
             shutil.copytree(self.tokenizer_dir, tmp / "tokenizer")
         if self.async_group is not None:
-            # NOTE: DCP's default staging copies into fresh pageable host memory: on a GPU that copy
-            #       blocks about as long as a synchronous save (H200, 4.5 GB: 5.0 s against 5.1 s);
-            #       a kept, pinned DefaultStager broke the second save on torch 2.11
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group)
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group, async_stager=self.stager)
             self.pending = (future, tmp, final, step)
             faults.fire("async_staged", step)
             return final
         dcp.save(state, checkpoint_id=str(tmp))
         faults.fire("save_written", step)
-        dist.barrier()
+        dist.barrier()  # every rank's files are written
         if self.rank == 0:
             self._publish(tmp, final, step)
         dist.barrier()
@@ -166,17 +189,28 @@ class Checkpointer:
             self._finish()
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is written and published, and pruned
-        checkpoints are gone."""
+        """Block until the save in flight (if any) is written and published."""
         if self.pending is not None:
             self._finish()
-        if self.deleting is not None:
-            self.deleting.join()
-            self.deleting = None
 
     def close(self) -> None:
-        """At the end of the run: wait for everything in flight."""
+        """At the end of the run: wait for the save in flight, free the staging copies."""
         self.wait()
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
+
+    def join_deletions(self) -> None:
+        """Wait for the trash to be emptied: after the process group is gone (it may take long)."""
+        for thread in self.deleting:
+            thread.join()
+        self.deleting = []
+
+    def _empty_trash(self) -> None:
+        if self.rank == 0 and (self.dir / TRASH).is_dir():
+            thread = threading.Thread(target=_remove_contents, args=(self.dir / TRASH,), daemon=True)
+            thread.start()
+            self.deleting.append(thread)
 
     def _finish(self) -> None:
         future, tmp, final, step = self.pending
@@ -189,33 +223,39 @@ class Checkpointer:
             self._publish(tmp, final, step)
 
     def _publish(self, tmp: Path, final: Path, step: int) -> None:
+        _fsync_tree(tmp)  # DCP synced its own files; the small ones and the folders, for a power cut
         faults.fire("save_before_rename", step)
         os.replace(tmp, final)
         _fsync_dir(self.dir)
         faults.fire("save_renamed", step)
-        if self.keep > 0:
-            # NOTE: never the checkpoint just written, whatever the others are named
-            older = [p for p in list_checkpoints(self.dir) if p != final]
-            doomed = [old.with_name(old.name + ".deleting") for old in older[: max(0, len(older) - (self.keep - 1))]]
-            for old, new in zip(older, doomed):
-                os.replace(old, new)  # from here on it is not a checkpoint, whatever remains of it
-            faults.fire("prune", step)
-            if self.deleting is not None:
-                self.deleting.join()
-            self.deleting = threading.Thread(target=_remove_all, args=(doomed,), daemon=True)
-            self.deleting.start()
+        prune(self.dir, self.keep, final)
+        faults.fire("prune", step)
+        self._empty_trash()
 
 
-def _remove_all(folders: list[Path]) -> None:
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+def _run_stager(device: torch.device):
+    """A stager kept for the run: it reuses its host copies from one save to the next, pinned on
+    CUDA so that the copy out of the GPU, the part of an async save that blocks training, runs at
+    full speed. None (DCP's default: fresh pageable copies each save) before torch 2.13, whose
+    async_save closes the stager it is given after one save (the next one then fails)."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13):
+        return None
+    cuda = device.type == "cuda"
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=cuda))
 
 
-def all_finite(tensors) -> bool:
-    """Whether every local entry of `tensors` is finite, on every rank (one all-reduce)."""
+def _remove_contents(folder: Path) -> None:
+    for entry in list(folder.iterdir()):
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def all_finite(tensors, device: torch.device) -> bool:
+    """Whether every local entry of `tensors` is finite, on every rank (one all-reduce on
+    `device`, the one the process group's backend serves)."""
     local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
     local = [t for t in local if t.numel() > 0 and t.is_floating_point()]
-    device = local[0].device if local else torch.device("cpu")
     bad = torch.zeros((), device=device)
     if local:
         # NOTE: a sum is a fast read of every entry (an inf-norm is 20x slower on CPU); a NaN or
@@ -235,7 +275,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     }
     restore: list = []
     _to_storage(state, restore)
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as error:  # DCP raises the latter, not an Exception
+        raise RuntimeError(
+            f"checkpoint {path} could not be loaded ({type(error).__name__}): its contents are damaged; move it aside "
+            f"(e.g. rename it {path.name}.corrupt) and rerun to resume from the one before"
+        ) from error
     for container, key, held in restore:
         held.to_local().copy_(container[key].redistribute(placements=held.placements).to_local())
         container[key] = held
@@ -281,6 +327,15 @@ def _write_synced(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if not name.endswith(".distcp"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(Path(folder))
 
 
 def _fsync_dir(path: Path) -> None:

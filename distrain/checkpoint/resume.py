@@ -4,15 +4,16 @@
 - `auto`: the newest complete checkpoint in `run.dir/checkpoints`; one that fails
   `check_complete` (a truncated shard, a missing `.metadata`) is set aside as `*.corrupt`, with a
   warning, and the one before it is used; none: start from scratch;
-- `never`: start from scratch, in a run directory that holds no checkpoints;
-- a path: that checkpoint, which must be complete.
+- `never`: start from scratch, in a run directory that holds no checkpoints (a requeued Slurm
+  job, `SLURM_RESTART_COUNT` > 0, continues its own checkpoints as with `auto`);
+- a path: the checkpoint a new run starts from (e.g. another run's), which must be complete.
+  Once the run has checkpoints of its own, it resumes those, so rerunning the same command (or a
+  requeue) continues the run instead of going back to the path.
 
 A resume continues the same data stream at the same sample index, so what defines the stream
 (`run.seed`, `train.seq_len`, the data fingerprint) must not change: such a resume is refused
 with the key and how to start fresh. Every other changed key is allowed and reported; the config
-wins (optimizer hyperparameters included). Complete checkpoints of this run newer than the chosen
-one are set aside (`*.superseded` or `*.corrupt`), never deleted: the run's later saves must not
-collide with them, and nothing of the user's is destroyed.
+wins (optimizer hyperparameters included). Nothing is deleted: broken checkpoints are renamed.
 
 `choose` has no side effects: the CLI calls it before any worker starts (to fail with exit 2),
 and rank 0 calls it again, holding the run directory's lock, then `set_aside` applies it.
@@ -24,8 +25,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distrain.checkpoint.dcp import check_complete, checkpoint_step, list_checkpoints, read_train_state
-from distrain.config import ConfigError, JobConfig, read_config_yaml, to_dict
+from distrain.checkpoint.dcp import check_complete, list_checkpoints, read_train_state
+from distrain.config import ConfigError, JobConfig, to_dict
 
 STREAM_KEYS = {"seed": "run.seed", "seq_len": "train.seq_len"}
 
@@ -33,7 +34,7 @@ STREAM_KEYS = {"seed": "run.seed", "seq_len": "train.seq_len"}
 @dataclass
 class Resume:
     path: Path | None  # None: from scratch
-    set_aside: list[tuple[Path, str]] = field(default_factory=list)  # (checkpoint, why) renamed to *.why
+    set_aside: list[tuple[Path, str]] = field(default_factory=list)  # (checkpoint, why): renamed to *.why
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -49,14 +50,24 @@ def choose(job: JobConfig, data_fingerprint: str | None = None) -> Resume:
     checkpoints_dir = Path(job.run.dir) / "checkpoints"
     existing = list_checkpoints(checkpoints_dir)
     resume = Resume(path=None)
-    if job.checkpoint.resume == "never":
-        if existing:
+    mode = job.checkpoint.resume
+    if mode == "never" and existing and int(os.environ.get("SLURM_RESTART_COUNT", "0")) == 0:
+        raise ConfigError(
+            f"checkpoint.resume=never but {checkpoints_dir} holds checkpoints ({existing[-1].name} the newest): "
+            "starting over there would overwrite them; resume with checkpoint.resume=auto, or pick a new run.dir"
+        )
+    if mode not in ("auto", "never") and existing:
+        resume.warnings.append(f"checkpoint.resume={mode} is ignored: the run has checkpoints of its own, it continues from them")
+    if mode not in ("auto", "never") and not existing:
+        path = Path(mode).expanduser()
+        problem = check_complete(path)
+        if problem is not None:
             raise ConfigError(
-                f"checkpoint.resume=never but {checkpoints_dir} holds checkpoints ({existing[-1].name} the newest): "
-                "starting over there would overwrite them; resume with checkpoint.resume=auto, or pick a new run.dir"
+                f"checkpoint.resume={mode}: {problem}; pass a complete checkpoint folder "
+                "(run.dir/checkpoints/step_NNNNNNNN), or checkpoint.resume=auto for the newest complete one"
             )
-        return resume
-    if job.checkpoint.resume == "auto":
+        resume.path = path.resolve()
+    else:
         for candidate in reversed(existing):
             problem = check_complete(candidate)
             if problem is None:
@@ -64,19 +75,8 @@ def choose(job: JobConfig, data_fingerprint: str | None = None) -> Resume:
                 break
             resume.set_aside.append((candidate, "corrupt"))
             resume.warnings.append(f"warning: checkpoint {candidate} is unusable ({problem}); set aside as {candidate.name}.corrupt, trying the one before")
-    else:
-        path = Path(job.checkpoint.resume).expanduser()
-        problem = check_complete(path)
-        if problem is not None:
-            raise ConfigError(
-                f"checkpoint.resume={job.checkpoint.resume}: {problem}; pass a complete checkpoint folder "
-                "(run.dir/checkpoints/step_NNNNNNNN), or checkpoint.resume=auto for the newest complete one"
-            )
-        resume.path = path.resolve()
     if resume.path is not None:
         check_same_stream(job, resume.path, data_fingerprint)
-        newer = [p for p in existing if checkpoint_step(p) > resume.step and p.resolve() != resume.path.resolve()]
-        resume.set_aside += [(p, "superseded") for p in newer if p not in {q for q, _ in resume.set_aside}]
     return resume
 
 
@@ -98,8 +98,11 @@ def check_same_stream(job: JobConfig, path: Path, data_fingerprint: str | None) 
 
 
 def changed_keys(job: JobConfig, path: Path) -> list[str]:
-    """`key: before -> now` for every config key this run sets differently from the checkpoint's."""
-    before = _flatten(to_dict(read_config_yaml(path / "config.yaml")))
+    """`key: before -> now` for every config key this run sets differently from the checkpoint's
+    (read as plain YAML: a checkpoint of an older distrain may hold keys this one lacks)."""
+    import yaml
+
+    before = _flatten(yaml.safe_load((path / "config.yaml").read_text()) or {})
     now = _flatten(to_dict(job))
     return [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(before.keys() | now.keys())
             if before.get(key) != now.get(key) and key != "run.dir"]
@@ -115,7 +118,7 @@ def set_aside(resume: Resume) -> list[str]:
             suffix += 1
             target = path.with_name(f"{path.name}.{why}{suffix}")
         os.replace(path, target)
-        lines.append(f"checkpoint {path.name} set aside as {target.name} ({why}: the run resumes from step {resume.step})")
+        lines.append(f"checkpoint {path.name} set aside as {target.name} (the run resumes from step {resume.step})")
     return lines
 
 

@@ -102,14 +102,20 @@ def compose(recipe: str, overrides: list[str]) -> dict[str, Any]:
 
 def run_id() -> str:
     """What names a run's default directory (`${distrain_run_id:}` in configs/base.yaml): the
-    Slurm job id, which a requeued job keeps, so it finds its checkpoints; else torchrun's
-    `--rdzv-id`, shared by every rank; else the time. Ranks still agree when their clocks
-    differ: rank 0's config is the one every rank runs (`distrain.launch.worker.agree`)."""
+    Slurm job id (with the step, after a job's first srun), which a requeued job keeps, so it
+    finds its checkpoints; else torchrun's `--rdzv-id`, shared by every rank; else the time.
+    Ranks still agree when their clocks differ: rank 0's config is the one every rank runs
+    (`distrain.launch.worker.agree`)."""
     env = os.environ
+    job = env.get("SLURM_JOB_ID")
     if env.get("SLURM_ARRAY_JOB_ID"):
-        return f"job{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
-    if env.get("SLURM_JOB_ID"):
-        return f"job{env['SLURM_JOB_ID']}"
+        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
+    if job:
+        # NOTE: another srun of the same allocation is another run; the batch script itself and
+        #       the first srun (step 0, also after a requeue) name the job's run
+        step = env.get("SLURM_STEP_ID", "")
+        first = not step.isdigit() or int(step) == 0 or int(step) >= 0xFFFFFFF0  # batch/extern steps
+        return f"job{job}" if first else f"job{job}.{step}"
     if env.get("TORCHELASTIC_RUN_ID", "none") not in ("", "none"):
         return env["TORCHELASTIC_RUN_ID"]
     import datetime
@@ -146,7 +152,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        return _convert(_strip_optional(tp), value, key)
+        arms = [a for a in args if a is not type(None)]
+        for arm in arms[:-1]:  # several arms (bool or str): the first that takes the value
+            try:
+                return _convert(arm, value, key)
+            except ConfigError:
+                pass
+        return _convert(arms[-1], value, key)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, args))}")

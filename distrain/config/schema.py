@@ -7,7 +7,7 @@ Hydra composes YAML into a dict; `distrain.config.load.to_job_config` turns that
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -172,13 +172,18 @@ class CheckpointConfig:
     interval: int = 50  # steps between checkpoints; 0 saves only at the end
     keep: int = 2  # newest complete checkpoints kept; 0 keeps all
     # auto: the newest complete checkpoint in run.dir/checkpoints, if any; never: start fresh (in
-    # a run.dir without checkpoints); or the path of one checkpoint folder
-    resume: str = "auto"
+    # a run.dir without checkpoints); or the path of a checkpoint a new run starts from (once the
+    # run has checkpoints of its own, it continues from those). true / false mean auto / never.
+    resume: Union[bool, str] = "auto"
     export: bool = True  # write run.dir/export (safetensors, from_pretrained-loadable) at the end
     # Write checkpoints in the background (DCP async save): training goes on while the files are
     # written; the next save and the end of the run wait for it. Costs host memory for one copy
     # of this rank's shards.
     async_: bool = field(default=False, metadata={"key": "async"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.resume, bool):
+            object.__setattr__(self, "resume", "auto" if self.resume else "never")
 
     def validate(self) -> None:
         _require(self.interval >= 0, f"checkpoint.interval={self.interval}: must be >= 0")

@@ -62,18 +62,20 @@ def launch(job: JobConfig) -> int:
 
 
 def _spawn_local(job: JobConfig) -> int:
-    """`launcher.nproc_per_node` ranks under torch's elastic agent, in this process. The agent
-    forwards SIGTERM, SIGINT and SIGUSR1 to the workers (which save and stop, `distrain.train.stop`)
-    and waits `launcher.timeout_s` for them before it kills them; a failing rank makes it stop
-    the others in the same way."""
+    """`launcher.nproc_per_node` ranks under torch's elastic agent, which runs in a thread of this
+    process (so it installs no signal handlers of its own). SIGTERM, SIGINT and SIGUSR1 are
+    passed on to the workers, which save and stop (`distrain.train.stop`) and exit with their
+    own status, which this returns; a second Ctrl-C kills them. A failing rank makes the agent
+    stop the others (SIGTERM, then SIGKILL after `launcher.timeout_s`)."""
     import logging
     import signal
     import tempfile
+    import threading
 
-    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run as elastic_run
 
+    from distrain.launch.procs import child_pids
     from distrain.train import stop
 
     # the ranks say what happened; the agent's own log lines would repeat it at length
@@ -89,24 +91,53 @@ def _spawn_local(job: JobConfig) -> int:
             "--standalone",
             f"--nproc_per_node={job.launcher.nproc_per_node}",
             "--max_restarts=0",
-            "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
             f"--shutdown_timeout={job.launcher.timeout_s}",
             "--module",
             "distrain.launch.worker",
             handoff.name,
         ]
     )
+    outcome: dict = {}
+
+    def agent() -> None:
+        try:
+            elastic_run(args)
+        except ChildFailedError as error:
+            outcome["failure"] = error.get_first_failure()
+        except BaseException as error:  # noqa: BLE001 - reported from the main thread
+            outcome["error"] = error
+
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in stop.SIGNALS}
+    thread = threading.Thread(target=agent, name="distrain-elastic-agent", daemon=True)
+    thread.start()
+    interrupted = killed = False
     try:
-        elastic_run(args)
-    except ChildFailedError as error:
-        rank, failure = error.get_first_failure()
-        if failure.exitcode in (2, stop.EXIT_NONFINITE, stop.EXIT_REQUEUE, 128 + signal.SIGINT, 128 + signal.SIGTERM):
-            return failure.exitcode  # the rank has said why
-        print(f"distrain: rank {rank} failed with exit code {failure.exitcode}; see its output above", flush=True)
-        return failure.exitcode if failure.exitcode > 0 else 1
-    except SignalException as error:
-        # the workers got the same signal, saved and stopped (or were killed at the timeout)
-        return stop.exit_status([int(error.sigval == sig) for sig in stop.SIGNALS]) or 128 + error.sigval
+        while thread.is_alive():
+            thread.join(0.2)
+            workers = child_pids(os.getpid())
+            while pending and workers:
+                signum = pending.pop(0)
+                again = signum == signal.SIGINT and interrupted
+                interrupted |= signum == signal.SIGINT
+                killed |= again
+                for pid in workers:
+                    try:
+                        os.killpg(pid, signal.SIGKILL if again else signum)
+                    except ProcessLookupError:
+                        pass
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         os.unlink(handoff.name)
-    return 0
+    if killed:
+        return 128 + signal.SIGINT
+    if "error" in outcome:
+        raise outcome["error"]
+    if "failure" not in outcome:
+        return 0
+    rank, failure = outcome["failure"]
+    if failure.exitcode in (2, *stop.STOP_STATUSES):
+        return failure.exitcode  # the rank has said why
+    print(f"distrain: rank {rank} failed with exit code {failure.exitcode}; see its output above", flush=True)
+    return failure.exitcode if failure.exitcode > 0 else 1

@@ -4,9 +4,9 @@
 after the process group exists, and its result is what every rank uses (`worker.agree`):
 1. take the directory's lock (`.lock`, an flock held until the process ends, so a killed run
    frees it): a second live run in the same directory is refused, naming the first one's pid;
-2. choose the checkpoint to resume (`distrain.checkpoint.resume`), set aside newer ones, and
-   clear what interrupted saves, prunes and exports left;
-3. rewind `metrics.jsonl` to the resumed step;
+2. choose the checkpoint to resume (`distrain.checkpoint.resume`), set aside broken ones, and
+   throw out what interrupted saves and exports left;
+3. rewind `metrics.jsonl` to the resumed step (the records it drops go to `metrics.rewound.jsonl`);
 4. write the resolved `config.yaml`.
 """
 
@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import socket
 from pathlib import Path
 
 from distrain.checkpoint import resume as resumes
-from distrain.checkpoint.dcp import clean_leftovers
+from distrain.checkpoint.dcp import clean_leftovers, discard, prune
 from distrain.config import ConfigError, JobConfig, write_config_yaml
 from distrain.metrics.sinks import rewind_metrics
 
 _held: list[int] = []  # the lock's file descriptor, open for the life of the process
 
 
-def _lock(run_dir: Path, hold: bool) -> None:
+def _lock(run_dir: Path, hold: bool) -> str | None:
+    """Take the run directory's lock (and keep it, with `hold`); a warning line where the
+    filesystem has no locks."""
     fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -36,12 +37,16 @@ def _lock(run_dir: Path, hold: bool) -> None:
         raise ConfigError(
             f"run.dir={run_dir} is in use by a live run ({holder}); wait for it to finish or stop it, or pick another run.dir"
         ) from None
+    except OSError as error:  # ENOLCK and kin: a filesystem without flock
+        os.close(fd)
+        return f"warning: run.dir={run_dir} cannot be locked ({error.strerror}): a second run in it would not be refused"
     if not hold:
         os.close(fd)
-        return
+        return None
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
     _held.append(fd)
+    return None
 
 
 def check_run(job: JobConfig, data_fingerprint: str | None, lock: bool) -> resumes.Resume:
@@ -69,12 +74,16 @@ def prepare_run(job: JobConfig, data_fingerprint: str | None) -> tuple[resumes.R
     Returns the decision and the lines to print."""
     run_dir = Path(job.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _lock(run_dir, hold=True)
+    warning = _lock(run_dir, hold=True)
     resume = resumes.choose(job, data_fingerprint)
-    lines = [*resume.warnings, *resumes.set_aside(resume)]
+    lines = [*([warning] if warning else []), *resume.warnings, *resumes.set_aside(resume)]
+    # NOTE: thrown out by renames (instant: the other ranks wait in a collective meanwhile) and
+    #       removed in the background
     clean_leftovers(run_dir / "checkpoints")
-    for leftover in run_dir.glob(".export.*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    if resume.path is not None and resume.path.resolve().parent == (run_dir / "checkpoints").resolve():  # a crash may have come before a prune
+        prune(run_dir / "checkpoints", job.checkpoint.keep, resume.path)
+    for leftover in [*run_dir.glob(".export.*.tmp"), *run_dir.glob(".export.old")]:
+        discard(leftover, run_dir / "checkpoints")
     if resume.path is None:
         lines.append(f"run {run_dir}: starting from scratch")
     else:
@@ -82,7 +91,7 @@ def prepare_run(job: JobConfig, data_fingerprint: str | None) -> tuple[resumes.R
         lines += [f"  changed since the checkpoint: {change}" for change in resumes.changed_keys(job, resume.path)]
     dropped = rewind_metrics(run_dir, resume.step)
     if dropped:
-        lines.append(f"  metrics.jsonl: dropped {dropped} records after step {resume.step} (the steps a crash lost; they run again)")
+        lines.append(f"  metrics.jsonl: {dropped} records after step {resume.step} moved to metrics.rewound.jsonl (those steps run again)")
     tmp = run_dir / "config.yaml.tmp"
     write_config_yaml(job, tmp)
     os.replace(tmp, run_dir / "config.yaml")

@@ -54,6 +54,7 @@ def agree(job: JobConfig) -> tuple[JobConfig, str | None]:
     see `distrain.launch.run_dir.prepare_run`) and every rank takes its decision: ranks that
     composed their own configs (torchrun, srun) may have named different directories."""
     decision: list = [None]
+    failed = None
     if dist.get_rank() == 0:
         from distrain.data.corpus import prepare_corpus
         from distrain.launch.run_dir import prepare_run
@@ -62,12 +63,17 @@ def agree(job: JobConfig) -> tuple[JobConfig, str | None]:
             resume, lines = prepare_run(job, prepare_corpus(job.data)[1])
             print("\n".join(lines), flush=True)
             decision = [(to_dict(job), None if resume.path is None else str(resume.path))]
-        except ConfigError as error:
-            decision = [("error", str(error))]
+        except Exception as error:  # noqa: BLE001 - the other ranks must hear of it, not wait for it
+            failed = error
+            decision = [("config error" if isinstance(error, ConfigError) else "error", str(error))]
     dist.broadcast_object_list(decision, src=0)
     first, second = decision[0]
-    if first == "error":
+    if failed is not None:
+        raise failed
+    if first == "config error":
         raise ConfigError(second)
+    if first == "error":
+        raise RuntimeError(f"rank 0 could not prepare the run: {second}")
     return to_job_config(first), second
 
 
@@ -77,6 +83,7 @@ def run(job: JobConfig) -> int:
     stop.install()
     device = resolve_device(job)
     init_distributed(job, device)
+    rank = dist.get_rank()
     try:
         job, resume_from = agree(job)
         trainer = Trainer(job, device, None if resume_from is None else Path(resume_from))
@@ -96,7 +103,11 @@ def run(job: JobConfig) -> int:
         if last is not None:
             out = export_checkpoint(last, trainer.run_dir / "export", force=True)
             print(f"exported {last.name} to {out}", flush=True)
-    return status
+    trainer.checkpointer.join_deletions()
+    # NOTE: after the ranks agreed to stop, rank 0 alone carries the status: srun
+    #       --kill-on-bad-exit kills the tasks still running when one exits non-zero, and rank 0
+    #       may still be closing wandb when the others are done
+    return status if rank == 0 or status not in stop.STOP_STATUSES else 0
 
 
 def watch_parent() -> None:
@@ -123,7 +134,8 @@ def run_and_exit(job: JobConfig) -> None:
     try:
         status = run(job)
     except ConfigError as error:
-        print(f"distrain: config error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank has it (rank 0 decided); one says it
+            print(f"distrain: config error: {error}", file=sys.stderr)
         status = 2
     except BaseException:  # noqa: BLE001 - DCP's CheckpointException is not an Exception
         traceback.print_exc()

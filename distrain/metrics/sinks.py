@@ -73,26 +73,28 @@ class MetricsLogger:
 
 
 def rewind_metrics(run_dir: Path, step: int) -> int:
-    """Drop the records of steps after `step` from metrics.jsonl (steps a crash lost and the
-    resumed run repeats); returns how many. The file is replaced whole, never left half-written."""
+    """Move the records of steps after `step` out of metrics.jsonl (steps a crash lost, which the
+    resumed run repeats) to the end of metrics.rewound.jsonl; returns how many. metrics.jsonl is
+    replaced whole, never left half-written."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return 0
-    lines = path.read_text().splitlines(keepends=True)
-    kept = []
-    for line in lines:
+    kept, dropped = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        line = line if line.endswith("\n") else line + "\n"  # a line a crash cut short
         try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+            (kept if json.loads(line)["step"] <= step else dropped).append(line)
         except (ValueError, KeyError, TypeError):
-            pass  # a line cut short by a crash
-    if len(kept) == len(lines):
+            dropped.append(line)
+    if not dropped:
         return 0
+    with open(run_dir / "metrics.rewound.jsonl", "a") as f:
+        f.write("".join(dropped))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     faults.fire("metrics_rewind")
     os.replace(tmp, path)
-    return len(lines) - len(kept)
+    return len(dropped)
 
 
 def _init_wandb(job: JobConfig, run_dir: Path, config_dict: dict[str, Any], start_step: int):
@@ -104,7 +106,7 @@ def _init_wandb(job: JobConfig, run_dir: Path, config_dict: dict[str, Any], star
     resuming = id_file.exists()
     run_id = id_file.read_text().strip() if resuming else secrets.token_hex(4)
     id_file.write_text(run_id)
-    where = {"resume_from": f"{run_id}?_step={start_step}"} if resuming and start_step > 0 else {"id": run_id, "resume": "allow"}
+    where = {"resume_from": f"{run_id}?_step={start_step}"} if resuming else {"id": run_id, "resume": "allow"}
     return wandb.init(
         project=job.logging.wandb.project,
         entity=job.logging.wandb.entity,

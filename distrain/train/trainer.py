@@ -9,6 +9,7 @@ the global batch, whatever the micro-batch size, accumulation count or number of
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import time
 from pathlib import Path
@@ -99,7 +100,8 @@ class Trainer:
         # checkpoints and resume
         self.config_path = self.run_dir / "config.yaml"  # written by rank 0 (distrain.launch.run_dir)
         self.checkpointer = Checkpointer(
-            self.run_dir / "checkpoints", job.checkpoint.keep, job.checkpoint.async_, self.config_path, self.tokenizer_dir
+            self.run_dir / "checkpoints", job.checkpoint.keep, job.checkpoint.async_, self.config_path, self.tokenizer_dir,
+            device, datetime.timedelta(seconds=job.launcher.timeout_s),
         )
         self.step = self.saved_step = 0
         if resume_from is not None:
@@ -210,7 +212,7 @@ class Trainer:
         # NOTE: the weights alone: every applied step had a finite gradient norm, so every squared
         #       gradient was finite and Adam's moments are too; only the update (a huge lr, weights
         #       near the float limit) can overflow, and it lands in the weights.
-        if not all_finite(self.model.parameters()):
+        if not all_finite(self.model.parameters(), self.device):
             raise NonFiniteState(
                 f"the weights hold non-finite values after step {self.step}; no checkpoint written, "
                 f"the newest complete one is step {self.saved_step}"
@@ -277,7 +279,7 @@ class Trainer:
                     status = stop.exit_status(stop_flags)
                     requeue = " (exit 75: requeue the job to continue)" if status == stop.EXIT_REQUEUE else ""
                     self.say(f"distrain: stopped by {stop.name(stop_flags)} after step {self.step}; checkpoint {path}; "
-                             f"run the same command to resume{requeue}")
+                             f"to resume, run the same command with run.dir={self.run_dir}{requeue}")
                     return status
                 if (job.checkpoint.interval and self.step % job.checkpoint.interval == 0) or last:
                     self.save()
