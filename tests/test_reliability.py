@@ -278,6 +278,19 @@ def test_corrupt_checkpoints_are_named_or_skipped(tmp_path, tiny):
     assert checkpoints(run_dir) == ["step_00000002", "step_00000004", "step_00000004.corrupt"]
     assert_same_losses(read_metrics(full), read_metrics(run_dir), range(1, 5))
 
+    # contents damaged at full length: the load fails on every rank together, and auto falls back
+    damaged = tmp_path / "damaged"
+    shutil.copytree(full, damaged)
+    shard = max((damaged / "checkpoints" / "step_00000004").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(os.urandom(shard.stat().st_size))
+    proc = check_ok(run_cli(train_args(tiny, damaged, *common, "launcher.nproc_per_node=2"), tmp_path, env=MULTI))
+    assert "could not be loaded" in proc.stdout and "set aside as step_00000004.corrupt" in proc.stdout, proc.stdout
+    assert checkpoints(damaged) == ["step_00000002", "step_00000004", "step_00000004.corrupt"]
+    assert_same_losses(read_metrics(full), read_metrics(damaged), range(1, 5))
+    # as the start of a new run, it is an error naming it
+    proc = run_cli(train_args(tiny, tmp_path / "new2", *common, f"checkpoint.resume={damaged / 'checkpoints' / 'step_00000004.corrupt'}"), tmp_path)
+    assert proc.returncode == 1 and "step_00000004.corrupt could not be loaded" in proc.stderr.strip().splitlines()[-1], proc.stderr[-1500:]
+
 
 # --------------------------------------------------------------------------- export keeps files
 

@@ -232,6 +232,13 @@ class Checkpointer:
         faults.fire("prune", step)
         self._empty_trash()
 
+    def tidy(self, resumed: Path) -> None:
+        """After a resume from `resumed` loaded: what a crash between a save and its prune left
+        beyond `checkpoint.keep` is thrown out (rank 0)."""
+        if self.rank == 0 and resumed.resolve().parent == self.dir.resolve():
+            prune(self.dir, self.keep, resumed)
+            self._empty_trash()
+
 
 def _run_stager(device: torch.device):
     """A stager kept for the run: it reuses its host copies from one save to the next, pinned on
@@ -267,6 +274,10 @@ def all_finite(tensors, device: torch.device) -> bool:
     return bad.item() == 0
 
 
+class CheckpointLoadError(RuntimeError):
+    """DCP could not read a checkpoint; raised on every rank at once (DCP gathers read errors)."""
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng_name: str) -> dict[str, Any]:
     """Load model and optimizer (resharding as needed) and this rank's RNG; return train_state."""
     state = {
@@ -278,10 +289,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     try:
         dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as error:  # DCP raises the latter, not an Exception
-        raise RuntimeError(
-            f"checkpoint {path} could not be loaded ({type(error).__name__}): its contents are damaged; move it aside "
-            f"(e.g. rename it {path.name}.corrupt) and rerun to resume from the one before"
-        ) from error
+        raise CheckpointLoadError(f"checkpoint {path} could not be loaded ({type(error).__name__}): its contents are damaged") from error
     for container, key, held in restore:
         held.to_local().copy_(container[key].redistribute(placements=held.placements).to_local())
         container[key] = held

@@ -2,8 +2,9 @@
 
 `checkpoint.resume`:
 - `auto`: the newest complete checkpoint in `run.dir/checkpoints`; one that fails
-  `check_complete` (a truncated shard, a missing `.metadata`) is set aside as `*.corrupt`, with a
-  warning, and the one before it is used; none: start from scratch;
+  `check_complete` (a truncated shard, a missing `.metadata`), or whose contents fail to load
+  (`Trainer`), is set aside as `*.corrupt`, with a warning, and the one before it is used; none:
+  start from scratch;
 - `never`: start from scratch, in a run directory that holds no checkpoints (a requeued Slurm
   job, `SLURM_RESTART_COUNT` > 0, continues its own checkpoints as with `auto`);
 - a path: the checkpoint a new run starts from (e.g. another run's), which must be complete.
@@ -35,6 +36,8 @@ STREAM_KEYS = {"seed": "run.seed", "seq_len": "train.seq_len"}
 class Resume:
     path: Path | None  # None: from scratch
     set_aside: list[tuple[Path, str]] = field(default_factory=list)  # (checkpoint, why): renamed to *.why
+    # with auto: the older checkpoints, newest first, for a `path` whose contents fail to load
+    fallbacks: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -68,10 +71,11 @@ def choose(job: JobConfig, data_fingerprint: str | None = None) -> Resume:
             )
         resume.path = path.resolve()
     else:
-        for candidate in reversed(existing):
+        for i, candidate in enumerate(reversed(existing)):
             problem = check_complete(candidate)
             if problem is None:
                 resume.path = candidate
+                resume.fallbacks = list(reversed(existing))[i + 1 :]
                 break
             resume.set_aside.append((candidate, "corrupt"))
             resume.warnings.append(f"warning: checkpoint {candidate} is unusable ({problem}); set aside as {candidate.name}.corrupt, trying the one before")

@@ -18,7 +18,7 @@ import socket
 from pathlib import Path
 
 from distrain.checkpoint import resume as resumes
-from distrain.checkpoint.dcp import clean_leftovers, discard, prune
+from distrain.checkpoint.dcp import clean_leftovers, discard
 from distrain.config import ConfigError, JobConfig, write_config_yaml
 from distrain.metrics.sinks import rewind_metrics
 
@@ -80,8 +80,6 @@ def prepare_run(job: JobConfig, data_fingerprint: str | None) -> tuple[resumes.R
     # NOTE: thrown out by renames (instant: the other ranks wait in a collective meanwhile) and
     #       removed in the background
     clean_leftovers(run_dir / "checkpoints")
-    if resume.path is not None and resume.path.resolve().parent == (run_dir / "checkpoints").resolve():  # a crash may have come before a prune
-        prune(run_dir / "checkpoints", job.checkpoint.keep, resume.path)
     for leftover in [*run_dir.glob(".export.*.tmp"), *run_dir.glob(".export.old")]:
         discard(leftover, run_dir / "checkpoints")
     if resume.path is None:

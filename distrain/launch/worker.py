@@ -49,10 +49,11 @@ def init_distributed(job: JobConfig, device: torch.device) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs)
 
 
-def agree(job: JobConfig) -> tuple[JobConfig, str | None]:
-    """Rank 0 decides the run (its config, including `run.dir`, and the checkpoint to resume;
-    see `distrain.launch.run_dir.prepare_run`) and every rank takes its decision: ranks that
-    composed their own configs (torchrun, srun) may have named different directories."""
+def agree(job: JobConfig) -> tuple[JobConfig, list[str]]:
+    """Rank 0 decides the run (its config, including `run.dir`, and the checkpoints to resume,
+    the chosen one then its fallbacks; see `distrain.launch.run_dir.prepare_run`) and every rank
+    takes its decision: ranks that composed their own configs (torchrun, srun) may have named
+    different directories."""
     decision: list = [None]
     failed = None
     if dist.get_rank() == 0:
@@ -62,7 +63,7 @@ def agree(job: JobConfig) -> tuple[JobConfig, str | None]:
         try:
             resume, lines = prepare_run(job, prepare_corpus(job.data)[1])
             print("\n".join(lines), flush=True)
-            decision = [(to_dict(job), None if resume.path is None else str(resume.path))]
+            decision = [(to_dict(job), [str(p) for p in ([resume.path, *resume.fallbacks] if resume.path else [])])]
         except Exception as error:  # noqa: BLE001 - the other ranks must hear of it, not wait for it
             failed = error
             decision = [("config error" if isinstance(error, ConfigError) else "error", str(error))]
@@ -86,7 +87,7 @@ def run(job: JobConfig) -> int:
     rank = dist.get_rank()
     try:
         job, resume_from = agree(job)
-        trainer = Trainer(job, device, None if resume_from is None else Path(resume_from))
+        trainer = Trainer(job, device, [Path(p) for p in resume_from])
         status = trainer.train()
         dist.barrier()
     finally:

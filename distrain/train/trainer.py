@@ -21,13 +21,14 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from distrain import faults
-from distrain.checkpoint.dcp import Checkpointer, all_finite, checkpoint_name, load_checkpoint
+from distrain.checkpoint.dcp import Checkpointer, CheckpointLoadError, all_finite, checkpoint_name, load_checkpoint, read_train_state
+from distrain.checkpoint.resume import Resume, set_aside
 from distrain.config import JobConfig, to_dict
 from distrain.data.corpus import load_corpus
 from distrain.data.loader import GlobalBatchLoader, eval_batches
 from distrain.data.packing import IGNORE_INDEX, PackedDataset
 from distrain.metrics.flops import flops_per_token, peak_flops
-from distrain.metrics.sinks import MetricsLogger
+from distrain.metrics.sinks import MetricsLogger, rewind_metrics
 from distrain.models import build_config, build_meta_model, has_pretrained_weights, pretrained_state_dict
 from distrain.parallel.grads import clip_grad_norm
 from distrain.parallel.mesh import ParallelDims
@@ -38,9 +39,10 @@ from distrain.train.schedule import lr_multiplier
 
 
 class Trainer:
-    """`resume_from`: the checkpoint every rank loads (rank 0's choice, shared), or None."""
+    """`resume_from`: the checkpoints to resume from, rank 0's choice first, then the ones to fall
+    back to if its contents fail to load (shared by every rank); empty: from scratch."""
 
-    def __init__(self, job: JobConfig, device: torch.device, resume_from: Path | None = None):
+    def __init__(self, job: JobConfig, device: torch.device, resume_from: list[Path] = ()):
         self.job, self.device = job, device
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
@@ -104,10 +106,22 @@ class Trainer:
             device, datetime.timedelta(seconds=job.launcher.timeout_s),
         )
         self.step = self.saved_step = 0
-        if resume_from is not None:
-            state = load_checkpoint(resume_from, self.model, self.optimizer, f"dp_{self.dp_rank}")
+        for i, path in enumerate(resume_from):
+            try:
+                state = load_checkpoint(path, self.model, self.optimizer, f"dp_{self.dp_rank}")
+            except CheckpointLoadError as error:
+                if i + 1 == len(resume_from):
+                    raise CheckpointLoadError(f"{error}; move it aside (e.g. rename it {path.name}.corrupt) and rerun") from error
+                if self.is_main:  # every rank failed alike: DCP gathers read errors
+                    set_aside(Resume(path=resume_from[i + 1], set_aside=[(path, "corrupt")]))
+                    moved = rewind_metrics(self.run_dir, read_train_state(resume_from[i + 1])["step"])
+                    print(f"warning: {error}; set aside as {path.name}.corrupt, resuming from {resume_from[i + 1]} instead"
+                          f" ({moved} records of metrics.jsonl moved to metrics.rewound.jsonl)", flush=True)
+                continue
             self.step = self.saved_step = state["step"]
             self.train_loader.load_state_dict(state["data"])
+            self.checkpointer.tidy(path)
+            break
         # NOTE: the config wins over the hyperparameters a checkpoint brings back (rank 0 lists
         #       what changed); the learning rate is a function of the step alone, so the scheduler
         #       is rebuilt at the resumed step rather than loaded (its lists follow the layout).
