@@ -244,7 +244,6 @@ class Trainer:
     def train(self) -> int:
         """Train to `train.steps`; return the exit status (0, or why the run stopped early)."""
         job = self.job
-        tokens_per_step = job.train.global_batch_size * job.train.seq_len
         if self.step >= job.train.steps:
             self.say(f"the checkpoint is at step {self.step}, train.steps={job.train.steps}: nothing to train")
         try:
@@ -260,41 +259,13 @@ class Trainer:
                 self.checkpointer.poll()
                 nonfinite, stop_flags = flags[0], flags[1:]
                 last = self.step == job.train.steps
-                record = {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr}
-                if nonfinite:
-                    self.nonfinite_streak += 1
-                    record["skipped"] = True
-                    self.say(
-                        f"step {self.step}: non-finite loss ({loss:.4g}) or gradient norm ({grad_norm:.4g}): update skipped, "
-                        f"weights and optimizer state unchanged ({self.nonfinite_streak} in a row)"
-                    )
-                else:
-                    self.nonfinite_streak = 0
+                record = {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr, **({"skipped": True} if nonfinite else {})}
                 if job.eval.interval and (self.step % job.eval.interval == 0 or last) and not any(stop_flags):
                     record["eval_loss"] = self.evaluate()
-                if self.step % job.logging.interval == 0 or last or nonfinite or "eval_loss" in record:
-                    tokens_per_s = tokens_per_step / step_time
-                    record.update(
-                        tokens_per_s=tokens_per_s,
-                        mfu=None if self.peak_flops is None else tokens_per_s / self.world_size * self.flops_per_token / self.peak_flops,
-                        step_time_s=step_time,
-                        samples_consumed=self.train_loader.position,
-                        max_memory_bytes=_max_memory(self.device),
-                        **(self.state_bytes or {}),
-                    )
-                    if self.metrics is not None:
-                        self.metrics.log(record)
-                if nonfinite and (job.train.nonfinite == "stop" or self.nonfinite_streak > job.train.max_nonfinite_steps):
-                    why = "train.nonfinite=stop" if job.train.nonfinite == "stop" else f"more than train.max_nonfinite_steps={job.train.max_nonfinite_steps} in a row"
-                    raise NonFiniteState(f"non-finite loss or gradients at step {self.step} ({why}); the newest complete checkpoint is step {self.saved_step}")
+                self.log(record, step_time, always=last or nonfinite)
+                self.count_nonfinite(nonfinite, loss, grad_norm)
                 if any(stop_flags) and not last:
-                    path = self.save() if self.saved_step != self.step else self.run_dir / "checkpoints" / checkpoint_name(self.step)
-                    self.checkpointer.close()
-                    status = stop.exit_status(stop_flags)
-                    requeue = " (exit 75: requeue the job to continue)" if status == stop.EXIT_REQUEUE else ""
-                    self.say(f"distrain: stopped by {stop.name(stop_flags)} after step {self.step}; checkpoint {path}; "
-                             f"to resume, run the same command with run.dir={self.run_dir}{requeue}")
-                    return status
+                    return self.stop_on_request(stop_flags)
                 if (job.checkpoint.interval and self.step % job.checkpoint.interval == 0) or last:
                     self.save()
             self.checkpointer.close()
@@ -303,6 +274,44 @@ class Trainer:
             self.say(f"distrain: stopped: {error}")
             return stop.EXIT_NONFINITE
         return 0
+
+    def log(self, record: dict, step_time: float, always: bool) -> None:
+        if not (always or self.step % self.job.logging.interval == 0 or "eval_loss" in record):
+            return
+        tokens_per_s = self.job.train.global_batch_size * self.job.train.seq_len / step_time
+        record.update(
+            tokens_per_s=tokens_per_s,
+            mfu=None if self.peak_flops is None else tokens_per_s / self.world_size * self.flops_per_token / self.peak_flops,
+            step_time_s=step_time,
+            samples_consumed=self.train_loader.position,
+            max_memory_bytes=_max_memory(self.device),
+            **(self.state_bytes or {}),
+        )
+        if self.metrics is not None:
+            self.metrics.log(record)
+
+    def count_nonfinite(self, nonfinite: bool, loss: float, grad_norm: float) -> None:
+        """Say a skipped step; raise NonFiniteState when the run must stop (train.nonfinite)."""
+        if not nonfinite:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_streak += 1
+        self.say(f"step {self.step}: non-finite loss ({loss:.4g}) or gradient norm ({grad_norm:.4g}): update skipped, "
+                 f"weights and optimizer state unchanged ({self.nonfinite_streak} in a row)")
+        limit = self.job.train.max_nonfinite_steps
+        if self.job.train.nonfinite == "stop" or self.nonfinite_streak > limit:
+            why = "train.nonfinite=stop" if self.job.train.nonfinite == "stop" else f"more than train.max_nonfinite_steps={limit} in a row"
+            raise NonFiniteState(f"non-finite loss or gradients at step {self.step} ({why}); the newest complete checkpoint is step {self.saved_step}")
+
+    def stop_on_request(self, flags: list[int]) -> int:
+        """The ranks agreed to stop: save (unless this step is saved), say where, return the status."""
+        path = self.save() if self.saved_step != self.step else self.run_dir / "checkpoints" / checkpoint_name(self.step)
+        self.checkpointer.close()
+        status = stop.exit_status(flags)
+        requeue = " (exit 75: requeue the job to continue)" if status == stop.EXIT_REQUEUE else ""
+        self.say(f"distrain: stopped by {stop.name(flags)} after step {self.step}; checkpoint {path}; "
+                 f"to resume, run the same command with run.dir={self.run_dir}{requeue}")
+        return status
 
 
 class NonFiniteState(RuntimeError):
