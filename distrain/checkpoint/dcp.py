@@ -50,8 +50,7 @@ _NAME = re.compile(r"^step_(\d{8})$")
 # Optimizer state keyed by parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"), not by
 # group index: the trainer's param groups follow the layout's meshes, the checkpoint must not.
 _OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
-# Leftovers of interrupted saves (`.tmp`) and of older distrain prunes (`.deleting`).
-_LEFTOVER = re.compile(r"^step_\d{8}\.(tmp|deleting)$")
+_LEFTOVER = re.compile(r"^step_\d{8}\.tmp$")  # an interrupted save
 TRASH = ".trash"
 
 
@@ -167,7 +166,7 @@ class Checkpointer:
         if rng_name is not None:
             torch.save(_rng_state(), tmp / "rng" / f"{rng_name}.pt")
         if self.rank == 0:
-            _write_synced(tmp / "train_state.json", json.dumps(train_state, indent=1))
+            (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
             shutil.copy(self.config_yaml, tmp / "config.yaml")
             shutil.copytree(self.tokenizer_dir, tmp / "tokenizer")
         if self.async_group is not None:
@@ -328,13 +327,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _fsync_tree(root: Path) -> None:

@@ -86,12 +86,14 @@ def _spawn_local(job: JobConfig) -> int:
         pass
     write_config_yaml(job, handoff.name)
     os.environ["DISTRAIN_LAUNCHER_PID"] = str(os.getpid())  # for the kill@... test faults
+    # how long a failing rank's peers get to exit before SIGKILL (an environment variable rather
+    # than --shutdown_timeout, which older torch lacks)
+    os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(job.launcher.timeout_s)
     args = get_args_parser().parse_args(
         [
             "--standalone",
             f"--nproc_per_node={job.launcher.nproc_per_node}",
             "--max_restarts=0",
-            f"--shutdown_timeout={job.launcher.timeout_s}",
             "--module",
             "distrain.launch.worker",
             handoff.name,

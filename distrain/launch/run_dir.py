@@ -51,7 +51,7 @@ def _lock(run_dir: Path, hold: bool) -> str | None:
 
 def check_run(job: JobConfig, data_fingerprint: str | None, lock: bool) -> resumes.Resume:
     """Before spawn: the run directory is usable, not in use (when `lock`), and the resume
-    allowed. Nothing is written but the directory itself."""
+    allowed. Nothing is written but the directory and its lock file."""
     run_dir = Path(job.run.dir)
     if not job.run.dir.strip():
         raise ConfigError("run.dir is empty: name the folder the run writes to, e.g. run.dir=runs/try1")
