@@ -4,7 +4,9 @@
 # checkpoints, resume, export, a stop signal with async checkpoints, a non-finite step, FSDP CPU
 # offload, and the checkpoint benchmark with the state on the GPU.
 #
-#   bash scripts/device_check.sh        # logs and benchmark JSON under $OUT (default /tmp/distrain-device)
+#   bash scripts/device_check.sh [checkpoints]   # logs and benchmark JSON under $OUT (default /tmp/distrain-device)
+#
+# `checkpoints`: only the async-save runs (a stop, a resume, exact losses) and the checkpoint benchmark.
 set -uo pipefail
 OUT=${OUT:-/tmp/distrain-device}
 mkdir -p "$OUT"
@@ -28,6 +30,21 @@ train() {  # train NAME [key=value ...]: whole log appended to $OUT/runs.log; pr
     grep -E "^step (1|10|20|30|40|50)/|resuming|scratch|stopped|non-finite|exported|Error|error" /tmp/run.log | grep -v "Writing" | tail -12
 }
 
+PART=${1:-all}
+if [ "$PART" = checkpoints ]; then
+    # async saves every 5 steps (host copies reused), a resume from the step-20 one: losses equal an uninterrupted run's
+    train cuda_reference train.steps=25 checkpoint.interval=0 eval.interval=0 checkpoint.export=false run.dir=/tmp/ref
+    DISTRAIN_FAULT="signal@step:step=21:signal=SIGTERM" train cuda_async train.steps=25 checkpoint.interval=5 checkpoint.async=true eval.interval=0 run.dir=/tmp/ra
+    train cuda_async_resumed train.steps=25 checkpoint.interval=5 checkpoint.async=true eval.interval=0 checkpoint.export=false run.dir=/tmp/ra
+    python3 - <<'EOF'
+import json
+ref = {r["step"]: r["loss"] for r in map(json.loads, open("/tmp/ref/metrics.jsonl"))}
+run = [json.loads(l) for l in open("/tmp/ra/metrics.jsonl")]
+print("steps once each:", [r["step"] for r in run] == list(range(1, 26)),
+      "max |loss - reference|:", max(abs(r["loss"] - ref[r["step"]]) for r in run))
+EOF
+fi
+if [ "$PART" = all ]; then
 train cuda_train train.steps=40 checkpoint.interval=20 eval.interval=20 run.dir=/tmp/r1
 train cuda_resume train.steps=50 checkpoint.interval=20 eval.interval=0 run.dir=/tmp/r1
 DISTRAIN_FAULT="signal@step:step=15:signal=SIGTERM" train cuda_sigterm_async train.steps=30 checkpoint.interval=10 checkpoint.async=true run.dir=/tmp/r2
@@ -41,8 +58,10 @@ for run in ("/tmp/r1", "/tmp/r2"):
     print(run, "steps logged once each:", steps == list(range(1, len(steps) + 1)), "last", steps[-1])
 EOF
 
+fi
+
 echo "== checkpoint benchmark (state on the GPU)"
-python3 scripts/bench/checkpoint.py --rounds 3 --steps 8 --interval 4 --out "$OUT" \
+python3 scripts/bench/checkpoint.py --rounds 3 --steps 16 --interval 4 --out "$OUT" \
     ++model.config.hidden_size=2048 ++model.config.intermediate_size=5632 ++model.config.num_hidden_layers=8 \
     ++model.config.num_attention_heads=16 ++model.config.num_key_value_heads=8 train.global_batch_size=8 train.micro_batch_size=8 \
     data.cache_dir=/tmp/distrain-cache 2>&1 | grep -v Writing | tee "$OUT/bench.log"

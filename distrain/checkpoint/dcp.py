@@ -14,7 +14,8 @@ so a folder named `step_NNNNNNNN` is complete; `check_complete` also verifies th
 the DCP metadata names is there at its full length. Old checkpoints are pruned by moving them
 into `checkpoints/.trash/` first (a rename), so a half-deleted folder never looks like a
 checkpoint; the trash is emptied by rank 0 in the background, off the training path. With
-`checkpoint.async`, the tensors are copied to host memory and written by a background thread
+`checkpoint.async`, the tensors are copied into host buffers kept for the run (pinned on CUDA;
+host memory the size of the rank's state) and written by a background thread
 (DCP async save on a gloo group of its own); the rename and pruning happen once the write has
 finished, at a later step boundary, the next save or the end of the run.
 """
@@ -36,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -142,7 +144,7 @@ class Checkpointer:
             # NOTE: the background write runs DCP's own collectives; on a group of their own they
             #       cannot interleave with the training step's, and gloo serves CUDA runs too.
             self.async_group = dist.new_group(backend="gloo", timeout=timeout)
-            self.stager = _run_stager(device)
+            self.stager = _KeptStager(device)
         self.pending: tuple[Any, Path, Path, int] | None = None  # (future, tmp, final, step) in flight
         self.deleting: list[threading.Thread] = []  # rank 0 empties the trash off the training path
         self._empty_trash()
@@ -196,7 +198,7 @@ class Checkpointer:
         """At the end of the run: wait for the save in flight, free the staging copies."""
         self.wait()
         if self.stager is not None:
-            self.stager.close()
+            self.stager.release()
             self.stager = None
 
     def join_deletions(self) -> None:
@@ -239,17 +241,60 @@ class Checkpointer:
             self._empty_trash()
 
 
-def _run_stager(device: torch.device):
-    """A stager kept for the run: it reuses its host copies from one save to the next, pinned on
-    CUDA so that the copy out of the GPU, the part of an async save that blocks training, runs at
-    full speed. None (DCP's default: fresh pageable copies each save) before torch 2.13, whose
-    async_save closes the stager it is given after one save (the next one then fails)."""
-    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+class HostCopies:
+    """Host tensors mirroring a state dict's tensors, allocated once and reused (pinned when `pin`,
+    so copies out of and into a GPU run at full speed). DTensors are mirrored as DTensors over the
+    same mesh and placements, so DCP plans the mirror exactly as it would the original."""
 
-    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13):
-        return None
-    cuda = device.type == "cuda"
-    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=cuda))
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def mirror(self, tree, copy: bool, key: str = ""):
+        """A tree like `tree` whose tensors are the host buffers, filled with `tree`'s values when
+        `copy` (non-blocking from a GPU when pinned: synchronize before reading them)."""
+        if isinstance(tree, dict):
+            return {k: self.mirror(v, copy, f"{key}/{k}") for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(self.mirror(v, copy, f"{key}/{i}") for i, v in enumerate(tree))
+        if isinstance(tree, DTensor):
+            local = self.mirror(tree.to_local(), copy, key)
+            return DTensor(local, tree._spec, requires_grad=False)  # NOTE: from_local would move it to the mesh's device
+        if not isinstance(tree, torch.Tensor):
+            return tree
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.shape != tree.shape or buffer.dtype != tree.dtype or buffer.stride() != tree.stride():
+            buffer = self.buffers[key] = torch.empty_like(tree, device="cpu", pin_memory=self.pin and tree.device.type == "cuda")
+        if copy:
+            buffer.copy_(tree, non_blocking=buffer.is_pinned())
+        return buffer
+
+
+class _KeptStager:
+    """DCP's async stager (`AsyncStager` protocol) over host copies kept for the run: a save blocks
+    training only for the copy out of the device. Its `close` does nothing, since some torch
+    versions' async_save close the stager they are given after each save; `release` frees it."""
+
+    should_synchronize_after_execute = False
+
+    def __init__(self, device: torch.device):
+        self.copies = HostCopies(pin=device.type == "cuda")
+
+    def stage(self, state_dict):
+        staged = self.copies.mirror(state_dict, copy=True)
+        if self.copies.pin:
+            torch.cuda.synchronize()  # the non-blocking copies have landed before training goes on
+        return staged
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def release(self) -> None:
+        self.copies.buffers.clear()
 
 
 def _remove_contents(folder: Path) -> None:
@@ -277,18 +322,25 @@ class CheckpointLoadError(RuntimeError):
     """DCP could not read a checkpoint; raised on every rank at once (DCP gathers read errors)."""
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng_name: str) -> dict[str, Any]:
-    """Load model and optimizer (resharding as needed) and this rank's RNG; return train_state."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng_name: str,
+                    host: HostCopies | None = None) -> dict[str, Any]:
+    """Load model and optimizer (resharding as needed) and this rank's RNG; return train_state.
+    With `host`, DCP reads into its host copies, which are then copied to the device at once."""
     state = {
         "model": get_model_state_dict(model),
         "optim": get_optimizer_state_dict(model, optimizer, options=_OPTIM),
     }
     restore: list = []
     _to_storage(state, restore)
+    target = state if host is None else host.mirror(state, copy=False)
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(target, checkpoint_id=str(path))
     except (Exception, CheckpointException) as error:  # DCP raises the latter, not an Exception
         raise CheckpointLoadError(f"checkpoint {path} could not be loaded ({type(error).__name__}): its contents are damaged") from error
+    if host is not None:
+        _copy_into(state, target)
+        if host.pin:
+            torch.cuda.synchronize()
     for container, key, held in restore:
         held.to_local().copy_(container[key].redistribute(placements=held.placements).to_local())
         container[key] = held
@@ -298,6 +350,21 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return read_train_state(path)
+
+
+@torch.no_grad()
+def _copy_into(tree, loaded) -> None:
+    """In place: `tree`'s tensors get the values of `loaded`'s (a mirror of it), its other leaves
+    the loaded ones."""
+    for key, value in list(tree.items() if isinstance(tree, dict) else enumerate(tree)):
+        if isinstance(value, (dict, list)):
+            _copy_into(value, loaded[key])
+        elif isinstance(value, torch.Tensor):
+            local = value.to_local() if isinstance(value, DTensor) else value
+            source = loaded[key].to_local() if isinstance(loaded[key], DTensor) else loaded[key]
+            local.copy_(source, non_blocking=source.is_pinned())
+        else:
+            tree[key] = loaded[key]
 
 
 def _to_storage(tree, restore: list) -> None:
