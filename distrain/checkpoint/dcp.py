@@ -241,51 +241,40 @@ class Checkpointer:
             self._empty_trash()
 
 
-class HostCopies:
-    """Host tensors mirroring a state dict's tensors, allocated once and reused (pinned when `pin`,
-    so copies out of and into a GPU run at full speed). DTensors are mirrored as DTensors over the
-    same mesh and placements, so DCP plans the mirror exactly as it would the original."""
+class _KeptStager:
+    """DCP's async stager (`AsyncStager` protocol): copies the state into host tensors allocated at
+    the first save and reused (pinned on CUDA, so the copy out of the GPU, the only part of a save
+    that blocks training, runs at full speed). DTensors are staged as DTensors over the same mesh
+    and placements, so DCP plans the copy exactly as the original. `close` does nothing, since
+    some torch versions' async_save close the stager they are given after each save; `release`
+    frees the copies."""
 
-    def __init__(self, pin: bool):
-        self.pin = pin
+    should_synchronize_after_execute = False
+
+    def __init__(self, device: torch.device):
+        self.pin = device.type == "cuda"
         self.buffers: dict[str, torch.Tensor] = {}
 
+    def stage(self, state_dict):
+        staged = self._copy(state_dict, "")
+        if self.pin:
+            torch.cuda.synchronize()  # the non-blocking copies have landed before training goes on
+        return staged
+
     @torch.no_grad()
-    def mirror(self, tree, copy: bool, key: str = ""):
-        """A tree like `tree` whose tensors are the host buffers, filled with `tree`'s values when
-        `copy` (non-blocking from a GPU when pinned: synchronize before reading them)."""
+    def _copy(self, tree, key: str):
         if isinstance(tree, dict):
-            return {k: self.mirror(v, copy, f"{key}/{k}") for k, v in tree.items()}
+            return {k: self._copy(v, f"{key}/{k}") for k, v in tree.items()}
         if isinstance(tree, (list, tuple)):
-            return type(tree)(self.mirror(v, copy, f"{key}/{i}") for i, v in enumerate(tree))
+            return type(tree)(self._copy(v, f"{key}/{i}") for i, v in enumerate(tree))
         if isinstance(tree, DTensor):
-            local = self.mirror(tree.to_local(), copy, key)
-            return DTensor(local, tree._spec, requires_grad=False)  # NOTE: from_local would move it to the mesh's device
+            return DTensor(self._copy(tree.to_local(), key), tree._spec, requires_grad=False)  # NOTE: from_local would move it to the mesh's device
         if not isinstance(tree, torch.Tensor):
             return tree
         buffer = self.buffers.get(key)
         if buffer is None or buffer.shape != tree.shape or buffer.dtype != tree.dtype or buffer.stride() != tree.stride():
             buffer = self.buffers[key] = torch.empty_like(tree, device="cpu", pin_memory=self.pin and tree.device.type == "cuda")
-        if copy:
-            buffer.copy_(tree, non_blocking=buffer.is_pinned())
-        return buffer
-
-
-class _KeptStager:
-    """DCP's async stager (`AsyncStager` protocol) over host copies kept for the run: a save blocks
-    training only for the copy out of the device. Its `close` does nothing, since some torch
-    versions' async_save close the stager they are given after each save; `release` frees it."""
-
-    should_synchronize_after_execute = False
-
-    def __init__(self, device: torch.device):
-        self.copies = HostCopies(pin=device.type == "cuda")
-
-    def stage(self, state_dict):
-        staged = self.copies.mirror(state_dict, copy=True)
-        if self.copies.pin:
-            torch.cuda.synchronize()  # the non-blocking copies have landed before training goes on
-        return staged
+        return buffer.copy_(tree, non_blocking=buffer.is_pinned())
 
     def synchronize_staging(self) -> None:
         pass
@@ -294,7 +283,7 @@ class _KeptStager:
         pass
 
     def release(self) -> None:
-        self.copies.buffers.clear()
+        self.buffers.clear()
 
 
 def _remove_contents(folder: Path) -> None:
@@ -322,25 +311,18 @@ class CheckpointLoadError(RuntimeError):
     """DCP could not read a checkpoint; raised on every rank at once (DCP gathers read errors)."""
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng_name: str,
-                    host: HostCopies | None = None) -> dict[str, Any]:
-    """Load model and optimizer (resharding as needed) and this rank's RNG; return train_state.
-    With `host`, DCP reads into its host copies, which are then copied to the device at once."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng_name: str) -> dict[str, Any]:
+    """Load model and optimizer (resharding as needed) and this rank's RNG; return train_state."""
     state = {
         "model": get_model_state_dict(model),
         "optim": get_optimizer_state_dict(model, optimizer, options=_OPTIM),
     }
     restore: list = []
     _to_storage(state, restore)
-    target = state if host is None else host.mirror(state, copy=False)
     try:
-        dcp.load(target, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as error:  # DCP raises the latter, not an Exception
         raise CheckpointLoadError(f"checkpoint {path} could not be loaded ({type(error).__name__}): its contents are damaged") from error
-    if host is not None:
-        _copy_into(state, target)
-        if host.pin:
-            torch.cuda.synchronize()
     for container, key, held in restore:
         held.to_local().copy_(container[key].redistribute(placements=held.placements).to_local())
         container[key] = held
@@ -350,21 +332,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return read_train_state(path)
-
-
-@torch.no_grad()
-def _copy_into(tree, loaded) -> None:
-    """In place: `tree`'s tensors get the values of `loaded`'s (a mirror of it), its other leaves
-    the loaded ones."""
-    for key, value in list(tree.items() if isinstance(tree, dict) else enumerate(tree)):
-        if isinstance(value, (dict, list)):
-            _copy_into(value, loaded[key])
-        elif isinstance(value, torch.Tensor):
-            local = value.to_local() if isinstance(value, DTensor) else value
-            source = loaded[key].to_local() if isinstance(loaded[key], DTensor) else loaded[key]
-            local.copy_(source, non_blocking=source.is_pinned())
-        else:
-            tree[key] = loaded[key]
 
 
 def _to_storage(tree, restore: list) -> None:
