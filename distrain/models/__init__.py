@@ -22,6 +22,20 @@ from distrain.config.schema import ConfigError, ModelConfig
 
 
 @dataclass
+class MoEBlock:
+    """One MoE module of a decoder block, found by structure (`discover_moe`)."""
+
+    name: str  # FQN of the MoE module (e.g. model.layers.3.mlp)
+    module: nn.Module
+    router: nn.Module  # its weight is [num_experts, hidden]
+    router_name: str  # child name inside `module`
+    experts: nn.Module  # holds the 3-D expert weights, experts first
+    experts_name: str
+    shared_expert: nn.Module | None = None  # a dense MLP every token goes through (Qwen2-MoE, DeepSeek-V3)
+    shared_gate: nn.Module | None = None  # the shared expert's sigmoid gate (Qwen2-MoE)
+
+
+@dataclass
 class ModelSpec:
     blocks: nn.ModuleList  # the decoder blocks, the unit of FSDP / checkpointing
     block_class: str
@@ -33,6 +47,7 @@ class ModelSpec:
     num_experts: int = 0  # 0 for dense models
     experts_per_token: int = 0
     expert_param_names: list[str] = field(default_factory=list)
+    moe_blocks: list[MoEBlock] = field(default_factory=list)
 
 
 def build_config(cfg: ModelConfig):
@@ -82,13 +97,19 @@ def _config_keys(hf_config) -> set[str]:
 
 
 def meta_model(hf_config) -> nn.Module:
-    """The model of `hf_config` with fp32 parameters on the meta device (no memory, no init)."""
+    """The model of `hf_config` with fp32 parameters on the meta device (no memory, no init); MoE
+    experts run distrain's experts forward (`distrain.moe.experts`)."""
     from transformers import AutoModelForCausalLM
 
+    from distrain.moe import experts
+
+    experts.register()
     implementation = hf_config._attn_implementation
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(hf_config, attn_implementation=implementation, dtype=torch.float32)
+            return AutoModelForCausalLM.from_config(
+                hf_config, attn_implementation=implementation, experts_implementation=experts.IMPLEMENTATION, dtype=torch.float32
+            )
     except ValueError as error:
         if implementation not in str(error) and "attention implementation" not in str(error):
             raise
@@ -112,11 +133,10 @@ def discover_spec(model: nn.Module) -> ModelSpec:
             blocks = module
             break
     assert blocks is not None, f"{type(model).__name__}: no ModuleList of {sorted(no_split)} found"
-    config = model.config
-    num_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
-    expert_names = [
-        name for name, p in model.named_parameters() if num_experts and p.ndim == 3 and p.shape[0] == num_experts
-    ]
+    moe_blocks = discover_moe(model, blocks)
+    num_experts = moe_blocks[0].experts.num_experts if moe_blocks else 0
+    names = {id(m): n for n, m in model.named_modules()}
+    expert_names = [f"{names[id(b.experts)]}.{n}" for b in moe_blocks for n, _ in b.experts.named_parameters()]
     embeddings, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
     norms = [m for m in model.base_model.children() if m is not blocks and "norm" in type(m).__name__.lower()]
     return ModelSpec(
@@ -128,15 +148,74 @@ def discover_spec(model: nn.Module) -> ModelSpec:
         final_norm=norms[-1] if norms else None,
         roles={name: _role(child) for name, child in blocks[0].named_children()},
         num_experts=num_experts,
-        experts_per_token=getattr(config, "num_experts_per_tok", 0) if num_experts else 0,
+        experts_per_token=experts_per_token(model.config, moe_blocks[0].router) if moe_blocks else 0,
         expert_param_names=expert_names,
+        moe_blocks=moe_blocks,
     )
+
+
+# Config keys for the number of routed experts per token, across transformers' MoE models
+_TOP_K_KEYS = ("num_experts_per_tok", "experts_per_token", "moe_topk", "num_experts_per_token", "top_k")
+
+
+def experts_per_token(config, router: nn.Module) -> int:
+    for value in (getattr(router, "top_k", None), *(getattr(config, key, None) for key in _TOP_K_KEYS)):
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ConfigError(f"{type(config).__name__}: no experts-per-token count found (looked for {', '.join(_TOP_K_KEYS)})")
+
+
+def discover_moe(model: nn.Module, blocks: nn.ModuleList) -> list[MoEBlock]:
+    """The MoE modules of the decoder blocks, by structure: the parent of a module holding fused
+    3-D expert weights (experts first, with transformers' `ExpertsInterface` attributes); beside
+    the experts the router (a child whose weight is [num_experts, hidden]), and
+    what else computes on every token: a shared expert (an MLP of linear projections) and its gate
+    ([1, hidden]). Anything else there is refused: distrain would not know how it combines."""
+    hidden = model.config.hidden_size
+    names = {id(m): n for n, m in model.named_modules()}
+    found = []
+    for block in blocks:
+        for moe in block.modules():
+            experts_name, experts = next(((n, m) for n, m in moe.named_children() if _holds_experts(m)), (None, None))
+            if experts is None:
+                continue
+            where = f"{type(model).__name__}'s MoE module {names[id(moe)]}"
+            if not all(hasattr(experts, a) for a in ("num_experts", "has_gate", "is_transposed", "has_bias")):
+                raise ConfigError(f"{where}: its experts ({type(experts).__name__}) do not use transformers' ExpertsInterface; distrain cannot run them")
+            entry = MoEBlock(names[id(moe)], moe, None, None, experts, experts_name)
+            for name, sub in moe.named_children():
+                if sub is experts:
+                    continue
+                weight = getattr(sub, "weight", None)
+                if weight is not None and tuple(weight.shape) == (experts.num_experts, hidden):
+                    entry.router, entry.router_name = sub, name
+                elif weight is not None and tuple(weight.shape) == (1, hidden):
+                    entry.shared_gate = sub
+                elif _is_mlp(sub, hidden):
+                    entry.shared_expert = sub
+                elif any(True for _ in sub.parameters()):
+                    raise ConfigError(f"{where} holds {name} ({type(sub).__name__}), neither router, experts nor shared expert; distrain does not know how it combines")
+            if entry.router is None:
+                raise ConfigError(f"{where}: no router (a child with a [{experts.num_experts}, {hidden}] weight) beside its experts")
+            found.append(entry)
+    return found
+
+
+def _holds_experts(module: nn.Module) -> bool:
+    """Fused expert weights: two or more 3-D parameters of its own with the same leading size."""
+    leading = [p.shape[0] for p in module.parameters(recurse=False) if p.ndim == 3]
+    return len(leading) >= 2 and len(set(leading)) == 1
+
+
+def _is_mlp(module: nn.Module, hidden: int) -> bool:
+    linears = [m for m in module.children() if isinstance(m, nn.Linear)]
+    return len(linears) >= 2 and linears[0].in_features == hidden and linears[-1].out_features == hidden
 
 
 def _role(module: nn.Module) -> str:
     """A block child's role, from its structure (3-D expert weights) and class name."""
     kind = type(module).__name__.lower()
-    if any(p.ndim == 3 for p in module.parameters()):
+    if any(_holds_experts(m) for m in module.modules()):
         return "moe"
     if "attention" in kind or "attn" in kind:
         return "attention"

@@ -1,0 +1,101 @@
+"""The experts forward of every MoE model distrain trains, registered with transformers'
+`ExpertsInterface` as "distrain" and selected through the model's `experts_implementation`.
+
+transformers keeps what differs between models: the router, the experts module's weights and
+their layout (`is_transposed`, concatenated or interleaved `gate_up`, biases, a model's own
+`_apply_gate` such as GPT-OSS's clamped SwiGLU, `has_gate`, `post_expert_norm`). distrain owns how
+the routed token rows reach the experts and how the GEMMs run:
+
+1. the T x K (token, expert) pairs are sorted by expert (stable), and counted per expert;
+2. one grouped GEMM for `gate_up` (rows of expert e times its weight; empty experts cost nothing),
+   the model's gate, one grouped GEMM for `down`;
+3. each row is weighted by its routing weight, put back in (token, k) order and summed over k
+   (a sum in a fixed order, deterministic on every device, unlike an index_add).
+
+With expert parallelism (`distrain.moe.dispatch`) step 2 runs on the rank that holds the expert:
+the sorted rows travel there and back by all-to-all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IMPLEMENTATION = "distrain"
+
+
+def register() -> None:
+    """Make "distrain" a valid `experts_implementation` (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, experts_forward)
+
+
+def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """`hidden_states` [T, H], `top_k_index` / `top_k_weights` [T, K] -> [T, H]; `self` is the
+    model's experts module (3-D weights, experts first)."""
+    num_tokens, top_k = top_k_index.shape
+    expert_of_row = top_k_index.reshape(-1)
+    order = torch.argsort(expert_of_row, stable=True)  # (token, k) pairs grouped by expert
+    counts = torch.bincount(expert_of_row, minlength=self.num_experts)
+    rows = hidden_states[order // top_k]
+    dispatcher = getattr(self, "_distrain_dispatcher", None)
+    if dispatcher is None:
+        out = local_experts(self, rows, counts)
+    else:
+        out = dispatcher(self, rows, counts)
+    out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
+    unsorted = torch.empty_like(out).index_copy_(0, order, out)  # back to (token, k) order
+    return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def local_experts(self, rows: torch.Tensor, counts: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """The experts' MLPs on `rows` sorted by expert, `counts[i]` rows for local expert i (the
+    module's experts `first`, `first + 1`, ... of the model: its weights hold only those)."""
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    expert_of_row = None
+    if self.has_bias:
+        expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=rows.device), counts, output_size=rows.shape[0])
+    weight = self.gate_up_proj if self.has_gate else self.up_proj
+    bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
+    out = _grouped_linear(rows, weight, offsets, bias, expert_of_row, self.is_transposed)
+    out = self._apply_gate(out) if self.has_gate else self.act_fn(out)
+    out = _grouped_linear(out, self.down_proj, offsets, self.down_proj_bias if self.has_bias else None, expert_of_row, self.is_transposed)
+    if self.has_post_expert_norm:
+        out = self.post_expert_norm(out)
+    return out
+
+
+def _grouped_linear(x, weight, offsets, bias, expert_of_row, transposed: bool) -> torch.Tensor:
+    """x [S, in] -> [S, out] with expert weights [E, out, in] ([E, in, out] when `transposed`)."""
+    out = grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offsets)
+    if bias is not None:
+        out = out + bias[expert_of_row]
+    return out
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows `offsets[e-1]:offsets[e]` of x [S, in] times weight[e] [in, out] -> [S, out]:
+    `torch.nn.functional.grouped_mm` where its layout rules hold (16-byte aligned strides and
+    addresses), else one matmul per expert. Every row belongs to an expert (offsets[-1] == S)."""
+    x = x.to(weight.dtype)  # grouped_mm is not autocast-aware: take the (mixed-precision) weight's dtype
+    if _grouped_mm_ok(x, weight):
+        return F.grouped_mm(x, weight, offs=offsets)
+    pieces, start = [], 0
+    for expert, end in enumerate(offsets.tolist()):
+        pieces.append(x[start:end] @ weight[expert])
+        start = end
+    return torch.cat(pieces) if pieces else x.new_empty(0, weight.shape[-1])
+
+
+def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not hasattr(F, "grouped_mm") or x.device.type not in ("cpu", "cuda"):
+        return False
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
+    size = x.element_size()
+    for t in (x, weight):
+        if t.data_ptr() % 16 or any(s % (16 // size) for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1):
+            return False
+    return x.shape[0] > 0

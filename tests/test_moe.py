@@ -1,0 +1,108 @@
+"""distrain's MoE experts layer against transformers' own eager experts loop, in one process."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+SIZES = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+# architecture -> config keys: routing and experts of each family (top-k softmax, shared expert with a
+# sigmoid gate, biases + transposed interleaved gate_up + clamped gate, sigmoid router with correction bias)
+MODELS = {
+    "qwen3_moe": dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32),
+    "qwen3_moe_odd": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=30, hidden_size=60, head_dim=16),
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48),
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=0,
+                        n_group=2, topk_group=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+}
+
+
+def moe_module(name: str, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from distrain.models import discover_spec
+    from distrain.moe import experts
+
+    experts.register()
+    arch = name.removesuffix("_odd")
+    config = AutoConfig.for_model(arch, **{**SIZES, **MODELS[name]})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, experts_implementation="eager", dtype=torch.float32)
+    block = discover_spec(model).moe_blocks[0]
+    with torch.no_grad():
+        bias = getattr(block.router, "e_score_correction_bias", None)
+        if bias is not None:
+            bias.normal_(0, 0.1)
+    return model, block
+
+
+def run(model, block, implementation: str, x: torch.Tensor):
+    model.config._experts_implementation = implementation
+    x = x.clone().requires_grad_()
+    out = block.module(x)
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(torch.randn_like(out, generator=torch.Generator().manual_seed(1)))
+    grads = {n: p.grad.clone() for n, p in block.module.named_parameters() if p.grad is not None}
+    block.module.zero_grad()
+    return out.detach(), x.grad, grads
+
+
+def routed_counts(block, x) -> torch.Tensor:
+    captured = {}
+
+    def hook(module, args, kwargs, output):
+        captured["index"] = args[1] if len(args) > 1 else kwargs["top_k_index"]
+
+    handle = block.experts.register_forward_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        block.module(x)
+    handle.remove()
+    return torch.bincount(captured["index"].reshape(-1), minlength=block.experts.num_experts)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("routing", ["random", "one_expert"])
+def test_experts_layer_matches_eager_loop(name, routing):
+    model, block = moe_module(name)
+    x = torch.randn(2, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).abs()
+    with torch.no_grad():
+        block.router.weight[0] = -1.0  # never expert 0: an empty expert in every case
+        if routing == "one_expert":  # every token's first choice is expert 3
+            block.router.weight[1:] = 0.0
+            block.router.weight[3] = 1.0
+            if getattr(block.router, "bias", None) is not None:
+                block.router.bias.zero_()
+    counts = routed_counts(block, x)
+    assert counts[0] == 0, counts
+    if routing == "one_expert":
+        assert counts[3] == x.shape[0] * x.shape[1], counts
+    reference = run(model, block, "eager", x)
+    ours = run(model, block, "distrain", x)
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1], reference[1], rtol=1e-5, atol=1e-6)
+    assert ours[2].keys() == reference[2].keys() and block.router_name + ".weight" in ours[2]
+    for key in reference[2]:
+        torch.testing.assert_close(ours[2][key], reference[2][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_discovery_reads_each_family():
+    from distrain.models import discover_spec
+
+    expected = {  # name -> (experts, top-k, router, has shared expert, has shared gate)
+        "qwen3_moe": (16, 4, "gate", False, False),
+        "mixtral": (8, 2, "gate", False, False),
+        "qwen2_moe": (8, 2, "gate", True, True),
+        "gpt_oss": (8, 2, "router", False, False),
+        "deepseek_v3": (8, 2, "gate", True, False),
+    }
+    for name, (experts, top_k, router, shared, gate) in expected.items():
+        model, block = moe_module(name)
+        spec = discover_spec(model)
+        assert len(spec.moe_blocks) == model.config.num_hidden_layers, name
+        assert (spec.num_experts, spec.experts_per_token, block.router_name) == (experts, top_k, router), name
+        assert (block.shared_expert is not None, block.shared_gate is not None) == (shared, gate), name
+        assert spec.expert_param_names and all(".experts." in n for n in spec.expert_param_names)
