@@ -45,6 +45,10 @@ LAYOUTS = {
     "tp=2 sp selective AC": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true", "parallel.activation_checkpointing=selective"],
     "tp=2 selective AC": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.activation_checkpointing=selective"],
     "dp_shard=2 no reshard": ["launcher.nproc_per_node=2", "parallel.dp_shard=2", "parallel.reshard_after_forward=false"],
+    "ep=2": ["launcher.nproc_per_node=2", "parallel.ep=2"],
+    "ep=4": ["launcher.nproc_per_node=4", "parallel.ep=4"],
+    "dp_shard=4 x ep=2": ["launcher.nproc_per_node=4", "parallel.dp_shard=4", "parallel.ep=2"],
+    "dp_replicate=2 x dp_shard=2 x ep=2": ["launcher.nproc_per_node=4", "parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"],
 }
 FSDP_ONLY = ["dp_shard=4", "dp_replicate=2 x dp_shard=2"]
 CASES = [
@@ -53,10 +57,11 @@ CASES = [
     ("mistral", ["dp_shard=2 x tp=2"]),
     ("gemma", [*FSDP_ONLY, "tp=2 sp"]),  # tied embedding and lm_head: one vocab-sharded tensor
     ("qwen3_moe", [*FSDP_ONLY, "tp=2", "dp_shard=2 x tp=2 sp", "tp=2 selective AC"]),  # expert-TP: packed gate_up
-    ("mixtral", [*FSDP_ONLY, "tp=2 sp"]),
+    ("qwen3_moe EP", ["ep=4", "dp_replicate=2 x dp_shard=2 x ep=2"]),  # experts split, all-to-all dispatch; HSDP of the experts
+    ("mixtral", [*FSDP_ONLY, "tp=2 sp", "dp_shard=4 x ep=2"]),
     ("phi3", [*FSDP_ONLY, "tp=2 sp"]),  # fused qkv / gate_up: gathered output, split input
     ("stablelm", ["tp=2 sp"]),
-    ("qwen2_moe", ["tp=2 sp", "dp_shard=2 x tp=2"]),  # a shared expert and its gate inside the MoE block
+    ("qwen2_moe", ["tp=2 sp", "dp_shard=2 x tp=2", "ep=2"]),  # a shared expert and its gate inside the MoE block
 ]
 
 
@@ -110,6 +115,7 @@ def assert_same_run(reference_dir: Path, run_dir: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture, layouts", CASES, ids=[c[0] for c in CASES])
 def test_layouts_match_single_process(tmp_path, saved_models, data_cache, architecture, layouts):
+    architecture = architecture.split()[0]
     reference_dir = tmp_path / "reference"
     check_ok(run_cli(common_args(saved_models[architecture], data_cache, reference_dir), tmp_path))
     for name in layouts:
@@ -128,6 +134,8 @@ def test_layouts_match_single_process(tmp_path, saved_models, data_cache, archit
         (["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true", "train.seq_len=255"], "train.seq_len"),
         (["launcher.nproc_per_node=2", "parallel.ep=3"], "parallel.ep"),
         (["launcher.nproc_per_node=4", "parallel.ep=8"], "parallel.ep"),
+        (["launcher.nproc_per_node=4", "parallel.ep=2", "parallel.tp=2"], "parallel.ep"),
+        (["launcher.nproc_per_node=2", "parallel.ep=2", "model=llama_debug"], "parallel.ep"),
         (["launcher.nproc_per_node=2", "parallel.tp=2", "++model.config.vocab_size=4097"], "vocab_size"),
         (["launcher.nproc_per_node=2", "parallel.tp=2", "++model.config.moe_intermediate_size=33"], "gate_up_proj"),
         (["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.compile=true"], "parallel.compile"),
@@ -247,6 +255,29 @@ def test_checkpoints_resume_across_layouts(tmp_path, saved_models, data_cache):
     got = {r["step"]: r for r in read_metrics(run_dir)}
     assert sorted(got) == list(range(1, 9))
     for a in expected[3:]:
+        b = got[a["step"]]
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (a["step"], a["grad_norm"], b["grad_norm"])
+
+
+@pytest.mark.slow
+def test_checkpoints_resume_across_ep_layouts(tmp_path, saved_models, data_cache):
+    """ep=4 -> dp_shard=2 x ep=2 -> 1 process, each crashing after a checkpoint: the experts
+    (DTensors sharded on the experts dimension, FSDP on top) are resharded by DCP and every
+    step matches the uninterrupted single-process run."""
+
+    def args(run_dir: Path) -> list[str]:
+        return [*common_args(saved_models["qwen3_moe"], data_cache, run_dir), "train.steps=8", "checkpoint.interval=3", "checkpoint.keep=0"]
+
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    check_ok(run_cli(args(reference), tmp_path))
+    for layout, crash in ((["launcher.nproc_per_node=4", "parallel.ep=4"], 4), (["launcher.nproc_per_node=2", "parallel.ep=2"], 7)):
+        crashed = run_cli([*args(run_dir), *layout], tmp_path, env={**MULTI, "DISTRAIN_FAULT": f"raise@step:rank=1:step={crash}"})
+        assert crashed.returncode != 0 and (run_dir / "checkpoints" / f"step_{crash - 1:08d}").is_dir(), crashed.stderr[-2000:]
+    check_ok(run_cli(args(run_dir), tmp_path))  # steps 7-8 in one process
+    got = {r["step"]: r for r in read_metrics(run_dir)}
+    assert sorted(got) == list(range(1, 9))
+    for a in read_metrics(reference):
         b = got[a["step"]]
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (a["step"], a["grad_norm"], b["grad_norm"])

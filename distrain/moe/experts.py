@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 IMPLEMENTATION = "distrain"
 
@@ -50,21 +51,26 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
-def local_experts(self, rows: torch.Tensor, counts: torch.Tensor, first: int = 0) -> torch.Tensor:
-    """The experts' MLPs on `rows` sorted by expert, `counts[i]` rows for local expert i (the
-    module's experts `first`, `first + 1`, ... of the model: its weights hold only those)."""
+def local_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The experts' MLPs on `rows` sorted by expert, `counts[i]` rows for the i-th expert the
+    module's weights hold (all of them, or this rank's share under expert parallelism)."""
     offsets = torch.cumsum(counts, 0).to(torch.int32)
     expert_of_row = None
     if self.has_bias:
         expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=rows.device), counts, output_size=rows.shape[0])
-    weight = self.gate_up_proj if self.has_gate else self.up_proj
-    bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
+    weight = _local(self.gate_up_proj if self.has_gate else self.up_proj)
+    bias = _local(self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
     out = _grouped_linear(rows, weight, offsets, bias, expert_of_row, self.is_transposed)
     out = self._apply_gate(out) if self.has_gate else self.act_fn(out)
-    out = _grouped_linear(out, self.down_proj, offsets, self.down_proj_bias if self.has_bias else None, expert_of_row, self.is_transposed)
+    down_bias = _local(self.down_proj_bias) if self.has_bias else None
+    out = _grouped_linear(out, _local(self.down_proj), offsets, down_bias, expert_of_row, self.is_transposed)
     if self.has_post_expert_norm:
         out = self.post_expert_norm(out)
     return out
+
+
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
 def _grouped_linear(x, weight, offsets, bias, expert_of_row, transposed: bool) -> torch.Tensor:

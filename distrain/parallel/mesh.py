@@ -1,14 +1,31 @@
 """Parallel sizes -> validated `ParallelDims` -> a `DeviceMesh` with named axes.
 
-Axes: `dp_replicate` (HSDP replicas) x `dp_shard` (FSDP) x `tp` (TP and SP). Validation runs
-before any process group exists, so a bad layout fails with exit 2 before a worker starts.
+Axes: `dp_replicate` (HSDP replicas) x `dp_shard` (FSDP) x `tp` (TP and SP). Expert parallelism
+draws its `ep` ranks from `dp_shard x tp` (consecutive ranks); the experts are FSDP-sharded over
+the rest of those, `efsdp = dp_shard x tp / ep`, and over `dp_replicate` as HSDP. Every view of
+the mesh is built here, in `ParallelDims.views`. Validation runs before any process group
+exists, so a bad layout fails with exit 2 before a worker starts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from distrain.config.schema import ConfigError, ParallelConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class MeshViews:
+    """The meshes each part of the parallelizer and trainer uses, all views of one world mesh."""
+
+    world: Any  # (dp_replicate, dp_shard, tp)
+    dp: Any  # FSDP's: (dp_replicate, dp_shard) for HSDP, else dp_shard
+    dp_flat: Any  # every data-parallel rank, 1-D: batches, loss and token sums
+    tp: Any
+    dp_shard_tp: Any = None  # with TP: FSDP of what TP leaves whole, (dp_replicate, dp_shard x tp)
+    ep: Any = None  # with EP: the ranks that split the experts
+    efsdp: Any = None  # with EP: the experts' FSDP mesh, (dp_replicate, efsdp)
 
 
 @dataclass(frozen=True)
@@ -27,6 +44,10 @@ class ParallelDims:
     @property
     def dp(self) -> int:
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def efsdp(self) -> int:
+        return self.dp_shard * self.tp // self.ep
 
     @property
     def fsdp(self) -> bool:
@@ -67,19 +88,33 @@ class ParallelDims:
             )
         if cfg.sp and cfg.tp == 1:
             raise ConfigError("parallel.sp=true shards the sequence over the TP ranks and needs parallel.tp>1; e.g. parallel.tp=2")
-        if cfg.ep > 1:
-            raise ConfigError(f"parallel.ep={cfg.ep}: expert parallelism is not implemented yet; use parallel.ep=1")
+        if cfg.ep > 1 and cfg.tp > 1:
+            raise ConfigError(f"parallel.ep={cfg.ep} with parallel.tp={cfg.tp}: expert parallelism under TP is not built yet; use parallel.tp=1")
         return cls(
             cfg.dp_replicate, dp_shard, cfg.tp, cfg.sp, cfg.ep, world_size,
             cfg.reshard_after_forward, cfg.cpu_offload, cfg.activation_checkpointing, cfg.compile,
         )
 
-    def build_mesh(self, device_type: str):
-        from torch.distributed.device_mesh import init_device_mesh
+    def build_mesh(self, device_type: str) -> MeshViews:
+        from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-        return init_device_mesh(
+        world = init_device_mesh(
             device_type, (self.dp_replicate, self.dp_shard, self.tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp")
         )
+        hsdp = self.dp_replicate > 1
+        views = dict(world=world, dp=world["dp_replicate", "dp_shard"] if hsdp else world["dp_shard"],
+                     dp_flat=world["dp_replicate", "dp_shard"]._flatten("dp"), tp=world["tp"])
+        if self.tp == 1 and self.ep == 1:
+            return MeshViews(**views)
+        shard_tp = world["dp_shard", "tp"]._flatten("dp_shard_tp")
+        if self.tp > 1:
+            views["dp_shard_tp"] = world["dp_replicate", "dp_shard_tp"] if hsdp else world["dp_shard_tp"]
+        if self.ep > 1:
+            # NOTE: ep is the inner (consecutive) part of dp_shard x tp, efsdp the outer
+            split = shard_tp._unflatten(0, (self.efsdp, self.ep), ("efsdp", "ep"))
+            views["ep"] = split["ep"]
+            views["efsdp"] = DeviceMesh._concatenate([world["dp_replicate"], split["efsdp"]]) if hsdp else split["efsdp"]
+        return MeshViews(**views)
 
 
 def _divisors(n: int, limit: int) -> list[int]:
@@ -108,7 +143,7 @@ def _check_model_fits(cfg: ParallelConfig, dp_shard: int, hf_config, seq_len: in
             f"parallel.sp=true shards the sequence over parallel.tp={tp}, which does not divide "
             f"train.seq_len={seq_len}; e.g. train.seq_len={-(-seq_len // tp) * tp} or parallel.sp=false"
         )
-    num_experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None) or 0
+    num_experts = next((getattr(hf_config, k) for k in ("num_experts", "num_local_experts", "n_routed_experts") if getattr(hf_config, k, None)), 0)
     if cfg.ep > 1:
         if not num_experts:
             raise ConfigError(f"parallel.ep={cfg.ep} but the model has no experts; use parallel.ep=1")

@@ -10,17 +10,19 @@ import torch
 from torch import nn
 
 from distrain.models import ModelSpec, meta_model, to_empty
-from distrain.parallel.mesh import ParallelDims
+from distrain.parallel.mesh import MeshViews, ParallelDims
+from distrain.moe.dispatch import apply_expert_parallel
 from distrain.parallel.tensor_parallel import apply_tensor_parallel, is_packed
 
 
-def parallelize(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh, bf16: bool) -> list[str]:
+def parallelize(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: MeshViews, bf16: bool) -> list[str]:
     """Apply every parallelism in order; return the FQNs of parameters whose gradients are
     partial over the TP ranks (summed by `sync_tp_grads` after backward)."""
     partial_grads = []
     if dims.tp > 1:
-        partial_grads = apply_tensor_parallel(model, spec, mesh["tp"], dims.sp)  # TP + SP
-    # EP lands here with the MoE issue
+        partial_grads = apply_tensor_parallel(model, spec, mesh.tp, dims.sp)  # TP + SP
+    if dims.ep > 1:
+        apply_expert_parallel(spec.moe_blocks, mesh.ep)
     if dims.activation_checkpointing != "none":
         apply_activation_checkpointing(spec, selective=dims.activation_checkpointing == "selective")
     if dims.compile:
@@ -66,22 +68,23 @@ def apply_activation_checkpointing(spec: ModelSpec, selective: bool) -> None:
         block.forward = checkpointed
 
 
-def apply_fsdp(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh, bf16: bool, partial_grads: list[str]) -> list[str]:
+def apply_fsdp(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: MeshViews, bf16: bool, partial_grads: list[str]) -> list[str]:
     """fully_shard each block, then the root, over the data-parallel ranks. With TP, the
     parameters TP leaves whole (norms) get FSDP units of their own over the data-parallel and TP
     ranks together, so no rank holds more than its share of any parameter; the reduce-scatter
-    then also sums their partial gradients over TP. Returns the partial-gradient FQNs still left
+    then also sums their partial gradients over TP. With EP, each experts module is a unit of its
+    own over the expert-FSDP mesh (its gradients summed there; the all-to-all already summed
+    them over the EP ranks). Returns the partial-gradient FQNs still left
     for `sync_tp_grads`."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+    dp_mesh = mesh.dp
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     common = dict(mp_policy=policy, offload_policy=CPUOffloadPolicy() if dims.cpu_offload else OffloadPolicy())
     units = []
     left_partial = list(partial_grads)
     if dims.tp > 1:
-        mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
-        whole_mesh = mesh["dp_replicate", "dp_shard_tp"] if dims.dp_replicate > 1 else mesh["dp_shard_tp"]
+        whole_mesh = mesh.dp_shard_tp
         partial = set(partial_grads)
         names = {module: name for name, module in model.named_modules()}
         for group in (*spec.blocks, model):
@@ -99,6 +102,10 @@ def apply_fsdp(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh, bf16
                     #       (their all-gather replayed inside the recompute is missing from its cache)
                     fully_shard(modules, mesh=whole_mesh, reshard_after_forward=False, **common)
                     units.append((modules[0], divide))
+    if dims.ep > 1:
+        for moe in spec.moe_blocks:
+            fully_shard(moe.experts, mesh=mesh.efsdp, reshard_after_forward=dims.reshard_after_forward, **common)
+            units.append((moe.experts, 1.0))
     for block in spec.blocks:
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=dims.reshard_after_forward, **common)
         units.append((block, 1.0))

@@ -53,7 +53,7 @@ class Trainer:
         hf_config = build_config(job.model)
         self.dims = ParallelDims.resolve(job.parallel, self.world_size, hf_config, job.train)
         self.mesh = self.dims.build_mesh(device.type)
-        dp_mesh = self.mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        dp_mesh = self.mesh.dp_flat
         self.dp_rank, self.dp_size, self.dp_group = dp_mesh.get_local_rank(), dp_mesh.size(), dp_mesh.get_group()
 
         # data first: the tokenizer decides the vocabulary the model must cover
@@ -196,7 +196,7 @@ class Trainer:
                 loss.backward()
             loss_total += _local(loss.detach())
         if self.dims.tp > 1:
-            sync_tp_grads(self.model, self.partial_grads, self.mesh["tp"].get_group())
+            sync_tp_grads(self.model, self.partial_grads, self.mesh.tp.get_group())
         return self._dp_sum(loss_total).item()
 
     def agree(self, nonfinite: bool) -> list[int]:
@@ -232,7 +232,7 @@ class Trainer:
                 f"the newest complete one is step {self.saved_step}"
             )
         train_state = {"step": self.step, "data": self.train_loader.state_dict()}
-        rng_name = f"dp_{self.dp_rank}" if self.mesh["tp"].get_local_rank() == 0 else None
+        rng_name = f"dp_{self.dp_rank}" if self.mesh.tp.get_local_rank() == 0 else None
         path = self.checkpointer.save(self.step, self.model, self.optimizer, train_state, rng_name)
         self.saved_step = self.step
         return path
