@@ -48,16 +48,18 @@ LAYOUTS = {
     "ep=2": ["launcher.nproc_per_node=2", "parallel.ep=2"],
     "ep=4": ["launcher.nproc_per_node=4", "parallel.ep=4"],
     "dp_shard=4 x ep=2": ["launcher.nproc_per_node=4", "parallel.dp_shard=4", "parallel.ep=2"],
+    "tp=2 x ep=2": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.ep=2"],
+    "dp_shard=2 x tp=2 sp x ep=4": ["launcher.nproc_per_node=4", "parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true", "parallel.ep=4"],
     "dp_replicate=2 x dp_shard=2 x ep=2": ["launcher.nproc_per_node=4", "parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"],
 }
 FSDP_ONLY = ["dp_shard=4", "dp_replicate=2 x dp_shard=2"]
 CASES = [
-    ("llama", [name for name in LAYOUTS if name not in ("tp=2", "tp=2 selective AC")]),
+    ("llama", [name for name in LAYOUTS if name not in ("tp=2", "tp=2 selective AC") and "ep=" not in name]),
     ("qwen3", ["tp=2", "dp_shard=2 x tp=2 sp"]),
     ("mistral", ["dp_shard=2 x tp=2"]),
     ("gemma", [*FSDP_ONLY, "tp=2 sp"]),  # tied embedding and lm_head: one vocab-sharded tensor
     ("qwen3_moe", [*FSDP_ONLY, "tp=2", "dp_shard=2 x tp=2 sp", "tp=2 selective AC"]),  # expert-TP: packed gate_up
-    ("qwen3_moe EP", ["ep=4", "dp_replicate=2 x dp_shard=2 x ep=2"]),  # experts split, all-to-all dispatch; HSDP of the experts
+    ("qwen3_moe EP", ["ep=4", "dp_replicate=2 x dp_shard=2 x ep=2", "tp=2 x ep=2", "dp_shard=2 x tp=2 sp x ep=4"]),  # experts split, all-to-all dispatch; HSDP of the experts
     ("mixtral", [*FSDP_ONLY, "tp=2 sp", "dp_shard=4 x ep=2"]),
     ("phi3", [*FSDP_ONLY, "tp=2 sp"]),  # fused qkv / gate_up: gathered output, split input
     ("stablelm", ["tp=2 sp"]),
@@ -89,6 +91,9 @@ def common_args(model_dir: Path, data_cache: Path, run_dir: Path) -> list[str]:
         "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=2", f"train.steps={STEPS}",
         "optim.lr=1e-3", "optim.eps=1e-6", "optim.warmup_steps=2", f"eval.interval={STEPS}", "eval.batches=3", "checkpoint.interval=0", "checkpoint.export=false",
         f"run.dir={run_dir}",
+        # the load-balancing loss balances each micro-batch of all data-parallel ranks together, so it
+        # depends on micro_batch_size x data-parallel ranks: off here, on in its own test
+        "moe.aux_loss_coef=0",
     ]
 
 
@@ -125,6 +130,25 @@ def test_layouts_match_single_process(tmp_path, saved_models, data_cache, archit
         assert_same_run(reference_dir, run_dir)
 
 
+@pytest.mark.slow
+def test_aux_loss_layouts_match_single_process(tmp_path, saved_models, data_cache):
+    """The load-balancing loss over the same balance groups (micro_batch_size x data-parallel
+    ranks = 8 sequences) under EP, under expert-TP with SP (the router's gradient not summed over
+    TP twice) and under TP x EP (each TP rank routing its slice): equal to one process."""
+    aux = ["moe.aux_loss_coef=0.05"]  # eval: the same 8 held-out sequences in every run
+    reference = tmp_path / "reference"
+    check_ok(run_cli([*common_args(saved_models["qwen3_moe"], data_cache, reference), *aux, "train.micro_batch_size=8", "eval.batches=1"], tmp_path))
+    records = read_metrics(reference)
+    assert all(r["moe_aux_loss"] > 0 for r in records) and len(records[0]["moe_tokens_per_expert"]) == 2
+    for name, micro in (("ep=4", 2), ("dp_shard=2 x tp=2 sp", 4), ("tp=2 x ep=2", 8)):
+        run_dir = tmp_path / name.replace(" ", "").replace("=", "")
+        check_ok(run_cli([*common_args(saved_models["qwen3_moe"], data_cache, run_dir), *aux, f"train.micro_batch_size={micro}", f"eval.batches={8 // micro}", *LAYOUTS[name]], tmp_path, env=MULTI))
+        assert_same_run(reference, run_dir)
+        for a, b in zip(records, read_metrics(run_dir)):
+            assert a["moe_tokens_per_expert"] == b["moe_tokens_per_expert"], (name, a["step"])
+            assert abs(a["moe_aux_loss"] - b["moe_aux_loss"]) <= 1e-6 * a["moe_aux_loss"] + 1e-9, (name, a["step"])
+
+
 @pytest.mark.parametrize(
     "layout, key",
     [
@@ -134,7 +158,7 @@ def test_layouts_match_single_process(tmp_path, saved_models, data_cache, archit
         (["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true", "train.seq_len=255"], "train.seq_len"),
         (["launcher.nproc_per_node=2", "parallel.ep=3"], "parallel.ep"),
         (["launcher.nproc_per_node=4", "parallel.ep=8"], "parallel.ep"),
-        (["launcher.nproc_per_node=4", "parallel.ep=2", "parallel.tp=2"], "parallel.ep"),
+        (["launcher.nproc_per_node=2", "parallel.ep=2", "parallel.tp=2", "train.seq_len=255"], "parallel.ep"),
         (["launcher.nproc_per_node=2", "parallel.ep=2", "model=llama_debug"], "parallel.ep"),
         (["launcher.nproc_per_node=2", "parallel.tp=2", "++model.config.vocab_size=4097"], "vocab_size"),
         (["launcher.nproc_per_node=2", "parallel.tp=2", "++model.config.moe_intermediate_size=33"], "gate_up_proj"),

@@ -74,6 +74,28 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    # How the experts' GEMMs run: torch (grouped_mm), triton (distrain's kernels, not built yet),
+    # auto (the best available: torch today)
+    kernel: Literal["auto", "torch", "triton"] = "auto"
+    # Auxiliary load-balancing loss (Switch / Mixtral: num_experts x sum over experts of the
+    # fraction of routed tokens x the mean router probability), from each micro-batch's token
+    # counts over all data-parallel ranks, averaged over the MoE layers. null: the model's
+    # router_aux_loss_coef (0 when it has none); 0 disables it.
+    aux_loss_coef: Optional[float] = None
+
+    def validate(self) -> None:
+        _require(
+            self.kernel != "triton",
+            "moe.kernel=triton: distrain's Triton grouped-GEMM kernels are not built yet; use moe.kernel=auto or moe.kernel=torch",
+        )
+        _require(
+            self.aux_loss_coef is None or (0 <= self.aux_loss_coef < float("inf")),
+            f"moe.aux_loss_coef={self.aux_loss_coef}: must be a finite number >= 0 (0 disables), or null for the model's own",
+        )
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     lr: float = 3e-4
     weight_decay: float = 0.1
@@ -229,6 +251,7 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)

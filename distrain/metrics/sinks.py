@@ -43,7 +43,10 @@ class MetricsLogger:
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self.jsonl.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            if record.get("moe_max_mean_load"):
+                scalars["moe_worst_max_mean_load"] = max(record["moe_max_mean_load"])
+            self.wandb.log(scalars, step=step)
         done = step - self.start_step
         elapsed = time.perf_counter() - self.start_time
         eta = elapsed / max(done, 1) * (self.total_steps - step)
@@ -57,6 +60,8 @@ class MetricsLogger:
         }
         if "eval_loss" in record:
             fields["eval_loss"] = f"{record['eval_loss']:.4f}"
+        if record.get("moe_max_mean_load"):  # the worst MoE layer's busiest expert against the mean
+            fields["load max/mean"] = f"{max(record['moe_max_mean_load']):.2f}"
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(fields, refresh=True)

@@ -88,8 +88,6 @@ class ParallelDims:
             )
         if cfg.sp and cfg.tp == 1:
             raise ConfigError("parallel.sp=true shards the sequence over the TP ranks and needs parallel.tp>1; e.g. parallel.tp=2")
-        if cfg.ep > 1 and cfg.tp > 1:
-            raise ConfigError(f"parallel.ep={cfg.ep} with parallel.tp={cfg.tp}: expert parallelism under TP is not built yet; use parallel.tp=1")
         return cls(
             cfg.dp_replicate, dp_shard, cfg.tp, cfg.sp, cfg.ep, world_size,
             cfg.reshard_after_forward, cfg.cpu_offload, cfg.activation_checkpointing, cfg.compile,
@@ -138,10 +136,10 @@ def _check_model_fits(cfg: ParallelConfig, dp_shard: int, hf_config, seq_len: in
             f"lm_head are sharded on it); pad the vocabulary to a multiple of {tp}, e.g. "
             f"model.config.vocab_size={-(-hf_config.vocab_size // tp) * tp}"
         )
-    if cfg.sp and seq_len is not None and seq_len % tp:
+    if (cfg.sp or cfg.ep > 1) and seq_len is not None and seq_len % tp:
         raise ConfigError(
-            f"parallel.sp=true shards the sequence over parallel.tp={tp}, which does not divide "
-            f"train.seq_len={seq_len}; e.g. train.seq_len={-(-seq_len // tp) * tp} or parallel.sp=false"
+            f"{'parallel.sp=true' if cfg.sp else 'parallel.ep>1 (MoE layers run on sequence slices)'} shards the sequence over "
+            f"parallel.tp={tp}, which does not divide train.seq_len={seq_len}; e.g. train.seq_len={-(-seq_len // tp) * tp}"
         )
     num_experts = next((getattr(hf_config, k) for k in ("num_experts", "num_local_experts", "n_routed_experts") if getattr(hf_config, k, None)), 0)
     if cfg.ep > 1:

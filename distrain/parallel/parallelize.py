@@ -20,7 +20,7 @@ def parallelize(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: Mes
     partial over the TP ranks (summed by `sync_tp_grads` after backward)."""
     partial_grads = []
     if dims.tp > 1:
-        partial_grads = apply_tensor_parallel(model, spec, mesh.tp, dims.sp)  # TP + SP
+        partial_grads = apply_tensor_parallel(model, spec, mesh.tp, dims.sp, ep=dims.ep > 1)  # TP + SP
     if dims.ep > 1:
         apply_expert_parallel(spec.moe_blocks, mesh.ep)
     if dims.activation_checkpointing != "none":
@@ -33,12 +33,15 @@ def parallelize(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: Mes
     return partial_grads
 
 
-# Ops whose outputs selective checkpointing keeps: the matmuls and attention; everything else
-# (norms, activations, rotary, residual adds) is recomputed in backward.
+# Ops whose outputs selective checkpointing keeps: the matmuls, attention, the experts' grouped
+# GEMMs and the expert-parallel all-to-alls; everything else (norms, activations, rotary, residual
+# adds, routing) is recomputed in backward.
 _SAVED_OPS = {
     torch.ops.aten.mm.default,
     torch.ops.aten.addmm.default,
     torch.ops.aten.bmm.default,
+    torch.ops.aten._grouped_mm.default,
+    torch.ops._c10d_functional.all_to_all_single.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,

@@ -61,22 +61,26 @@ MODULE_STYLES = (
 PARAMETER_STYLES = ("colwise", "packed_colwise", "rowwise")  # on an experts module's 3-D weights
 
 
-def resolved_plan(model: nn.Module, spec: ModelSpec, tp: int) -> dict[str, str]:
+def resolved_plan(model: nn.Module, spec: ModelSpec, tp: int, moe_outside: bool = False) -> dict[str, str]:
     """Module or parameter FQN -> style, for everything the model's TP plan names (or the
     structural plan, for a model that declares none); every dimension it shards must divide by
-    `tp`."""
+    `tp`. `moe_outside` (expert parallelism): the MoE modules are left out of TP."""
     plan = getattr(model.config, "base_model_tp_plan", None) or {}
-    resolved = _declared_plan(model, plan) if plan else structural_plan(model, spec)
+    outside = [b.name for b in spec.moe_blocks] if moe_outside else []
+    resolved = _declared_plan(model, plan, outside) if plan else structural_plan(model, spec)
+    resolved = {n: s for n, s in resolved.items() if not any(n == m or n.startswith(m + ".") for m in outside)}
     _check_divisible(model, resolved, tp)
     return resolved
 
 
-def _declared_plan(model: nn.Module, plan: dict[str, str]) -> dict[str, str]:
+def _declared_plan(model: nn.Module, plan: dict[str, str], outside: list[str]) -> dict[str, str]:
     prefix = model.base_model_prefix
     patterns = [(re.compile("^" + re.escape(f"{prefix}.{key}").replace(r"\*", r"\d+") + "$"), style) for key, style in plan.items()]
     modules = dict(model.named_modules())
     resolved = {}
     for name in [*modules, *(n for n, _ in model.named_parameters())]:
+        if any(name == m or name.startswith(m + ".") for m in outside):
+            continue
         for pattern, style in patterns:
             if pattern.match(name):
                 resolved[name] = style
@@ -237,10 +241,13 @@ def _localize_head_counts(model: nn.Module, plan: dict[str, str], tp: int) -> No
                 setattr(module, attr, value // tp)
 
 
-def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool) -> list[str]:
+def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool, ep: bool = False) -> list[str]:
     """Shard the model over `tp_mesh`; return the FQNs of parameters whose gradients are partial
-    over the TP ranks (to be summed after backward)."""
-    plan = resolved_plan(model, spec, tp_mesh.size())
+    over the TP ranks (to be summed after backward). With expert parallelism (`ep`) the MoE
+    modules stay out of TP: each TP rank runs its MoE modules on its own slice of the sequence
+    (under SP it has one; without, the slice is taken on entry and the outputs all-gathered on
+    exit), so their router and shared expert see a share of the tokens (partial gradients)."""
+    plan = resolved_plan(model, spec, tp_mesh.size(), moe_outside=ep)
     if not getattr(model.config, "base_model_tp_plan", None):
         _localize_head_counts(model, plan, tp_mesh.size())
     modules = dict(model.named_modules())
@@ -282,12 +289,22 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool) 
         modules[name].register_forward_pre_hook(_EnterRegion(tp_mesh, sp), with_kwargs=True)
         modules[name].register_forward_hook(_LeaveRegion(tp_mesh, sp))
         partial_modules.append(name)
+    # NOTE: with EP the experts' weights (sharded over EP next) get their gradients whole from the
+    #       all-to-all: never summed over TP
+    experts = {f"{b.name}.{b.experts_name}." for b in spec.moe_blocks} if ep else set()
+    if ep and not sp:
+        for block in spec.moe_blocks:
+            block.module.register_forward_pre_hook(_SplitSequence(tp_mesh), with_kwargs=True)
+            block.module.register_forward_hook(_GatherSequence(tp_mesh))
+            partial_modules.append(block.name)
     if sp:
         spec.blocks[0].register_forward_pre_hook(_SplitSequence(tp_mesh), with_kwargs=True)
-        return [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
-    return [
-        f"{m}.{p}" for m in partial_modules for p, param in modules[m].named_parameters() if not isinstance(param, DTensor)
-    ]
+        partial = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+    else:
+        partial = [
+            f"{m}.{p}" for m in partial_modules for p, param in modules[m].named_parameters() if not isinstance(param, DTensor)
+        ]
+    return [n for n in partial if not any(n.startswith(e) for e in experts)]
 
 
 def _shard_experts(experts: nn.Module, name: str, plan: dict[str, str], tp_mesh) -> None:
@@ -363,6 +380,19 @@ class _SplitSequence:
         x, rebuild = _first_tensor(args, kwargs)
         local = DTensor.from_local(x, self.mesh, [Replicate()], run_check=False).redistribute(placements=[Shard(1)]).to_local()
         return rebuild(local)
+
+
+class _GatherSequence:
+    """Leave a module that ran on this rank's slice of the sequence: all-gather its output
+    (gradient: this rank's slice of the replicated gradient)."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+
+    def __call__(self, module, args, output):
+        first = output[0] if isinstance(output, tuple) else output
+        full = DTensor.from_local(first, self.mesh, [Shard(1)], run_check=False).redistribute(placements=[Replicate()]).to_local()
+        return (full, *output[1:]) if isinstance(output, tuple) else full
 
 
 class _ReplicateInput:

@@ -31,6 +31,7 @@ from distrain.metrics.flops import flops_per_token, peak_flops
 from distrain.metrics.sinks import MetricsLogger, rewind_metrics
 from distrain.models import build_config, build_meta_model, has_pretrained_weights, pretrained_state_dict
 from distrain.parallel.grads import clip_grad_norm
+from distrain.moe.balance import RouterStats
 from distrain.parallel.mesh import ParallelDims
 from distrain.parallel.tensor_parallel import sync_tp_grads
 from distrain.parallel.parallelize import full_random_state, materialize, parallelize, reshard
@@ -83,6 +84,15 @@ class Trainer:
                 full_state = full_random_state(hf_config, job.run.seed)
         materialize(self.model, device, full_state, self.dims.cpu_offload)
         del full_state
+        self.router_stats = None
+        if self.spec.moe_blocks:
+            coef = job.moe.aux_loss_coef if job.moe.aux_loss_coef is not None else float(getattr(hf_config, "router_aux_loss_coef", 0) or 0)
+            # NOTE: under TP the MoE layers see the same tokens on every TP rank (expert-TP) or, with
+            #       EP, each its own slice of them: counts are summed over dp, or over every rank
+            if self.dims.tp > 1 and self.dims.ep > 1:
+                self.router_stats = RouterStats(self.spec.moe_blocks, None, self.world_size, 1, coef, device)
+            else:
+                self.router_stats = RouterStats(self.spec.moe_blocks, self.dp_group, self.dp_size, self.dims.tp, coef, device)
         self.model.train()
         # NOTE: one RNG stream per data-parallel rank, the same on its TP ranks: anything random
         #       in a replicated region (router jitter, sampled routing, dropout) must agree there.
@@ -191,10 +201,14 @@ class Trainer:
             scale = float("nan")
         loss_total = torch.zeros((), device=self.device)
         for mb in micro_batches:
-            loss = self._loss_sum(mb) * scale
+            with self.router_stats.recording() if self.router_stats else contextlib.nullcontext():
+                loss = self._loss_sum(mb) * scale
+            loss_total += _local(loss.detach())
+            aux = self.router_stats.aux_loss() if self.router_stats else None
+            if aux is not None:
+                loss = _local(loss) + aux / len(micro_batches)  # a replicated DTensor under TP
             with self.loss_context():
                 loss.backward()
-            loss_total += _local(loss.detach())
         if self.dims.tp > 1:
             sync_tp_grads(self.model, self.partial_grads, self.mesh.tp.get_group())
         return self._dp_sum(loss_total).item()
@@ -286,6 +300,7 @@ class Trainer:
             samples_consumed=self.train_loader.position,
             max_memory_bytes=_max_memory(self.device),
             **(self.state_bytes or {}),
+            **(self.router_stats.summary() if self.router_stats else {}),
         )
         if self.metrics is not None:
             self.metrics.log(record)

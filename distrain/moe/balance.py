@@ -1,0 +1,108 @@
+"""Router load: per-layer token counts per expert, the auxiliary load-balancing loss, statistics.
+
+Hooks on each MoE layer's router (its logits, [tokens, experts]) and experts (the routed expert
+ids) record one entry per layer while the trainer runs a micro-batch's forward (`recording`);
+recomputation under activation checkpointing and evaluation record nothing. After the forward,
+`aux_loss` all-reduces the counts of every layer over the data-parallel ranks at once (one
+collective of layers x experts integers) and returns this rank's share of the loss
+
+    coef x mean over layers of  E x sum_e f_e x P_e,
+
+f_e the fraction of the micro-batch's routed (token, expert) pairs of all data-parallel ranks
+that went to expert e, P_e the mean router probability of e over those tokens: each rank adds the
+probabilities of its own tokens divided by the global token count, so the gradients, summed over
+the data-parallel ranks as every gradient is, are those of the global formula. Under TP the router
+sees the same tokens on every TP rank and its gradient is summed over TP: the share is divided by
+the TP size so the sum is right. The counts are kept for the logged statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+class RouterStats:
+    def __init__(self, moe_blocks, dp_group, dp_size: int, tp_size: int, coef: float, device: torch.device):
+        self.blocks, self.dp_group, self.dp_size = moe_blocks, dp_group, dp_size
+        self.coef, self.share = coef, 1.0 / tp_size
+        self.num_experts = moe_blocks[0].experts.num_experts
+        self.on = False
+        self.logits: dict[int, torch.Tensor] = {}
+        self.indices: dict[int, torch.Tensor] = {}
+        self.load = torch.zeros(len(moe_blocks), self.num_experts, dtype=torch.float64, device=device)  # since the last summary
+        self.aux_sum = torch.zeros((), dtype=torch.float64, device=device)  # this rank's shares, since the last summary
+        self.micro_batches = 0
+        for layer, block in enumerate(moe_blocks):
+            block.router.register_forward_hook(self._keep_logits(layer))
+            block.experts.register_forward_pre_hook(self._keep_indices(layer), with_kwargs=True)
+
+    def _keep_logits(self, layer: int):
+        def hook(module, args, output):
+            if self.on and torch.is_grad_enabled():
+                logits = output[0] if isinstance(output, tuple) else output
+                self.logits[layer] = logits.reshape(-1, logits.shape[-1])
+
+        return hook
+
+    def _keep_indices(self, layer: int):
+        def hook(module, args, kwargs):
+            if self.on and torch.is_grad_enabled():
+                index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+                self.indices[layer] = index.detach()
+
+        return hook
+
+    @contextlib.contextmanager
+    def recording(self):
+        self.on = True
+        try:
+            yield
+        finally:
+            self.on = False
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """This rank's share of the micro-batch's load-balancing loss (None with coef 0); takes
+        the recorded entries and adds the micro-batch's global counts to the statistics."""
+        layers = sorted(self.indices)
+        assert layers == list(range(len(self.blocks))), f"router statistics recorded layers {layers}"
+        counts = torch.stack([torch.bincount(self.indices[i].reshape(-1), minlength=self.num_experts) for i in layers]).to(torch.float64)
+        if self.dp_size > 1:
+            dist.all_reduce(counts, group=self.dp_group)
+        self.load += counts
+        self.micro_batches += 1
+        aux = None
+        if self.coef > 0:
+            routed = counts.sum(dim=1, keepdim=True)  # (token, expert) pairs of the global micro-batch
+            tokens = routed / self.indices[0].shape[-1]
+            terms = []
+            for i in layers:
+                probs = F.softmax(self.logits[i].float(), dim=-1)
+                fraction = (counts[i] / routed[i]).to(probs.dtype)
+                terms.append(self.num_experts * (fraction * probs.sum(dim=0)).sum() / tokens[i].to(probs.dtype))
+            aux = self.coef * self.share * torch.stack(terms).mean()
+            self.aux_sum += aux.detach().to(torch.float64)
+        self.logits.clear()
+        self.indices.clear()
+        return aux
+
+    def summary(self) -> dict:
+        """Statistics since the last summary (collective: every rank calls it): per layer the
+        global tokens per expert and max / mean load, and the mean aux loss per micro-batch."""
+        aux = self.aux_sum.clone()
+        if self.dp_size > 1:
+            dist.all_reduce(aux, group=self.dp_group)
+        load = self.load
+        max_mean = (load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).tolist()
+        out = {
+            "moe_aux_loss": aux.item() / max(self.micro_batches, 1) / self.share if self.coef > 0 else None,
+            "moe_max_mean_load": max_mean,
+            "moe_tokens_per_expert": load.long().tolist(),
+        }
+        self.load.zero_()
+        self.aux_sum.zero_()
+        self.micro_batches = 0
+        return out
