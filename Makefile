@@ -20,7 +20,7 @@ setup: $(STAMP)
 DEMO_ARGS ?=
 
 demo: $(STAMP)
-	$(VENV)/bin/distrain train recipe=qwen3_moe_debug $(DEMO_ARGS)
+	$(VENV)/bin/distrain train recipe=qwen3_moe_debug launcher.nproc_per_node=2 parallel.ep=2 $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
