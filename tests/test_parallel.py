@@ -228,6 +228,8 @@ def test_plan_reports_the_bytes_the_shards_hold(tmp_path, saved_models, data_cac
     [
         ("qwen3_moe_debug", 2, ["parallel.dp_shard=2"], 1.0),
         ("qwen3_moe_debug", 2, ["parallel.tp=2", "parallel.sp=true"], 1.0),  # expert-TP
+        ("qwen3_moe_debug", 2, ["parallel.ep=2"], 1.0),  # all-to-all bytes: exactly the rows routed to the other rank
+        ("qwen3_moe_debug", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"], 1.0),
         ("llama_debug", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], 1.0),
         ("llama_debug", 4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true"], 1.0),
     ],

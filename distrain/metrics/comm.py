@@ -7,9 +7,11 @@ collective kind it records the payload (the full tensor a collective is about: t
 output of an all-gather, the input of a reduce-scatter, the tensor of an all-reduce) and the
 "bus bytes" one rank sends with a ring algorithm over a group of d ranks:
 
-    all-gather, reduce-scatter, all-to-all: payload * (d - 1) / d
-    all-reduce:                             payload * 2 * (d - 1) / d
-    broadcast:                              payload
+    all-gather, reduce-scatter:  payload * (d - 1) / d
+    all-reduce:                  payload * 2 * (d - 1) / d
+    broadcast:                   payload
+    all-to-all:                  the bytes of the input sent to other ranks (exact from the split
+                                 sizes: expert-parallel dispatches are uneven)
 
 Counts are exact on any machine: they depend on shapes and the layout, not on timing.
 """
@@ -59,6 +61,26 @@ _OPS = {
 }
 
 
+def _sent_to_others(func, args, payload: int, size: int) -> float:
+    """An all-to-all's bytes to other ranks: the input minus this rank's own split."""
+    functional = func is funcol.all_to_all_single.default
+    tensor, splits, group = (args[0], args[2], args[3]) if functional else (args[1], args[4], args[2])
+    if not isinstance(group, str) and not isinstance(group, torch.distributed.ProcessGroup):
+        group = torch.distributed.ProcessGroup.unbox(group)
+    rank = torch.distributed.get_rank(_resolve(group))
+    rows = tensor.shape[0] if tensor.dim() else 1
+    own = splits[rank] if splits else rows // size
+    return payload * (rows - own) / max(rows, 1)
+
+
+def _resolve(group):
+    if isinstance(group, str):
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        return _resolve_process_group(group)
+    return group
+
+
 def bus_bytes(kind: str, payload: int, group_size: int) -> float:
     if group_size <= 1:
         return 0.0
@@ -88,7 +110,7 @@ class CommCounter(TorchDispatchMode):
             if size > 1:
                 self.calls[kind] += 1
                 self.payload[kind] += payload
-                self.bus[kind] += bus_bytes(kind, payload, size)
-        elif func.namespace in ("c10d", "_c10d_functional") and "wait" not in func.name():
+                self.bus[kind] += _sent_to_others(func, args, payload, size) if kind == "all_to_all" else bus_bytes(kind, payload, size)
+        elif func.namespace in ("c10d", "_c10d_functional") and "wait" not in func.name() and "wrap_tensor" not in func.name():
             self.unknown.add(str(func))
         return func(*args, **(kwargs or {}))

@@ -15,8 +15,7 @@ expert's gradient sums the rows of every rank that routed to it.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 
 from distrain.moe.experts import local_experts
 
@@ -26,16 +25,18 @@ class ExpertParallel:
 
     def __init__(self, ep_mesh, num_experts: int):
         self.group = ep_mesh.get_group()
-        self.size = ep_mesh.size()
+        self.size, self.rank = ep_mesh.size(), ep_mesh.get_local_rank()
         self.local = num_experts // self.size
+        self.remote_rows = 0  # rows sent to and received from other ranks by forward dispatches (the benchmark's count)
 
     def __call__(self, experts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            received = torch.empty_like(counts)
-            dist.all_to_all_single(received, counts, group=self.group)
-        received = received.view(self.size, self.local)  # [source rank, local expert]
+        # NOTE: functional collectives: selective activation checkpointing keeps their outputs
+        #       (distrain.parallel.parallelize), so a recompute exchanges nothing again
+        received = all_to_all_single(counts, None, None, self.group).view(self.size, self.local)  # [source rank, local expert]
         send_splits = counts.view(self.size, self.local).sum(1).tolist()
         recv_splits = received.sum(1).tolist()
+        if torch.is_grad_enabled():
+            self.remote_rows += sum(send_splits) - send_splits[self.rank] + sum(recv_splits) - recv_splits[self.rank]
         arrived = all_to_all_single_autograd(rows, recv_splits, send_splits, self.group)
         order = _by_local_expert(received)
         out = local_experts(experts, arrived[order], received.sum(0))

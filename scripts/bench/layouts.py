@@ -1,6 +1,6 @@
 """Per-rank state bytes, communication bytes per step and tokens/s of each parallel layout.
 
-    python scripts/bench/layouts.py [--steps 4] [--out results/bench]
+    python scripts/bench/layouts.py [--steps 4] [--out results/bench] [--model qwen3_moe_debug] [--world 4]
 
 Each layout runs under `torchrun` (this script re-launches itself as the worker) with distrain's
 own Trainer, one micro-batch per rank per step (global batch = micro-batch x data-parallel ranks),
@@ -33,6 +33,15 @@ and reports from rank 0 (state bytes: the largest over the ranks):
   where P is the bytes of TP-sharded parameters one TP rank holds before FSDP (all parameters
   without TP), split into decoder blocks and the rest (root), and P_partial the bytes of
   parameters whose partial gradients are left to an explicit all-reduce over TP (none today).
+    EP     experts (X bytes per EP rank: 1/ep of them) are FSDP-sharded over e = dp_shard x tp / ep
+           ranks instead of d: 3 s_e * X (+ 2 s_r * X / e)
+           + 2 * R * hidden * 4                     R: the routed rows this rank sends to other
+                                                    ranks plus those it receives from them
+                                                    (counted from the routing); each crosses
+                                                    twice (out, and back), in forward and backward
+           + L * E * 8 * s_ep per micro-batch       the per-expert counts exchanged per MoE layer
+    MoE    + 2 s_g * L * E * 8 per micro-batch      router statistics: each layer's counts per
+                                                    expert all-reduced over the data-parallel ranks
   Scalar all-reduces (loss, token counts, grad norm) are left out of the minimum.
 - tokens_per_s: global tokens per second of the timed steps. On a 2-core CPU box, layouts with
   more ranks than cores share them, so compare tokens/s only between layouts of one world size.
@@ -56,10 +65,15 @@ LAYOUTS = [
     ("qwen3_moe_debug", "world 1", 1, []),
     ("qwen3_moe_debug", "dp_shard=2", 2, ["parallel.dp_shard=2"]),
     ("qwen3_moe_debug", "dp_shard=4", 4, ["parallel.dp_shard=4"]),
+    ("qwen3_moe_debug", "dp_shard=2 x tp=2 (expert-TP)", 4, ["parallel.dp_shard=2", "parallel.tp=2"]),
     ("qwen3_moe_debug", "dp_replicate=2 x dp_shard=2", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
     ("qwen3_moe_debug", "tp=2 (expert-TP)", 2, ["parallel.tp=2"]),
     ("qwen3_moe_debug", "tp=2 sp (expert-TP)", 2, ["parallel.tp=2", "parallel.sp=true"]),
     ("qwen3_moe_debug", "dp_shard=2 x tp=2 sp", 4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true"]),
+    ("qwen3_moe_debug", "ep=2", 2, ["parallel.ep=2"]),
+    ("qwen3_moe_debug", "ep=4", 4, ["parallel.ep=4"]),
+    ("qwen3_moe_debug", "dp_shard=4 x ep=2", 4, ["parallel.dp_shard=4", "parallel.ep=2"]),
+    ("qwen3_moe_debug", "dp_replicate=2 x dp_shard=2 x ep=2", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"]),
     ("llama_debug", "world 1", 1, []),
     ("llama_debug", "dp_shard=2", 2, ["parallel.dp_shard=2"]),
     ("llama_debug", "tp=2", 2, ["parallel.tp=2"]),
@@ -75,6 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--model", help="only this recipe's rows")
+    parser.add_argument("--world", type=int, help="only layouts of this world size")
     parser.add_argument("--worker", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if args.worker is not None:
@@ -83,6 +99,8 @@ def main() -> None:
 
     rows = []
     for recipe, name, world, overrides in LAYOUTS:
+        if (args.model and recipe != args.model) or (args.world and world != args.world):
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "result.json"
             dp = world // _size(overrides, "parallel.tp")
@@ -118,9 +136,13 @@ def worker(argv: list[str]) -> None:
     model, dims = trainer.model, trainer.dims
 
     trainer.train_step(trainer.train_loader.next_batch())  # warm-up; records this rank's state bytes
+    dispatchers = [m.experts._distrain_dispatcher for m in trainer.spec.moe_blocks if getattr(m.experts, "_distrain_dispatcher", None)]
+    for dispatcher in dispatchers:
+        dispatcher.remote_rows = 0
     comm = CommCounter()
     with comm:
         trainer.train_step(trainer.train_loader.next_batch())
+    remote_rows = sum(d.remote_rows for d in dispatchers)  # routed to other ranks in the counted step
     state_bytes = sum(trainer.state_bytes.values())
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -132,7 +154,7 @@ def worker(argv: list[str]) -> None:
     held = torch.tensor([state_bytes], dtype=torch.float64)
     dist.all_reduce(held, op=dist.ReduceOp.MAX)
     measured_bus = sum(comm.bus.values())
-    minimum = analytic_bus_bytes(trainer, job)
+    minimum = analytic_bus_bytes(trainer, job, remote_rows)
     if dist.get_rank() == 0:
         ideal = 4 * full_bytes / (dims.world_size // dims.dp_replicate)
         result.write_text(json.dumps({
@@ -152,20 +174,22 @@ def worker(argv: list[str]) -> None:
     os._exit(0)  # gloo sometimes aborts in its destructors at interpreter exit (ENV.md)
 
 
-def analytic_bus_bytes(trainer, job) -> float:
+def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
     """The layout's minimum bus bytes for one step (see the module docstring)."""
     from torch.distributed.tensor import DTensor
 
-    dims, model = trainer.dims, trainer.model
+    dims, model, spec = trainer.dims, trainer.model, trainer.spec
     d, r, t = dims.dp_shard, dims.dp_replicate, dims.tp
-    block_prefix = next(n for n, m in model.named_modules() if m is trainer.spec.blocks) + "."
-    partial = set(trainer.partial_grads)
-    p_blocks = p_root = p_whole = p_partial = 0.0
+    block_prefix = next(n for n, m in model.named_modules() if m is spec.blocks) + "."
+    partial, experts = set(trainer.partial_grads), set(spec.expert_param_names) if dims.ep > 1 else set()
+    p_blocks = p_root = p_whole = p_partial = p_experts = 0.0
     for name, param in model.named_parameters():
         names = param.device_mesh.mesh_dim_names or () if isinstance(param, DTensor) else ()
         tp_sharded = "tp" in names and not param.placements[names.index("tp")].is_replicate()
         nbytes = param.numel() * param.element_size() / (t if tp_sharded else 1)
-        if t > 1 and not tp_sharded:
+        if name in experts:
+            p_experts += nbytes / dims.ep
+        elif t > 1 and not tp_sharded:
             p_whole += nbytes
         elif name.startswith(block_prefix):
             p_blocks += nbytes
@@ -177,14 +201,23 @@ def analytic_bus_bytes(trainer, job) -> float:
     total = share(d) * (2 * p_blocks + p_root + (p_blocks + p_root))
     total += 2 * share(r) * (p_blocks + p_root) / d
     total += share(d * t) * 2 * p_whole + 2 * share(r) * p_whole / (d * t)
+    config, micro, seq = model.config, job.train.micro_batch_size, job.train.seq_len
+    num_micro = job.train.global_batch_size // (micro * dims.dp)
     if t > 1:
-        config, micro, seq = model.config, job.train.micro_batch_size, job.train.seq_len
         activation = micro * seq * config.hidden_size * 4
-        num_micro = job.train.global_batch_size // (micro * dims.dp)
         per_micro = 2 * share(t) * activation * (4 * config.num_hidden_layers + 2)
         per_micro += share(t) * activation if dims.sp else 0
         per_micro += 2 * share(t) * 3 * micro * seq * 4
         total += num_micro * per_micro + 2 * share(t) * p_partial / d
+    layers, num_experts = len(spec.moe_blocks), spec.num_experts
+    if dims.ep > 1:
+        e = dims.efsdp
+        total += 3 * share(e) * p_experts + 2 * share(r) * p_experts / e
+        total += 2 * remote_rows * config.hidden_size * 4
+        total += num_micro * layers * num_experts * 8 * share(dims.ep)
+    if layers:
+        stats_ranks = dims.world_size if (t > 1 and dims.ep > 1) else dims.dp
+        total += num_micro * 2 * share(stats_ranks) * layers * num_experts * 8
     return total
 
 
