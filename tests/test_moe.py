@@ -106,3 +106,43 @@ def test_discovery_reads_each_family():
         assert (spec.num_experts, spec.experts_per_token, block.router_name) == (experts, top_k, router), name
         assert (block.shared_expert is not None, block.shared_gate is not None) == (shared, gate), name
         assert spec.expert_param_names and all(".experts." in n for n in spec.expert_param_names)
+
+
+def _saved_deepseek(folder, skew: float):
+    """A tiny DeepSeek-V3 whose routers' correction biases favour experts 0 and 1 by `skew`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {**SIZES, **MODELS["deepseek_v3"], "vocab_size": 1024, "max_position_embeddings": 256, "num_key_value_heads": 4,
+             "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("deepseek_v3", **sizes))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.e_score_correction_bias[:2] = skew
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_bias_update_balances_a_skewed_router(tmp_path, data_cache):
+    from conftest import check_ok, read_metrics, run_cli
+
+    model = _saved_deepseek(tmp_path / "model", skew=0.1)
+    common = ["train", "recipe=qwen3_moe_debug", "model=pretrained", f"model.name_or_path={model}", "data.vocab_size=1024",
+              "data.max_bytes=600000", f"data.cache_dir={data_cache}", "train.seq_len=32", "train.global_batch_size=4",
+              "train.micro_batch_size=4", "train.steps=60", "eval.interval=0", "checkpoint.interval=0", "checkpoint.export=false",
+              "model.attn_implementation=eager"]
+    worst = {}
+    for rate in (0.0, 0.005):
+        run_dir = tmp_path / f"rate{rate}"
+        check_ok(run_cli([*common, f"moe.bias_update_rate={rate}", f"run.dir={run_dir}"], tmp_path))
+        records = read_metrics(run_dir)
+        worst[rate] = [max(r["moe_max_mean_load"]) for r in records]
+    last = {rate: sum(values[-20:]) / 20 for rate, values in worst.items()}
+    assert worst[0.0][0] > 3 and worst[0.005][0] > 3, worst  # experts 0 and 1 take most tokens at first
+    assert last[0.0] > 3, worst[0.0]  # without updates they keep them
+    assert last[0.005] < 2.5, worst[0.005]  # with updates the load evens out
+
+    # a rate on routers without a correction bias is refused before any worker starts
+    refused = run_cli(["train", "recipe=qwen3_moe_debug", "moe.bias_update_rate=0.001"], tmp_path)
+    assert refused.returncode == 2 and "e_score_correction_bias" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr

@@ -211,10 +211,17 @@ def _plan_bytes(stdout: str) -> dict[str, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["dp_shard=4", "tp=2 sp", "dp_shard=2 x tp=2 sp"])
-def test_plan_reports_the_bytes_the_shards_hold(tmp_path, saved_models, data_cache, layout):
-    args = [*common_args(saved_models["llama"], data_cache, tmp_path / "run"), *LAYOUTS[layout], "train.steps=1"]
-    planned = _plan_bytes(check_ok(run_cli(["plan", *args[1:]], tmp_path)).stdout)
+@pytest.mark.parametrize(
+    "architecture, layout",
+    [("llama", "dp_shard=4"), ("llama", "tp=2 sp"), ("llama", "dp_shard=2 x tp=2 sp"), ("qwen3_moe", "dp_shard=4 x ep=2")],
+)
+def test_plan_reports_the_bytes_the_shards_hold(tmp_path, saved_models, data_cache, architecture, layout):
+    args = [*common_args(saved_models[architecture], data_cache, tmp_path / "run"), *LAYOUTS[layout], "train.steps=1"]
+    plan = check_ok(run_cli(["plan", *args[1:]], tmp_path)).stdout
+    if "ep=" in layout:  # 4 experts over 2 EP ranks, FSDP-sharded over the other 2 ranks of dp_shard
+        assert "EP rank r holds experts 0: 0-1, 1: 2-3 of every MoE layer (2 of 4), FSDP-sharded over 2 rank(s)" in plan, plan
+        assert re.search(r"experts\.gate_up_proj\s+\[4, 64, 64\] -> \[1, 64, 64\]\s+efsdp: _S\(0, 2\), ep: S\(0\)", plan), plan
+    planned = _plan_bytes(plan)
     assert set(planned) == {"parameters", "gradients", "optimizer", "total"}
     check_ok(run_cli(args, tmp_path, env=MULTI))
     (record,) = read_metrics(tmp_path / "run")
@@ -312,7 +319,9 @@ def test_checkpoints_resume_across_ep_layouts(tmp_path, saved_models, data_cache
 @pytest.mark.slow
 def test_compiled_blocks_under_fsdp_match_eager(tmp_path, tiny):
     """parallel.compile=true (torch.compile per block, inductor on the CPU here) under FSDP."""
-    common = ["train", "recipe=qwen3_moe_debug", *tiny, "train.steps=3", "eval.interval=0", "checkpoint.interval=0", "checkpoint.export=false"]
+    # (the load-balancing loss is off: its balance groups are micro_batch_size x data-parallel ranks)
+    common = ["train", "recipe=qwen3_moe_debug", *tiny, "train.steps=3", "eval.interval=0", "checkpoint.interval=0", "checkpoint.export=false",
+              "moe.aux_loss_coef=0"]
     check_ok(run_cli([*common, f"run.dir={tmp_path / 'eager'}"], tmp_path))
     check_ok(run_cli([*common, f"run.dir={tmp_path / 'compiled'}", "launcher.nproc_per_node=2", "parallel.dp_shard=2", "parallel.compile=true"],
                      tmp_path, env=MULTI, timeout=600))

@@ -83,6 +83,11 @@ class MoEConfig:
     # counts over all data-parallel ranks, averaged over the MoE layers. null: the model's
     # router_aux_loss_coef (0 when it has none); 0 disables it.
     aux_loss_coef: Optional[float] = None
+    # Auxiliary-loss-free balancing (DeepSeek-V3): after each step, every router's
+    # e_score_correction_bias moves by this much per expert toward balance (up for experts below
+    # the mean load of the step's global batch, down above it). null: 0.001 on routers that carry
+    # such a bias, off elsewhere; a value > 0 on a model without one is a config error.
+    bias_update_rate: Optional[float] = None
 
     def validate(self) -> None:
         _require(
@@ -92,6 +97,10 @@ class MoEConfig:
         _require(
             self.aux_loss_coef is None or (0 <= self.aux_loss_coef < float("inf")),
             f"moe.aux_loss_coef={self.aux_loss_coef}: must be a finite number >= 0 (0 disables), or null for the model's own",
+        )
+        _require(
+            self.bias_update_rate is None or (0 <= self.bias_update_rate < float("inf")),
+            f"moe.bias_update_rate={self.bias_update_rate}: must be a finite number >= 0 (0 disables), or null",
         )
 
 

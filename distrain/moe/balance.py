@@ -13,7 +13,10 @@ that went to expert e, P_e the mean router probability of e over those tokens: e
 probabilities of its own tokens divided by the global token count, so the gradients, summed over
 the data-parallel ranks as every gradient is, are those of the global formula. Under TP the router
 sees the same tokens on every TP rank and its gradient is summed over TP: the share is divided by
-the TP size so the sum is right. The counts are kept for the logged statistics.
+the TP size so the sum is right. The counts are kept for the logged statistics, and for the
+auxiliary-loss-free balancing of routers that carry an `e_score_correction_bias` (DeepSeek-V3):
+after each applied step `update_biases` moves each expert's bias by `rate` toward balance, up if
+the step's global load of the expert is below the mean, down if above (the same on every rank).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class RouterStats:
         self.logits: dict[int, torch.Tensor] = {}
         self.indices: dict[int, torch.Tensor] = {}
         self.load = torch.zeros(len(moe_blocks), self.num_experts, dtype=torch.float64, device=device)  # since the last summary
+        self.step_load = torch.zeros_like(self.load)  # this step's
         self.aux_sum = torch.zeros((), dtype=torch.float64, device=device)  # this rank's shares, since the last summary
         self.micro_batches = 0
         for layer, block in enumerate(moe_blocks):
@@ -73,6 +77,7 @@ class RouterStats:
         if self.dp_size > 1:
             dist.all_reduce(counts, group=self.dp_group)
         self.load += counts
+        self.step_load += counts
         self.micro_batches += 1
         aux = None
         if self.coef > 0:
@@ -88,6 +93,18 @@ class RouterStats:
         self.logits.clear()
         self.indices.clear()
         return aux
+
+    @torch.no_grad()
+    def update_biases(self, rate: float, applied: bool) -> None:
+        """After a step: move the correction biases toward balance (`applied`: the step's update
+        was applied; a skipped step changes no state)."""
+        if applied and rate > 0:
+            for layer, block in enumerate(self.blocks):
+                bias = getattr(block.router, "e_score_correction_bias", None)
+                if bias is not None:
+                    load = self.step_load[layer]
+                    bias += rate * torch.sign(load.mean() - load).to(bias.dtype)
+        self.step_load.zero_()
 
     def summary(self) -> dict:
         """Statistics since the last summary (collective: every rank calls it): per layer the

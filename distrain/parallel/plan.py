@@ -70,6 +70,7 @@ def describe_plan(job: JobConfig, dims: ParallelDims, hf_config) -> tuple[str, d
         + (f", {spec.num_experts} experts (top-{spec.experts_per_token})" if spec.num_experts else ""),
         structure,
         *tp_plan,
+        *_ep_plan(dims, spec),
         "",
         "parameter (rank 0)  full shape -> local shape  placement",
     ]
@@ -80,3 +81,18 @@ def describe_plan(job: JobConfig, dims: ParallelDims, hf_config) -> tuple[str, d
     for key, value in bytes_per_rank.items():
         lines.append(f"  {key:<11} {value:>14,d} B  {value / 2**20:10.2f} MiB")
     return "\n".join(lines), bytes_per_rank
+
+
+def _ep_plan(dims: ParallelDims, spec) -> list[str]:
+    """Which experts each rank holds under expert parallelism."""
+    if dims.ep == 1 or not spec.num_experts:
+        return []
+    per_rank = spec.num_experts // dims.ep
+    groups = dims.world_size // dims.ep
+    held = ", ".join(f"{r}: {r * per_rank}-{(r + 1) * per_rank - 1}" for r in range(dims.ep))
+    return [
+        f"expert parallelism: {groups} group(s) of {dims.ep} consecutive ranks of dp_shard x tp; in each, EP rank r holds "
+        f"experts {held} of every MoE layer ({per_rank} of {spec.num_experts}), FSDP-sharded over {dims.efsdp} rank(s)"
+        + (f" and replicated over dp_replicate={dims.dp_replicate}" if dims.dp_replicate > 1 else "")
+        + "; routed token rows travel by all-to-all within the group"
+    ]

@@ -87,6 +87,8 @@ class Trainer:
         self.router_stats = None
         if self.spec.moe_blocks:
             coef = job.moe.aux_loss_coef if job.moe.aux_loss_coef is not None else float(getattr(hf_config, "router_aux_loss_coef", 0) or 0)
+            biased = any(hasattr(b.router, "e_score_correction_bias") for b in self.spec.moe_blocks)
+            self.bias_update_rate = job.moe.bias_update_rate if job.moe.bias_update_rate is not None else (0.001 if biased else 0.0)
             # NOTE: under TP the MoE layers see the same tokens on every TP rank (expert-TP) or, with
             #       EP, each its own slice of them: counts are summed over dp, or over every rank
             if self.dims.tp > 1 and self.dims.ep > 1:
@@ -183,6 +185,8 @@ class Trainer:
             self.optimizer.step()
             if faults.active("nan", "weights", self.step + 1):
                 _poison(self.model)
+        if self.router_stats:
+            self.router_stats.update_biases(self.bias_update_rate, applied=not flags[0])
         if self.state_bytes is None:
             self.state_bytes = {
                 "param_bytes": _local_bytes(self.model.parameters()),
