@@ -98,8 +98,8 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
 def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm") or x.device.type not in ("cpu", "cuda"):
         return False
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
-        return False
+    if x.device.type == "cuda" and (torch.cuda.get_device_capability(x.device) < (8, 0) or x.dtype != torch.bfloat16):
+        return False  # CUDA's grouped_mm: bf16 on sm80+
     size = x.element_size()
     for t in (x, weight):
         if t.data_ptr() % 16 or any(s % (16 // size) for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1):
