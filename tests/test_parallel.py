@@ -59,7 +59,9 @@ CASES = [
     ("mistral", ["dp_shard=2 x tp=2"]),
     ("gemma", [*FSDP_ONLY, "tp=2 sp"]),  # tied embedding and lm_head: one vocab-sharded tensor
     ("qwen3_moe", [*FSDP_ONLY, "tp=2", "dp_shard=2 x tp=2 sp", "tp=2 selective AC"]),  # expert-TP: packed gate_up
-    ("qwen3_moe EP", ["ep=4", "dp_replicate=2 x dp_shard=2 x ep=2", "tp=2 x ep=2", "dp_shard=2 x tp=2 sp x ep=4"]),  # experts split, all-to-all dispatch; HSDP of the experts
+    # experts split, all-to-all dispatch; HSDP of the experts (ep=4 and tp=2 x ep=2: with the aux loss on,
+    # in test_aux_loss_layouts_match_single_process)
+    ("qwen3_moe EP", ["dp_replicate=2 x dp_shard=2 x ep=2", "dp_shard=2 x tp=2 sp x ep=4"]),
     ("mixtral", [*FSDP_ONLY, "tp=2 sp", "dp_shard=4 x ep=2"]),
     ("phi3", [*FSDP_ONLY, "tp=2 sp"]),  # fused qkv / gate_up: gathered output, split input
     ("stablelm", ["tp=2 sp"]),
