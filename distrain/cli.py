@@ -132,7 +132,7 @@ def cmd_plan(args) -> int:
 
     job = _load(args.overrides)
     dims, hf_config = _validate_layout(job)
-    text, _ = describe_plan(job, dims, hf_config)
+    text, _ = describe_plan(job, dims, hf_config, args.device_memory_gib * 2**30 if args.device_memory_gib else None)
     print(text)
     return 0
 
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cfg", choices=["job"], help="print the resolved config and exit")
     train.set_defaults(func=cmd_train)
     plan = sub.add_parser("plan", help="validate the layout and print per-rank memory, without training")
+    plan.add_argument("--device-memory-gib", type=float, help="device memory to set the totals against (default: detected)")
     plan.add_argument("overrides", nargs="*")
     plan.set_defaults(func=cmd_plan)
     export = sub.add_parser("export", help="checkpoint -> from_pretrained-loadable safetensors folder")

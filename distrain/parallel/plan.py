@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
@@ -29,13 +30,16 @@ def _block_plan(model, spec, tp: int) -> list[str]:
     return [f"tensor-parallel styles per block ({source}): " + ", ".join(styles)]
 
 
-def describe_plan(job: JobConfig, dims: ParallelDims, hf_config) -> tuple[str, dict[str, int]]:
+def describe_plan(job: JobConfig, dims: ParallelDims, hf_config, device_memory: float | None = None) -> tuple[str, dict[str, int]]:
+    """The plan's text and rank 0's state bytes; `device_memory` (bytes): what the totals are
+    set against (None: the first CUDA device's, if any)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=dims.world_size)
     try:
         mesh = dims.build_mesh("cpu")
         model, spec = build_meta_model(job.model, hf_config)
+        activations = activation_bytes(job, dims, spec, hf_config)
         tp_plan = _block_plan(model, spec, dims.tp) if dims.tp > 1 else []
         model_name = type(model).__name__  # fully_shard renames the class
         names = {module: name for name, module in model.named_modules()}
@@ -80,6 +84,18 @@ def describe_plan(job: JobConfig, dims: ParallelDims, hf_config) -> tuple[str, d
     lines += ["", "per-rank bytes (rank 0; fp32 weights, fp32 gradients, Adam exp_avg + exp_avg_sq):"]
     for key, value in bytes_per_rank.items():
         lines.append(f"  {key:<11} {value:>14,d} B  {value / 2**20:10.2f} MiB")
+    if device_memory is None and torch.cuda.is_available():
+        device_memory = torch.cuda.get_device_properties(0).total_memory
+    tokens = job.train.micro_batch_size * job.train.seq_len
+    lines += ["", f"activations per rank (estimate: one micro-batch of {tokens} tokens in flight, plus the loss's logits, "
+                  f"{activations['logits'] / 2**30:.2f} GiB):"]
+    for mode in ("none", "selective", "full"):
+        peak = bytes_per_rank["total"] + activations[mode] + activations["logits"]
+        verdict = "" if device_memory is None else (" fits" if peak <= device_memory else " does NOT fit")
+        chosen = "  <- parallel.activation_checkpointing" if mode == dims.activation_checkpointing else ""
+        lines.append(f"  {mode:<10} {activations[mode] / 2**30:8.2f} GiB; with state {peak / 2**30:8.2f} GiB{verdict}{chosen}")
+    lines.append(f"device memory: {device_memory / 2**30:.1f} GiB" if device_memory else
+                 "device memory: unknown here (distrain plan --device-memory-gib 80 sets it)")
     return "\n".join(lines), bytes_per_rank
 
 
@@ -96,3 +112,56 @@ def _ep_plan(dims: ParallelDims, spec) -> list[str]:
         + (f" and replicated over dp_replicate={dims.dp_replicate}" if dims.dp_replicate > 1 else "")
         + "; routed token rows travel by all-to-all within the group"
     ]
+
+
+def activation_bytes(job: JobConfig, dims: ParallelDims, spec, hf_config) -> dict[str, int]:
+    """An estimate of one rank's activation memory for one micro-batch in flight, per
+    activation-checkpointing mode, plus the loss's logits (`logits`): what autograd keeps for
+    backward, counted per decoder layer (b bytes per compute element; t = tp; /t where TP shards
+    the features, /sp where SP shards the sequence; s = micro_batch_size x seq_len tokens):
+
+        norms      2 s H (4 + b) / sp       RMSNorm keeps its fp32 input and its output
+        attention  s H b + s (3 Hq + 3 Hkv) b / t     input; q, k, v, rotated q and k, output
+        dense MLP  s H b + 4 s I b / t                input; gate, up, act(gate), product
+        MoE        s H b + 8 s E + s K (2 H + 4 I_e / t_e) b   input; router logits and
+                   probabilities (fp32); per routed row its input, gate_up, act, product and
+                   output (t_e = t under expert-TP, 1 under EP) (+ a shared expert as a dense MLP)
+        logits     s V / t (b + 4 + 4)                the logits, their fp32 copy and its gradient
+
+    none: every layer; full: the block inputs (s H b / sp each) plus one layer recomputed;
+    selective: none less what it recomputes (norms, activations)."""
+    config = hf_config
+    b = 2 if job.train.mixed_precision == "bf16" or (job.train.mixed_precision == "auto" and job.run.device != "cpu") else 4
+    s, t = job.train.micro_batch_size * job.train.seq_len, dims.tp
+    sp = t if dims.sp else 1
+    hidden, layers = config.hidden_size, len(spec.blocks)
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    hq = config.num_attention_heads * head_dim
+    hkv = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
+    norms = 2 * s * hidden * (4 + b) // sp
+    attention = s * hidden * b + s * (3 * hq + 3 * hkv) * b // t
+    per_layer, recomputed = [], []
+    for block in spec.blocks:
+        moe = next((m for m in spec.moe_blocks if any(sub is m.module for sub in block.modules())), None)
+        if moe is None:
+            inter = getattr(config, "intermediate_size", 4 * hidden)
+            mlp, acts = s * hidden * b + 4 * s * inter * b // t, 2 * s * inter * b // t
+        else:
+            down = moe.experts.down_proj
+            inter = down.shape[1] if down.shape[2] == hidden else down.shape[2]
+            te = t if dims.ep == 1 else 1
+            k, e = spec.experts_per_token, spec.num_experts
+            mlp = s * hidden * b + 8 * s * e + s * k * (2 * hidden + 4 * inter // te) * b
+            acts = 2 * s * k * inter * b // te
+            if moe.shared_expert is not None:
+                shared = next(m for m in moe.shared_expert.children() if isinstance(m, torch.nn.Linear)).out_features
+                mlp += s * hidden * b + 4 * s * shared * b // t
+                acts += 2 * s * shared * b // t
+        per_layer.append(norms + attention + mlp)
+        recomputed.append(norms + acts)
+    return {
+        "none": sum(per_layer),
+        "selective": sum(per_layer) - sum(recomputed),
+        "full": layers * s * hidden * b // sp + max(per_layer),
+        "logits": s * config.vocab_size // t * (b + 4 + 4),
+    }
