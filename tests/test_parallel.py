@@ -223,6 +223,9 @@ def test_plan_reports_the_bytes_the_shards_hold(tmp_path, saved_models, data_cac
     if "ep=" in layout:  # 4 experts over 2 EP ranks, FSDP-sharded over the other 2 ranks of dp_shard
         assert "EP rank r holds experts 0: 0-1, 1: 2-3 of every MoE layer (2 of 4), FSDP-sharded over 2 rank(s)" in plan, plan
         assert re.search(r"experts\.gate_up_proj\s+\[4, 64, 64\] -> \[1, 64, 64\]\s+efsdp: _S\(0, 2\), ep: S\(0\)", plan), plan
+    # activations per checkpointing mode: keeping everything takes the most
+    estimates = {k: int(v.replace(",", "")) for k, v in re.findall(r"^\s+(none|selective|full)\s+[\d.]+ GiB \(([\d,]+) B\)", plan, flags=re.M)}
+    assert len(estimates) == 3 and estimates["none"] > max(estimates["selective"], estimates["full"]) > 0, plan
     planned = _plan_bytes(plan)
     assert set(planned) == {"parameters", "gradients", "optimizer", "total"}
     check_ok(run_cli(args, tmp_path, env=MULTI))

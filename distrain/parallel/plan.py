@@ -93,7 +93,7 @@ def describe_plan(job: JobConfig, dims: ParallelDims, hf_config, device_memory: 
         peak = bytes_per_rank["total"] + activations[mode] + activations["logits"]
         verdict = "" if device_memory is None else (" fits" if peak <= device_memory else " does NOT fit")
         chosen = "  <- parallel.activation_checkpointing" if mode == dims.activation_checkpointing else ""
-        lines.append(f"  {mode:<10} {activations[mode] / 2**30:8.2f} GiB; with state {peak / 2**30:8.2f} GiB{verdict}{chosen}")
+        lines.append(f"  {mode:<10} {activations[mode] / 2**30:8.2f} GiB ({activations[mode]:,} B); with state {peak / 2**30:8.2f} GiB{verdict}{chosen}")
     lines.append(f"device memory: {device_memory / 2**30:.1f} GiB" if device_memory else
                  "device memory: unknown here (distrain plan --device-memory-gib 80 sets it)")
     return "\n".join(lines), bytes_per_rank
