@@ -34,14 +34,19 @@ def _bytes(tensors) -> int:
     return sum(_bytes(t) for t in tensors)
 
 
-def _group_size(group) -> int:
+def _process_group(group) -> torch.distributed.ProcessGroup:
+    """The group an op carries: a name (functional collectives) or a ScriptObject (c10d ops)."""
     if isinstance(group, str):
         from torch.distributed.distributed_c10d import _resolve_process_group
 
-        return _resolve_process_group(group).size()
-    if not isinstance(group, torch.distributed.ProcessGroup):  # c10d ops carry it as a ScriptObject
+        return _resolve_process_group(group)
+    if not isinstance(group, torch.distributed.ProcessGroup):
         group = torch.distributed.ProcessGroup.unbox(group)
-    return group.size()
+    return group
+
+
+def _group_size(group) -> int:
+    return _process_group(group).size()
 
 
 # op -> (kind, payload bytes from the op's args, group size from the op's args)
@@ -65,20 +70,10 @@ def _sent_to_others(func, args, payload: int, size: int) -> float:
     """An all-to-all's bytes to other ranks: the input minus this rank's own split."""
     functional = func is funcol.all_to_all_single.default
     tensor, splits, group = (args[0], args[2], args[3]) if functional else (args[1], args[4], args[2])
-    if not isinstance(group, str) and not isinstance(group, torch.distributed.ProcessGroup):
-        group = torch.distributed.ProcessGroup.unbox(group)
-    rank = torch.distributed.get_rank(_resolve(group))
+    rank = torch.distributed.get_rank(_process_group(group))
     rows = tensor.shape[0] if tensor.dim() else 1
     own = splits[rank] if splits else rows // size
     return payload * (rows - own) / max(rows, 1)
-
-
-def _resolve(group):
-    if isinstance(group, str):
-        from torch.distributed.distributed_c10d import _resolve_process_group
-
-        return _resolve_process_group(group)
-    return group
 
 
 def bus_bytes(kind: str, payload: int, group_size: int) -> float:

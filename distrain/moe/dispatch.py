@@ -40,9 +40,8 @@ class ExpertParallel:
         arrived = all_to_all_single_autograd(rows, recv_splits, send_splits, self.group)
         order = _by_local_expert(received)
         out = local_experts(experts, arrived[order], received.sum(0))
-        back = torch.empty_like(order)
-        back[order] = torch.arange(order.numel(), device=order.device)
-        return all_to_all_single_autograd(out[back], send_splits, recv_splits, self.group)
+        out = torch.empty_like(out).index_copy_(0, order, out)  # back to (source, local expert) blocks
+        return all_to_all_single_autograd(out, send_splits, recv_splits, self.group)
 
 
 def _by_local_expert(received: torch.Tensor) -> torch.Tensor:

@@ -67,8 +67,8 @@ def resolved_plan(model: nn.Module, spec: ModelSpec, tp: int, moe_outside: bool 
     `tp`. `moe_outside` (expert parallelism): the MoE modules are left out of TP."""
     plan = getattr(model.config, "base_model_tp_plan", None) or {}
     outside = [b.name for b in spec.moe_blocks] if moe_outside else []
+    # NOTE: the structural plan gives MoE modules no entries (it refuses those holding linears)
     resolved = _declared_plan(model, plan, outside) if plan else structural_plan(model, spec)
-    resolved = {n: s for n, s in resolved.items() if not any(n == m or n.startswith(m + ".") for m in outside)}
     _check_divisible(model, resolved, tp)
     return resolved
 
