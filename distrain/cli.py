@@ -61,6 +61,7 @@ def _validate_layout(job):
     from distrain.models import build_meta_model
 
     model, spec = build_meta_model(job.model, hf_config)  # on meta: no memory; model errors surface here
+    dims.check_experts(spec.num_experts)
     if dims.tp > 1:
         from distrain.parallel.tensor_parallel import resolved_plan
 
@@ -100,6 +101,13 @@ def _validate_run(job, hf_config) -> None:
             check_export_target(Path(job.run.dir) / "export", force=True)
 
 
+def validate_train(job) -> None:
+    """Everything `distrain train` checks before any worker starts (the in-process test ranks
+    check the same)."""
+    _, hf_config = _validate_layout(job)
+    _validate_run(job, hf_config)
+
+
 def cmd_train(args) -> int:
     from distrain.launch import adopt_slurm_env
     from distrain.train import stop
@@ -117,8 +125,7 @@ def cmd_train(args) -> int:
 
         print(yaml.safe_dump(to_dict(job), sort_keys=False), end="")
         return 0
-    _, hf_config = _validate_layout(job)
-    _validate_run(job, hf_config)
+    validate_train(job)
     if any(stop.received()):
         print(f"distrain: stopped by {stop.name(stop.received())} before training started; nothing to save", flush=True)
         return stop.exit_status(stop.received())

@@ -72,3 +72,13 @@ def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def ranks(tmp_path_factory):
+    """Gloo ranks started once for the session (see tests/ranks.py)."""
+    from ranks import Ranks
+
+    started = Ranks(tmp_path_factory.mktemp("ranks"))
+    yield started
+    started.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -85,6 +86,41 @@ def test_experts_layer_matches_eager_loop(name, routing):
     torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours[1], reference[1], rtol=1e-5, atol=1e-6)
     assert ours[2].keys() == reference[2].keys() and block.router_name + ".weight" in ours[2]
+    for key in reference[2]:
+        torch.testing.assert_close(ours[2][key], reference[2][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_capacity_drops_the_latest_pairs_over_capacity(name):
+    """moe.capacity_factor: against the eager loop with the routing weights of the pairs over
+    each expert's capacity (the latest in token order) set to zero."""
+    from distrain.moe.experts import set_capacity
+
+    model, block = moe_module(name)
+    x = torch.randn(2, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    num_experts, factor = block.experts.num_experts, 0.5
+    counts = routed_counts(block, x)
+    capacity = math.ceil(factor * counts.sum().item() / num_experts)
+
+    def zero_dropped(module, args, kwargs):
+        index, weights = (args[1], args[2]) if len(args) > 2 else (kwargs["top_k_index"], kwargs["top_k_weights"])
+        flat = index.reshape(-1)
+        seen = torch.zeros(num_experts, dtype=torch.long)
+        keep = torch.ones(flat.numel(), dtype=weights.dtype)
+        for i, expert in enumerate(flat.tolist()):  # (token, k) order: the earliest pairs are kept
+            keep[i] = float(seen[expert] < capacity)
+            seen[expert] += 1
+        return (args[0], index, weights * keep.view_as(weights)), {}
+
+    handle = block.experts.register_forward_pre_hook(zero_dropped, with_kwargs=True)
+    reference = run(model, block, "eager", x)
+    handle.remove()
+    set_capacity([block], factor)
+    ours = run(model, block, "distrain", x)
+    expected_dropped = (counts - capacity).clamp(min=0).sum().item()
+    assert expected_dropped > 0 and block.experts._distrain_dropped.item() == expected_dropped, (counts, capacity)
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1], reference[1], rtol=1e-5, atol=1e-6)
     for key in reference[2]:
         torch.testing.assert_close(ours[2][key], reference[2][key], rtol=1e-5, atol=1e-6, msg=key)
 

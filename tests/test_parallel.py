@@ -88,7 +88,7 @@ def saved_models(tmp_path_factory) -> dict[str, Path]:
 #       a larger eps keeps such rows within 1e-5 of the reference without hiding real errors.
 def common_args(model_dir: Path, data_cache: Path, run_dir: Path) -> list[str]:
     return [
-        "train", "recipe=qwen3_moe_debug", "model=pretrained", f"model.name_or_path={model_dir}",
+        "recipe=qwen3_moe_debug", "model=pretrained", f"model.name_or_path={model_dir}",
         "data.vocab_size=1024", "data.max_bytes=600000", f"data.cache_dir={data_cache}",
         "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=2", f"train.steps={STEPS}",
         "optim.lr=1e-3", "optim.eps=1e-6", "optim.warmup_steps=2", f"eval.interval={STEPS}", "eval.batches=3", "checkpoint.interval=0", "checkpoint.export=false",
@@ -121,34 +121,52 @@ def assert_same_run(reference_dir: Path, run_dir: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture, layouts", CASES, ids=[c[0] for c in CASES])
-def test_layouts_match_single_process(tmp_path, saved_models, data_cache, architecture, layouts):
+def test_layouts_match_single_process(tmp_path, ranks, saved_models, data_cache, architecture, layouts):
     architecture = architecture.split()[0]
     reference_dir = tmp_path / "reference"
-    check_ok(run_cli(common_args(saved_models[architecture], data_cache, reference_dir), tmp_path))
+    ranks.train(common_args(saved_models[architecture], data_cache, reference_dir))
     for name in layouts:
-        layout = LAYOUTS[name]
         run_dir = tmp_path / name.replace(" ", "").replace("=", "")
-        check_ok(run_cli([*common_args(saved_models[architecture], data_cache, run_dir), *layout], tmp_path, env=MULTI))
+        ranks.train([*common_args(saved_models[architecture], data_cache, run_dir), *LAYOUTS[name]])
         assert_same_run(reference_dir, run_dir)
 
 
 @pytest.mark.slow
-def test_aux_loss_layouts_match_single_process(tmp_path, saved_models, data_cache):
+def test_aux_loss_layouts_match_single_process(tmp_path, ranks, saved_models, data_cache):
     """The load-balancing loss over the same balance groups (micro_batch_size x data-parallel
     ranks = 8 sequences) under EP, under expert-TP with SP (the router's gradient not summed over
     TP twice) and under TP x EP (each TP rank routing its slice): equal to one process."""
     aux = ["moe.aux_loss_coef=0.05"]  # eval: the same 8 held-out sequences in every run
     reference = tmp_path / "reference"
-    check_ok(run_cli([*common_args(saved_models["qwen3_moe"], data_cache, reference), *aux, "train.micro_batch_size=8", "eval.batches=1"], tmp_path))
+    ranks.train([*common_args(saved_models["qwen3_moe"], data_cache, reference), *aux, "train.micro_batch_size=8", "eval.batches=1"])
     records = read_metrics(reference)
     assert all(r["moe_aux_loss"] > 0 for r in records) and len(records[0]["moe_tokens_per_expert"]) == 2
     for name, micro in (("ep=4", 2), ("dp_shard=2 x tp=2 sp", 4), ("tp=2 x ep=2", 8)):
         run_dir = tmp_path / name.replace(" ", "").replace("=", "")
-        check_ok(run_cli([*common_args(saved_models["qwen3_moe"], data_cache, run_dir), *aux, f"train.micro_batch_size={micro}", f"eval.batches={8 // micro}", *LAYOUTS[name]], tmp_path, env=MULTI))
+        ranks.train([*common_args(saved_models["qwen3_moe"], data_cache, run_dir), *aux, f"train.micro_batch_size={micro}", f"eval.batches={8 // micro}", *LAYOUTS[name]])
         assert_same_run(reference, run_dir)
         for a, b in zip(records, read_metrics(run_dir)):
             assert a["moe_tokens_per_expert"] == b["moe_tokens_per_expert"], (name, a["step"])
             assert abs(a["moe_aux_loss"] - b["moe_aux_loss"]) <= 1e-6 * a["moe_aux_loss"] + 1e-9, (name, a["step"])
+
+
+@pytest.mark.slow
+def test_capacity_layouts_match_single_process(tmp_path, ranks, saved_models, data_cache):
+    """moe.capacity_factor drops the same (token, expert) pairs under EP (each rank drops over its
+    own micro-batch, as one process does per micro-batch) and expert-TP (every TP rank routes the
+    same tokens): equal to one process, with the same dropped fractions."""
+    # (4 eval micro-batches: one per rank, as in one process; padding one would change who is dropped)
+    capacity = ["moe.capacity_factor=1.0", "eval.batches=4"]
+    reference = tmp_path / "reference"
+    ranks.train([*common_args(saved_models["qwen3_moe"], data_cache, reference), *capacity])
+    records = read_metrics(reference)
+    assert all(0 < max(r["moe_dropped_fraction"]) < 0.75 for r in records), [r["moe_dropped_fraction"] for r in records]
+    for name in ("ep=4", "dp_shard=2 x tp=2 sp"):
+        run_dir = tmp_path / name.replace(" ", "").replace("=", "")
+        ranks.train([*common_args(saved_models["qwen3_moe"], data_cache, run_dir), *capacity, *LAYOUTS[name]])
+        assert_same_run(reference, run_dir)
+        for a, b in zip(records, read_metrics(run_dir)):
+            assert a["moe_dropped_fraction"] == b["moe_dropped_fraction"], (name, a["step"])
 
 
 @pytest.mark.parametrize(
@@ -159,7 +177,7 @@ def test_aux_loss_layouts_match_single_process(tmp_path, saved_models, data_cach
         (["launcher.nproc_per_node=4", "parallel.tp=4", "++model.config.num_attention_heads=6"], "parallel.tp"),
         (["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true", "train.seq_len=255"], "train.seq_len"),
         (["launcher.nproc_per_node=2", "parallel.ep=3"], "parallel.ep"),
-        (["launcher.nproc_per_node=4", "parallel.ep=8"], "parallel.ep"),
+        (["launcher.nproc_per_node=4", "parallel.ep=8", "train.micro_batch_size=2"], "parallel.ep"),
         (["launcher.nproc_per_node=2", "parallel.ep=2", "parallel.tp=2", "train.seq_len=255"], "parallel.ep"),
         (["launcher.nproc_per_node=2", "parallel.ep=2", "model=llama_debug"], "parallel.ep"),
         (["launcher.nproc_per_node=2", "parallel.tp=2", "++model.config.vocab_size=4097"], "vocab_size"),
@@ -217,9 +235,9 @@ def _plan_bytes(stdout: str) -> dict[str, int]:
     "architecture, layout",
     [("llama", "dp_shard=4"), ("llama", "tp=2 sp"), ("llama", "dp_shard=2 x tp=2 sp"), ("qwen3_moe", "dp_shard=4 x ep=2")],
 )
-def test_plan_reports_the_bytes_the_shards_hold(tmp_path, saved_models, data_cache, architecture, layout):
+def test_plan_reports_the_bytes_the_shards_hold(tmp_path, ranks, saved_models, data_cache, architecture, layout):
     args = [*common_args(saved_models[architecture], data_cache, tmp_path / "run"), *LAYOUTS[layout], "train.steps=1"]
-    plan = check_ok(run_cli(["plan", *args[1:]], tmp_path)).stdout
+    plan = check_ok(run_cli(["plan", *args], tmp_path)).stdout
     if "ep=" in layout:  # 4 experts over 2 EP ranks, FSDP-sharded over the other 2 ranks of dp_shard
         assert "EP rank r holds experts 0: 0-1, 1: 2-3 of every MoE layer (2 of 4), FSDP-sharded over 2 rank(s)" in plan, plan
         assert re.search(r"experts\.gate_up_proj\s+\[4, 64, 64\] -> \[1, 64, 64\]\s+efsdp: _S\(0, 2\), ep: S\(0\)", plan), plan
@@ -228,7 +246,7 @@ def test_plan_reports_the_bytes_the_shards_hold(tmp_path, saved_models, data_cac
     assert len(estimates) == 3 and estimates["none"] > max(estimates["selective"], estimates["full"]) > 0, plan
     planned = _plan_bytes(plan)
     assert set(planned) == {"parameters", "gradients", "optimizer", "total"}
-    check_ok(run_cli(args, tmp_path, env=MULTI))
+    ranks.train(args)
     (record,) = read_metrics(tmp_path / "run")
     held = {"parameters": record["param_bytes"], "gradients": record["grad_bytes"], "optimizer": record["optimizer_bytes"]}
     assert held == {k: planned[k] for k in held}
@@ -246,79 +264,81 @@ def test_plan_reports_the_bytes_the_shards_hold(tmp_path, saved_models, data_cac
         ("llama_debug", 4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true"], 1.0),
     ],
 )
-def test_counted_bytes_meet_the_layout_minimum(tmp_path, tiny_dense, recipe, world, layout, max_state_ratio):
+def test_counted_bytes_meet_the_layout_minimum(tmp_path, ranks, tiny_dense, recipe, world, layout, max_state_ratio):
     """Communication and state bytes are counted, not timed: exact on any machine."""
-    import json
-    import subprocess
-    import sys
-
-    from conftest import MOE_TINY, REPO
+    from conftest import MOE_TINY
 
     tp = 2 if "parallel.tp=2" in layout else 1
     tiny = [*tiny_dense, *(MOE_TINY if "moe" in recipe else [])]
-    result = tmp_path / "result.json"
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-         str(REPO / "scripts/bench/layouts.py"), "--worker", str(result), "1", recipe, *tiny, f"run.dir={tmp_path / 'run'}",
-         "train.micro_batch_size=2", f"train.global_batch_size={2 * world // tp}", *layout],
-        check=True, env={**__import__("os").environ, **MULTI}, capture_output=True, timeout=300,
-    )
-    row = json.loads(result.read_text())
+    overrides = [*tiny, f"run.dir={tmp_path / 'run'}", "train.micro_batch_size=2", f"train.global_batch_size={2 * world // tp}", *layout]
+    row = ranks.call(world, "layouts:measure", recipe, overrides, 1)[0]
     assert 1.0 <= row["comm_ratio"] <= 1.05, row
     assert 1.0 <= row["state_ratio"] <= max_state_ratio, row
+    assert not row["uncounted_ops"], row
 
 
 @pytest.mark.slow
-def test_checkpoints_resume_across_layouts(tmp_path, saved_models, data_cache):
-    """A checkpoint written by one process resumes under expert-TP + SP (packed gate_up shards
-    loaded from contiguous storage), and one written under expert-TP resumes in one process:
-    every step matches the uninterrupted single-process run."""
-    import shutil
-
-    def args(run_dir: Path) -> list[str]:
-        return [*common_args(saved_models["qwen3_moe"], data_cache, run_dir), "train.steps=8", "checkpoint.interval=3", "checkpoint.keep=0"]
-
-    reference = tmp_path / "reference"
-    check_ok(run_cli(args(reference), tmp_path))
-    expected = read_metrics(reference)
-
-    run_dir = tmp_path / "run"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(reference / "checkpoints" / "step_00000003", run_dir / "checkpoints" / "step_00000003")
-    (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in (reference / "metrics.jsonl").read_text().splitlines()[:3]))
-    # steps 4-6 under tp=2 with SP; rank 1 fails at step 7, after the step-6 checkpoint
-    crashed = run_cli([*args(run_dir), "launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true"], tmp_path, env={**MULTI, "DISTRAIN_FAULT": "raise@step:rank=1:step=7"})
-    assert crashed.returncode != 0 and (run_dir / "checkpoints" / "step_00000006").is_dir()
-    check_ok(run_cli(args(run_dir), tmp_path))  # steps 7-8 in one process
-    got = {r["step"]: r for r in read_metrics(run_dir)}
-    assert sorted(got) == list(range(1, 9))
-    for a in expected[3:]:
-        b = got[a["step"]]
-        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (a["step"], a["grad_norm"], b["grad_norm"])
-
-
 @pytest.mark.slow
-def test_checkpoints_resume_across_ep_layouts(tmp_path, saved_models, data_cache):
-    """ep=4 -> dp_shard=2 x ep=2 -> 1 process, each crashing after a checkpoint: the experts
-    (DTensors sharded on the experts dimension, FSDP on top) are resharded by DCP and every
-    step matches the uninterrupted single-process run."""
+def test_selective_checkpointing_keeps_grouped_gemms_and_all_to_alls(tmp_path, ranks, tiny):
+    """Under EP, selective activation checkpointing recomputes neither the grouped GEMMs nor the
+    all-to-alls (counted: the same calls and bytes as without checkpointing); full
+    checkpointing, the control, repeats both."""
+    counted = {}
+    for mode in ("none", "selective", "full"):
+        overrides = [*tiny, f"run.dir={tmp_path / mode}", "train.micro_batch_size=2", "train.global_batch_size=4", "parallel.ep=2",
+                     f"parallel.activation_checkpointing={mode}"]
+        counted[mode] = ranks.call(2, "rank_jobs:count_step", "qwen3_moe_debug", overrides)[0]
+    none, selective, full = counted["none"], counted["selective"], counted["full"]
+    assert none["grouped_mm"] > 0 and none["collectives"]["all_to_all"] > 0, none
+    assert selective == none, counted
+    assert full["grouped_mm"] > none["grouped_mm"] and full["bus"]["all_to_all"] > none["bus"]["all_to_all"], counted
 
-    def args(run_dir: Path) -> list[str]:
-        return [*common_args(saved_models["qwen3_moe"], data_cache, run_dir), "train.steps=8", "checkpoint.interval=3", "checkpoint.keep=0"]
 
-    reference, run_dir = tmp_path / "reference", tmp_path / "run"
-    check_ok(run_cli(args(reference), tmp_path))
-    for layout, crash in ((["launcher.nproc_per_node=4", "parallel.ep=4"], 4), (["launcher.nproc_per_node=2", "parallel.ep=2"], 7)):
-        crashed = run_cli([*args(run_dir), *layout], tmp_path, env={**MULTI, "DISTRAIN_FAULT": f"raise@step:rank=1:step={crash}"})
-        assert crashed.returncode != 0 and (run_dir / "checkpoints" / f"step_{crash - 1:08d}").is_dir(), crashed.stderr[-2000:]
-    check_ok(run_cli(args(run_dir), tmp_path))  # steps 7-8 in one process
+def resume_args(model_dir: Path, data_cache: Path, run_dir: Path) -> list[str]:
+    return [*common_args(model_dir, data_cache, run_dir), "train.steps=8", "checkpoint.interval=3", "checkpoint.keep=0"]
+
+
+def stop_at(step: int) -> dict[str, str]:
+    """Every rank gets SIGTERM during `step`: the ranks agree, save that step and exit 143."""
+    return {"DISTRAIN_FAULT": f"signal@step:step={step}:signal=SIGTERM"}
+
+
+def assert_resumed_run(reference: Path, run_dir: Path) -> None:
     got = {r["step"]: r for r in read_metrics(run_dir)}
     assert sorted(got) == list(range(1, 9))
     for a in read_metrics(reference):
         b = got[a["step"]]
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (a["step"], a["grad_norm"], b["grad_norm"])
+
+
+@pytest.mark.slow
+def test_checkpoints_resume_across_layouts(tmp_path, ranks, saved_models, data_cache):
+    """A checkpoint written by one process resumes under expert-TP + SP (packed gate_up shards
+    loaded from contiguous storage), and one written under expert-TP resumes in one process:
+    every step matches the uninterrupted single-process run."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    ranks.train(resume_args(saved_models["qwen3_moe"], data_cache, reference))
+    assert ranks.run(resume_args(saved_models["qwen3_moe"], data_cache, run_dir), env=stop_at(2)) == [143]
+    tp_sp = ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true"]
+    assert ranks.run([*resume_args(saved_models["qwen3_moe"], data_cache, run_dir), *tp_sp], env=stop_at(5)) == [143, 0]
+    assert (run_dir / "checkpoints" / "step_00000005").is_dir()
+    ranks.train(resume_args(saved_models["qwen3_moe"], data_cache, run_dir))  # steps 6-8 in one process
+    assert_resumed_run(reference, run_dir)
+
+
+@pytest.mark.slow
+def test_checkpoints_resume_across_ep_layouts(tmp_path, ranks, saved_models, data_cache):
+    """ep=4 -> dp_shard=2 x ep=2 -> 1 process, each stopped after a checkpoint: the experts
+    (DTensors sharded on the experts dimension, FSDP on top) are resharded by DCP and every
+    step matches the uninterrupted single-process run."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    ranks.train(resume_args(saved_models["qwen3_moe"], data_cache, reference))
+    for layout, stop in ((["launcher.nproc_per_node=4", "parallel.ep=4"], 3), (["launcher.nproc_per_node=2", "parallel.dp_shard=2", "parallel.ep=2"], 6)):
+        statuses = ranks.run([*resume_args(saved_models["qwen3_moe"], data_cache, run_dir), *layout], env=stop_at(stop))
+        assert statuses[0] == 143 and not any(statuses[1:]) and (run_dir / "checkpoints" / f"step_{stop:08d}").is_dir(), statuses
+    ranks.train(resume_args(saved_models["qwen3_moe"], data_cache, run_dir))  # steps 7-8 in one process
+    assert_resumed_run(reference, run_dir)
 
 
 @pytest.mark.slow

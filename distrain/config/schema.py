@@ -88,6 +88,11 @@ class MoEConfig:
     # the mean load of the step's global batch, down above it). null: 0.001 on routers that carry
     # such a bias, off elsewhere; a value > 0 on a model without one is a config error.
     bias_update_rate: Optional[float] = None
+    # Token dropping: each expert takes at most ceil(capacity_factor x T x K / E) of the T x K
+    # (token, expert) pairs of the tokens one rank routes together (a micro-batch, or under TP x EP
+    # its sequence slice), the earliest in token order; the others add nothing (the token keeps its
+    # residual and its other experts). null: no token is ever dropped.
+    capacity_factor: Optional[float] = None
 
     def validate(self) -> None:
         _require(
@@ -101,6 +106,10 @@ class MoEConfig:
         _require(
             self.bias_update_rate is None or (0 <= self.bias_update_rate < float("inf")),
             f"moe.bias_update_rate={self.bias_update_rate}: must be a finite number >= 0 (0 disables), or null",
+        )
+        _require(
+            self.capacity_factor is None or (0 < self.capacity_factor < float("inf")),
+            f"moe.capacity_factor={self.capacity_factor}: must be a finite number > 0 (e.g. 1.25), or null to drop no token",
         )
 
 

@@ -49,6 +49,13 @@ def _lock(run_dir: Path, hold: bool) -> str | None:
     return None
 
 
+def release() -> None:
+    """Give up the locks this process holds (a process that runs several jobs, as the test
+    ranks do; a run's own process holds its lock until it exits)."""
+    while _held:
+        os.close(_held.pop())
+
+
 def check_run(job: JobConfig, data_fingerprint: str | None, lock: bool) -> resumes.Resume:
     """Before spawn: the run directory is usable, not in use (when `lock`), and the resume
     allowed. Nothing is written but the directory and its lock file."""

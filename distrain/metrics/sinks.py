@@ -46,6 +46,7 @@ class MetricsLogger:
             scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             if record.get("moe_max_mean_load"):
                 scalars["moe_worst_max_mean_load"] = max(record["moe_max_mean_load"])
+                scalars["moe_worst_dropped_fraction"] = max(record["moe_dropped_fraction"])
             self.wandb.log(scalars, step=step)
         done = step - self.start_step
         elapsed = time.perf_counter() - self.start_time
@@ -62,6 +63,8 @@ class MetricsLogger:
             fields["eval_loss"] = f"{record['eval_loss']:.4f}"
         if record.get("moe_max_mean_load"):  # the worst MoE layer's busiest expert against the mean
             fields["load max/mean"] = f"{max(record['moe_max_mean_load']):.2f}"
+            if max(record["moe_dropped_fraction"]) > 0:  # moe.capacity_factor: the worst layer's
+                fields["dropped"] = f"{100 * max(record['moe_dropped_fraction']):.1f}%"
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(fields, refresh=True)

@@ -1,4 +1,5 @@
-"""Router load: per-layer token counts per expert, the auxiliary load-balancing loss, statistics.
+"""Router load: per-layer token counts per expert, the auxiliary load-balancing loss, statistics
+(with the pairs dropped over capacity, `moe.capacity_factor`).
 
 Hooks on each MoE layer's router (its logits, [tokens, experts]) and experts (the routed expert
 ids) record one entry per layer while the trainer runs a micro-batch's forward (`recording`);
@@ -36,13 +37,16 @@ class RouterStats:
         self.on = False
         self.logits: dict[int, torch.Tensor] = {}
         self.indices: dict[int, torch.Tensor] = {}
-        self.load = torch.zeros(len(moe_blocks), self.num_experts, dtype=torch.float64, device=device)  # since the last summary
-        self.step_load = torch.zeros_like(self.load)  # this step's
+        self.dropped: dict[int, torch.Tensor] = {}  # (token, expert) pairs over capacity (moe.capacity_factor)
+        # per layer: routed pairs per expert, then the pairs dropped, since the last summary
+        self.load = torch.zeros(len(moe_blocks), self.num_experts + 1, dtype=torch.float64, device=device)
+        self.step_load = torch.zeros(len(moe_blocks), self.num_experts, dtype=torch.float64, device=device)  # this step's
         self.aux_sum = torch.zeros((), dtype=torch.float64, device=device)  # this rank's shares, since the last summary
         self.micro_batches = 0
         for layer, block in enumerate(moe_blocks):
             block.router.register_forward_hook(self._keep_logits(layer))
             block.experts.register_forward_pre_hook(self._keep_indices(layer), with_kwargs=True)
+            block.experts.register_forward_hook(self._keep_dropped(layer))
 
     def _keep_logits(self, layer: int):
         def hook(module, args, output):
@@ -60,6 +64,14 @@ class RouterStats:
 
         return hook
 
+    def _keep_dropped(self, layer: int):
+        def hook(module, args, output):
+            dropped = module.__dict__.pop("_distrain_dropped", None)
+            if self.on and torch.is_grad_enabled() and dropped is not None:
+                self.dropped[layer] = dropped
+
+        return hook
+
     @contextlib.contextmanager
     def recording(self):
         self.on = True
@@ -73,10 +85,14 @@ class RouterStats:
         the recorded entries and adds the micro-batch's global counts to the statistics."""
         layers = sorted(self.indices)
         assert layers == list(range(len(self.blocks))), f"router statistics recorded layers {layers}"
-        counts = torch.stack([torch.bincount(self.indices[i].reshape(-1), minlength=self.num_experts) for i in layers]).to(torch.float64)
+        counts = torch.stack([
+            torch.cat([torch.bincount(self.indices[i].reshape(-1), minlength=self.num_experts), self.dropped.get(i, self.indices[i].new_zeros(())).reshape(1)])
+            for i in layers
+        ]).to(torch.float64)
         if self.dp_size > 1:
             dist.all_reduce(counts, group=self.dp_group)
         self.load += counts
+        counts = counts[:, :-1]
         self.step_load += counts
         self.micro_batches += 1
         aux = None
@@ -92,6 +108,7 @@ class RouterStats:
             self.aux_sum += aux.detach().to(torch.float64)
         self.logits.clear()
         self.indices.clear()
+        self.dropped.clear()
         return aux
 
     @torch.no_grad()
@@ -112,12 +129,13 @@ class RouterStats:
         aux = self.aux_sum.clone()
         if self.dp_size > 1:
             dist.all_reduce(aux, group=self.dp_group)
-        load = self.load
+        load, dropped = self.load[:, :-1], self.load[:, -1]
         max_mean = (load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).tolist()
         out = {
             "moe_aux_loss": aux.item() / max(self.micro_batches, 1) / self.share if self.coef > 0 else None,
             "moe_max_mean_load": max_mean,
             "moe_tokens_per_expert": load.long().tolist(),
+            "moe_dropped_fraction": (dropped / load.sum(dim=1).clamp(min=1)).tolist(),
         }
         self.load.zero_()
         self.aux_sum.zero_()

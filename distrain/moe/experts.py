@@ -12,11 +12,19 @@ the routed token rows reach the experts and how the GEMMs run:
 3. each row is weighted by its routing weight, put back in (token, k) order and summed over k
    (a sum in a fixed order, deterministic on every device, unlike an index_add).
 
+With `moe.capacity_factor` (`set_capacity`) each expert takes at most its capacity of rows, the
+earliest in token order, before step 2; the others are dropped.
+
 With expert parallelism (`distrain.moe.dispatch`) step 2 runs on the rank that holds the expert:
-the sorted rows travel there and back by all-to-all.
+the sorted rows travel there and back by all-to-all. Under expert-TP the weights are DTensors
+sharded on the intermediate dimension (`distrain.parallel.tensor_parallel`): step 2 runs on this
+rank's shards, every expert for every token, and the output is this rank's partial sum, which the
+MoE block's TP region reduces.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +48,9 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     expert_of_row = top_k_index.reshape(-1)
     order = torch.argsort(expert_of_row, stable=True)  # (token, k) pairs grouped by expert
     counts = torch.bincount(expert_of_row, minlength=self.num_experts)
+    capacity_factor = getattr(self, "_distrain_capacity_factor", None)
+    if capacity_factor is not None:
+        order, counts = _drop_over_capacity(self, order, counts, expert_of_row, capacity_factor)
     rows = hidden_states[order // top_k]
     dispatcher = getattr(self, "_distrain_dispatcher", None)
     if dispatcher is None:
@@ -47,8 +58,29 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     else:
         out = dispatcher(self, rows, counts)
     out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
-    unsorted = torch.empty_like(out).index_copy_(0, order, out)  # back to (token, k) order
+    # back to (token, k) order; a dropped pair adds nothing
+    unsorted = (out.new_zeros if capacity_factor is not None else torch.empty)(num_tokens * top_k, out.shape[-1], dtype=out.dtype, device=out.device)
+    unsorted.index_copy_(0, order, out)
     return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def set_capacity(moe_blocks, capacity_factor: float | None) -> None:
+    """`moe.capacity_factor`: each expert takes at most ceil(factor x T x K / E) of the T x K
+    (token, expert) pairs of one experts call, the earliest in token order; the rest are dropped
+    (the token keeps its residual and its other experts). None: nothing is ever dropped."""
+    for block in moe_blocks:
+        block.experts._distrain_capacity_factor = capacity_factor
+
+
+def _drop_over_capacity(self, order, counts, expert_of_row, capacity_factor: float):
+    """Keep the first `capacity` rows of each expert in `order` (stable: token order); records
+    the number dropped in `self._distrain_dropped` for the router statistics."""
+    capacity = math.ceil(capacity_factor * expert_of_row.numel() / self.num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_in_expert = torch.arange(order.numel(), device=order.device) - starts[expert_of_row[order]]
+    kept = rank_in_expert < capacity
+    self._distrain_dropped = (~kept).sum()
+    return order[kept], counts.clamp(max=capacity)
 
 
 def local_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

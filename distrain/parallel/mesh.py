@@ -72,7 +72,7 @@ class ParallelDims:
                 f"= {dp_shard * fixed} differs from the world size {world_size}; e.g. parallel.dp_shard=-1 fills the rest"
             )
         if hf_config is not None:
-            _check_model_fits(cfg, dp_shard, hf_config, train.seq_len if train else None)
+            _check_model_fits(cfg, hf_config, train.seq_len if train else None)
         dp = cfg.dp_replicate * dp_shard
         if train is not None and train.global_batch_size % (train.micro_batch_size * dp):
             raise ConfigError(
@@ -92,6 +92,20 @@ class ParallelDims:
             cfg.dp_replicate, dp_shard, cfg.tp, cfg.sp, cfg.ep, world_size,
             cfg.reshard_after_forward, cfg.cpu_offload, cfg.activation_checkpointing, cfg.compile,
         )
+
+    def check_experts(self, num_experts: int) -> None:
+        """EP against the experts the model discovery found (`ModelSpec.num_experts`; 0: dense)."""
+        if self.ep == 1:
+            return
+        if not num_experts:
+            raise ConfigError(f"parallel.ep={self.ep} but the model has no experts; use parallel.ep=1")
+        shard_tp = self.dp_shard * self.tp
+        if num_experts % self.ep or shard_tp % self.ep:
+            working = max(d for d in _divisors(num_experts, shard_tp) if shard_tp % d == 0)
+            raise ConfigError(
+                f"parallel.ep={self.ep} must divide the model's {num_experts} experts and parallel.dp_shard x "
+                f"parallel.tp = {self.dp_shard} x {self.tp} = {shard_tp}; e.g. parallel.ep={working}"
+            )
 
     def build_mesh(self, device_type: str) -> MeshViews:
         from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -119,7 +133,7 @@ def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
-def _check_model_fits(cfg: ParallelConfig, dp_shard: int, hf_config, seq_len: int | None) -> None:
+def _check_model_fits(cfg: ParallelConfig, hf_config, seq_len: int | None) -> None:
     tp = cfg.tp
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
@@ -141,13 +155,3 @@ def _check_model_fits(cfg: ParallelConfig, dp_shard: int, hf_config, seq_len: in
             f"{'parallel.sp=true' if cfg.sp else 'parallel.ep>1 (MoE layers run on sequence slices)'} shards the sequence over "
             f"parallel.tp={tp}, which does not divide train.seq_len={seq_len}; e.g. train.seq_len={-(-seq_len // tp) * tp}"
         )
-    num_experts = next((getattr(hf_config, k) for k in ("num_experts", "num_local_experts", "n_routed_experts") if getattr(hf_config, k, None)), 0)
-    if cfg.ep > 1:
-        if not num_experts:
-            raise ConfigError(f"parallel.ep={cfg.ep} but the model has no experts; use parallel.ep=1")
-        if num_experts % cfg.ep or (dp_shard * tp) % cfg.ep:
-            working = max(d for d in _divisors(num_experts, dp_shard * tp) if (dp_shard * tp) % d == 0)
-            raise ConfigError(
-                f"parallel.ep={cfg.ep} must divide the model's {num_experts} experts and parallel.dp_shard x "
-                f"parallel.tp = {dp_shard} x {tp} = {dp_shard * tp}; e.g. parallel.ep={working}"
-            )

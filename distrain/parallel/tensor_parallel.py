@@ -15,8 +15,8 @@ mapped onto torch DTensor styles:
   gate rows then up rows): each rank holds its slice of the gate rows and of the up rows
   (`_StridedShard(dim, split_factor=2)`), so `chunk(2)` of its local output is its gate and up;
   "rowwise" on `down_proj` shards the intermediate dimension. "moe_tp_experts" on the experts
-  module runs its own forward on the local shards: every rank computes every expert's partial
-  output for all tokens (expert-TP). The MoE block around it (router + experts) is one region:
+  module: distrain's experts layer (`distrain.moe.experts`) runs on the local shards, so every
+  rank computes every expert's partial output for all tokens (expert-TP). The MoE block around it (router + experts) is one region:
   entered like a colwise projection (sequence all-gathered under SP; gradient summed over TP),
   left like a rowwise one (partial output all-reduced, or reduce-scattered onto the sequence);
   the router's gradient is partial and summed over TP. A shared expert inside the block is sharded
@@ -68,12 +68,12 @@ def resolved_plan(model: nn.Module, spec: ModelSpec, tp: int, moe_outside: bool 
     plan = getattr(model.config, "base_model_tp_plan", None) or {}
     outside = [b.name for b in spec.moe_blocks] if moe_outside else []
     # NOTE: the structural plan gives MoE modules no entries (it refuses those holding linears)
-    resolved = _declared_plan(model, plan, outside) if plan else structural_plan(model, spec)
+    resolved = _declared_plan(model, spec, plan, outside) if plan else structural_plan(model, spec)
     _check_divisible(model, resolved, tp)
     return resolved
 
 
-def _declared_plan(model: nn.Module, plan: dict[str, str], outside: list[str]) -> dict[str, str]:
+def _declared_plan(model: nn.Module, spec: ModelSpec, plan: dict[str, str], outside: list[str]) -> dict[str, str]:
     prefix = model.base_model_prefix
     patterns = [(re.compile("^" + re.escape(f"{prefix}.{key}").replace(r"\*", r"\d+") + "$"), style) for key, style in plan.items()]
     modules = dict(model.named_modules())
@@ -98,9 +98,15 @@ def _declared_plan(model: nn.Module, plan: dict[str, str], outside: list[str]) -
                 f"parallel.tp>1: {type(model).__name__}'s TP plan shards parameter {name} ({style}) outside an experts "
                 "module; distrain maps parameter styles only on moe_tp_experts modules; use parallel.tp=1"
             )
+    moe_blocks = {f"{b.name}.{b.experts_name}": b for b in spec.moe_blocks}
     for name, style in list(resolved.items()):
         if style == "moe_tp_experts":
-            resolved.update(_moe_region_plan(model, resolved, name))
+            if name not in moe_blocks:
+                raise ConfigError(
+                    f"parallel.tp>1: {type(model).__name__}'s TP plan runs {name} as experts (moe_tp_experts), but distrain found "
+                    "no MoE block there (fused 3-D expert weights beside a router); use parallel.tp=1"
+                )
+            resolved.update(_moe_region_plan(model, resolved, moe_blocks[name]))
     return resolved
 
 
@@ -139,49 +145,34 @@ def _linear_children(module: nn.Module) -> tuple[list[tuple[str, nn.Linear]], li
     return linears, others
 
 
-def _moe_region_plan(model: nn.Module, plan: dict[str, str], experts_name: str) -> dict[str, str]:
-    """The MoE block around an experts module is one TP region whose output stays partial until
-    it leaves, so everything in it that adds to the output must be partial too. Besides the
-    experts it may hold gates (routers, a shared expert's gate: parameters that never write the
-    hidden size, whose outputs only weigh partial ones; their gradients are partial) and shared
-    experts made of linear projections (hidden -> intermediate -> hidden, no fused or bias
-    output projection), which are sharded here with a partial output. Returns the plan entries
-    of those shared experts."""
-    block_name, experts_leaf = experts_name.rsplit(".", 1)
-    block = model.get_submodule(block_name)
-    hidden = model.config.hidden_size
-    entries, gates = {}, []
-    for child_name, child in block.named_children():
-        if child_name == experts_leaf or not any(True for _ in child.parameters()):
-            continue
-        linears, others = _linear_children(child)
-        *inputs, (out_name, out) = linears or [(None, None)]
-        if (
-            len(inputs) >= 2
-            and not others
-            and all(m.in_features == hidden for _, m in inputs)
-            and out.out_features == hidden
-            and out.bias is None
-        ):
-            entries.update({f"{block_name}.{child_name}.{n}": "colwise_partial" for n, _ in inputs})
-            entries[f"{block_name}.{child_name}.{out_name}"] = "rowwise_partial"
-        elif all(param.shape[0] != hidden for param in child.parameters()):
-            gates.append(child_name)
-        else:
+def _moe_region_plan(model: nn.Module, plan: dict[str, str], block) -> dict[str, str]:
+    """The MoE block around an experts module (`block`, as `ModelSpec` discovered it) is one TP
+    region whose output stays partial until it leaves, so everything in it that adds to the
+    output must be partial too: the experts, and a shared expert, sharded here colwise / rowwise
+    with a partial output (linear projections hidden -> intermediate -> hidden, no bias on the
+    last). The router and a shared expert's gate never write the hidden size: they stay whole,
+    their gradients partial. Returns the plan entries of the shared expert."""
+    entries = {}
+    if block.shared_expert is not None:
+        shared_name = next(n for n, m in block.module.named_children() if m is block.shared_expert)
+        linears, others = _linear_children(block.shared_expert)
+        *inputs, (out_name, out) = linears
+        hidden = model.config.hidden_size
+        if others or out.bias is not None or any(m.in_features != hidden for _, m in inputs):
             raise ConfigError(
-                f"parallel.tp>1: {type(model).__name__}'s MoE block {block_name} holds {child_name}, neither a gate nor a "
-                "shared expert of linear projections; expert-TP of such blocks is not mapped yet; use parallel.tp=1"
+                f"parallel.tp>1: {type(model).__name__}'s shared expert {block.name}.{shared_name} is not linear projections "
+                "hidden -> intermediate -> hidden without an output bias; expert-TP of such blocks is not mapped yet; use parallel.tp=1"
             )
-    if not gates:
-        raise ConfigError(f"parallel.tp>1: {type(model).__name__}'s MoE block {block_name} has no router beside its experts; use parallel.tp=1")
-    experts = model.get_submodule(experts_name)
-    not_3d = sorted(n for n, p in experts.named_parameters() if p.ndim != 3)
+        entries.update({f"{block.name}.{shared_name}.{n}": "colwise_partial" for n, _ in inputs})
+        entries[f"{block.name}.{shared_name}.{out_name}"] = "rowwise_partial"
+    experts_name = f"{block.name}.{block.experts_name}"
+    not_3d = sorted(n for n, p in block.experts.named_parameters() if p.ndim != 3)
     if not_3d:
         raise ConfigError(
             f"parallel.tp>1: {experts_name} holds parameters that are not 3-D expert weights ({', '.join(not_3d)}, e.g. "
             "expert biases); expert-TP does not map them yet; use parallel.tp=1"
         )
-    unplanned = sorted(n for n, _ in experts.named_parameters() if f"{experts_name}.{n}" not in plan)
+    unplanned = sorted(n for n, _ in block.experts.named_parameters() if f"{experts_name}.{n}" not in plan)
     if unplanned:
         raise ConfigError(
             f"parallel.tp>1: the TP plan does not say how to shard {experts_name}'s {', '.join(unplanned)}; use parallel.tp=1"
@@ -309,7 +300,7 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool, 
 
 def _shard_experts(experts: nn.Module, name: str, plan: dict[str, str], tp_mesh) -> None:
     """Shard an experts module's 3-D weights on their intermediate dimension (see the module
-    docstring) and run its own forward on the local shards."""
+    docstring); distrain's experts layer runs on the local shards (expert-TP)."""
     transposed = getattr(experts, "is_transposed", False)
     for param_name, param in list(experts.named_parameters(recurse=False)):
         style = plan[f"{name}.{param_name}"]
@@ -321,7 +312,6 @@ def _shard_experts(experts: nn.Module, name: str, plan: dict[str, str], tp_mesh)
         else:  # colwise, or packed with gate and up interleaved row by row: contiguous pairs
             placement = Shard(out_dim)
         _distribute_parameter(experts, param_name, placement, tp_mesh)
-    _run_on_local_shards(experts)
 
 
 def _distribute_parameter(module: nn.Module, name: str, placement, tp_mesh) -> None:

@@ -120,6 +120,18 @@ def _size(overrides: list[str], key: str) -> int:
 
 
 def worker(argv: list[str]) -> None:
+    """One rank under torch.distributed.run: measure, rank 0 writes the row to argv[0]."""
+    result, steps, recipe, overrides = Path(argv[0]), int(argv[1]), argv[2], argv[3:]
+    row = measure(recipe, overrides, steps)
+    if row is not None:
+        result.write_text(json.dumps(row))
+    sys.stdout.flush()
+    os._exit(0)  # gloo sometimes aborts in its destructors at interpreter exit (ENV.md)
+
+
+def measure(recipe: str, overrides: list[str], steps: int) -> dict | None:
+    """On every rank of the job (its own process group, set up and torn down here): the state
+    bytes and one step's counted communication, then `steps` timed steps. Rank 0 returns the row."""
     import torch
     import torch.distributed as dist
     from distrain.config import load_job
@@ -127,37 +139,40 @@ def worker(argv: list[str]) -> None:
     from distrain.metrics.comm import CommCounter
     from distrain.train.trainer import Trainer
 
-    result, steps, recipe, overrides = Path(argv[0]), int(argv[1]), argv[2], argv[3:]
     job = load_job(recipe, ["eval.interval=0", "logging.wandb.mode=disabled", *overrides])
     device = resolve_device(job)
     init_distributed(job, device)
-    Path(job.run.dir).mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(job, device)
-    model, dims = trainer.model, trainer.dims
+    try:
+        Path(job.run.dir).mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(job, device)
+        model, dims = trainer.model, trainer.dims
 
-    trainer.train_step(trainer.train_loader.next_batch())  # warm-up; records this rank's state bytes
-    dispatchers = [m.experts._distrain_dispatcher for m in trainer.spec.moe_blocks if getattr(m.experts, "_distrain_dispatcher", None)]
-    for dispatcher in dispatchers:
-        dispatcher.remote_rows = 0
-    comm = CommCounter()
-    with comm:
-        trainer.train_step(trainer.train_loader.next_batch())
-    remote_rows = sum(d.remote_rows for d in dispatchers)  # routed to other ranks in the counted step
-    state_bytes = sum(trainer.state_bytes.values())
-    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        trainer.train_step(trainer.train_loader.next_batch())  # warm-up; records this rank's state bytes
+        dispatchers = [m.experts._distrain_dispatcher for m in trainer.spec.moe_blocks if getattr(m.experts, "_distrain_dispatcher", None)]
+        for dispatcher in dispatchers:
+            dispatcher.remote_rows = 0
+        comm = CommCounter()
+        with comm:
+            trainer.train_step(trainer.train_loader.next_batch())
+        remote_rows = sum(d.remote_rows for d in dispatchers)  # routed to other ranks in the counted step
+        state_bytes = sum(trainer.state_bytes.values())
+        full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(trainer.train_loader.next_batch())
-    elapsed = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(trainer.train_loader.next_batch())
+        elapsed = time.perf_counter() - start
 
-    held = torch.tensor([state_bytes], dtype=torch.float64)
-    dist.all_reduce(held, op=dist.ReduceOp.MAX)
-    measured_bus = sum(comm.bus.values())
-    minimum = analytic_bus_bytes(trainer, job, remote_rows)
-    if dist.get_rank() == 0:
+        if trainer.metrics is not None:
+            trainer.metrics.close()
+        held = torch.tensor([state_bytes], dtype=torch.float64)
+        dist.all_reduce(held, op=dist.ReduceOp.MAX)
+        measured_bus = sum(comm.bus.values())
+        minimum = analytic_bus_bytes(trainer, job, remote_rows)
+        if dist.get_rank() != 0:
+            return None
         ideal = 4 * full_bytes / (dims.world_size // dims.dp_replicate)
-        result.write_text(json.dumps({
+        return {
             "world": dims.world_size,
             "state_MiB": held.item() / 2**20,
             "ideal_MiB": ideal / 2**20,
@@ -168,10 +183,9 @@ def worker(argv: list[str]) -> None:
             "comm_by_kind_MiB": {k: round(v / 2**20, 4) for k, v in sorted(comm.bus.items())},
             "tokens_per_s": steps * job.train.global_batch_size * job.train.seq_len / elapsed,
             "uncounted_ops": sorted(comm.unknown),
-        }))
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # gloo sometimes aborts in its destructors at interpreter exit (ENV.md)
+        }
+    finally:
+        dist.destroy_process_group()
 
 
 def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:

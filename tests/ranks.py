@@ -1,0 +1,182 @@
+"""Gloo ranks started once per test session, each running distrain's own rank entry
+(`distrain.launch.worker.run`), or any function that sets up its own process group, for one job
+after another.
+
+Process start-up (importing torch and transformers) dominates a tiny run on 2 cores; these ranks
+pay it once. A job is composed and validated in the test process exactly as `distrain train`
+does it (`distrain.cli.validate_train`), then its first `nproc_per_node` ranks join a fresh
+process group (a new rendezvous port per job) and train it; a world of one runs on rank 0 the
+way a single process does. What is left behind between jobs is reset: the environment, the
+fault spec, received stop signals, the run directory's lock.
+
+A rank that fails or a job that outlives its timeout stops every rank; the error names each
+rank's last output lines, and the next job starts new ranks.
+
+    python tests/ranks.py ADDRESS_PORT RANK LOG   (what `Ranks` starts; not for users)
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from multiprocessing.connection import Client, Listener
+from pathlib import Path
+
+WORLD = 4
+AUTHKEY_ENV = "DISTRAIN_TEST_RANKS_KEY"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Ranks:
+    def __init__(self, logs: Path, world: int = WORLD):
+        self.logs, self.world = logs, world
+        self.procs: list[subprocess.Popen] = []
+        self.conns: list = []
+        self.jobs = 0
+
+    def start(self) -> None:
+        key = secrets.token_bytes(16)
+        with Listener(("127.0.0.1", 0), authkey=key) as listener:
+            env = {**os.environ, AUTHKEY_ENV: key.hex(), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+            for rank in range(self.world):
+                log = open(self.logs / f"rank{rank}.log", "a")  # noqa: SIM115 - the rank's for its life
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, __file__, f"{listener.address[0]}:{listener.address[1]}", str(rank)],
+                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                ))
+                log.close()
+            conns = {}
+            listener._listener._socket.settimeout(120)  # a rank that dies starting must not hang the tests
+            try:
+                for _ in range(self.world):
+                    conn = listener.accept()
+                    conns[conn.recv()] = conn
+            except OSError as error:
+                tails = self.tails()
+                self.stop()
+                raise AssertionError(f"the test ranks did not start ({error})\n{tails}") from None
+        self.conns = [conns[rank] for rank in range(self.world)]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+            proc.wait()
+        for conn in self.conns:
+            conn.close()
+        self.procs, self.conns = [], []
+
+    def tails(self, lines: int = 25) -> str:
+        out = []
+        for rank in range(self.world):
+            text = (self.logs / f"rank{rank}.log").read_text(errors="replace").splitlines()
+            out.append(f"--- rank {rank} (last {lines} lines)\n" + "\n".join(text[-lines:]))
+        return "\n".join(out)
+
+    def run(self, items: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> list[int]:
+        """Compose and validate `distrain train ITEMS`, run it on its ranks and return each
+        rank's exit status (rank 0's carries the run's, as with the CLI). A config error is
+        raised here, before any rank starts the job."""
+        from distrain.cli import _load, validate_train
+        from distrain.launch.run_dir import release
+
+        job = _load(items)
+        validate_train(job)
+        release()
+        return self.call(job.launcher.nproc_per_node, "distrain.launch.worker:run", job, env=env, timeout=timeout, what=" ".join(items))
+
+    def train(self, items: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> None:
+        """Run a job that must succeed on every rank."""
+        statuses = self.run(items, env, timeout)
+        if any(statuses):
+            raise AssertionError(f"job {self.jobs} ({' '.join(items)}) exited {statuses}\n{self.tails()}")
+
+    def call(self, nproc: int, function: str, *args, env: dict[str, str] | None = None, timeout: float = 300, what: str = "") -> list:
+        """`module:function(*args)` on ranks 0..nproc-1 with the torch.distributed environment of
+        a world of `nproc` (none for a world of one); returns each rank's result. The function
+        initializes and destroys its process group; an exception is a failed job."""
+        from distrain.train.stop import STOP_STATUSES
+
+        assert nproc <= self.world, f"the test ranks are {self.world}; the job asks for {nproc}"
+        if not self.procs:
+            self.start()
+        self.jobs += 1
+        what = what or function
+        port = _free_port()
+        threads = max(1, (os.cpu_count() or 1) // nproc)
+        for rank in range(nproc):
+            rank_env = {"RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(nproc),
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} if nproc > 1 else {}
+            self.conns[rank].send({"call": function, "args": args, "env": {**rank_env, **(env or {})}, "threads": threads, "number": self.jobs})
+        results: dict[int, tuple] = {}
+        deadline = time.monotonic() + timeout
+        while len(results) < nproc:
+            for rank in range(nproc):
+                if rank not in results and self.conns[rank].poll(0.05):
+                    results[rank] = self.conns[rank].recv()
+                    failed, value = results[rank]
+                    if failed or (function.endswith(":run") and value not in (0, *STOP_STATUSES)):
+                        deadline = min(deadline, time.monotonic() + 30)  # its peers end soon after it, or never
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                tails = self.tails()
+                self.stop()
+                raise AssertionError(f"job {self.jobs} ({what}) did not end on every rank within {timeout} s (ended: {results})\n{tails}")
+        if any(failed for failed, _ in results.values()):
+            raise AssertionError(f"job {self.jobs} ({what}) raised on ranks {[r for r, (f, _) in sorted(results.items()) if f]}\n{self.tails()}")
+        return [results[rank][1] for rank in range(nproc)]
+
+
+def _serve(address: str, rank: int) -> None:
+    """One rank: run each function sent, answer (failed, result)."""
+    import importlib
+    import traceback
+
+    host, port = address.rsplit(":", 1)
+    conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ.pop(AUTHKEY_ENV)))
+    conn.send(rank)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
+    import torch
+
+    from distrain import faults
+    from distrain.config import ConfigError
+    from distrain.launch.run_dir import release
+    from distrain.train import stop
+
+    while True:
+        message = conn.recv()
+        saved = dict(os.environ)
+        os.environ.update(message["env"])
+        # NOTE: state a run's own process never resets: its fault spec is read once, its stop
+        #       signals are kept, its run directory stays locked until it exits
+        faults._entries.cache_clear()
+        stop._received.clear()
+        torch.set_num_threads(message["threads"])
+        print(f"=== job {message['number']}: {message['call']} on rank {rank} of {os.environ.get('WORLD_SIZE', 1)}", flush=True)
+        module, name = message["call"].split(":")
+        try:
+            reply = (False, getattr(importlib.import_module(module), name)(*message["args"]))
+        except ConfigError as error:  # as the worker's own entry says it
+            print(f"distrain: config error: {error}", flush=True)
+            reply = (False, 2)
+        except BaseException:  # noqa: BLE001 - DCP's CheckpointException is not an Exception
+            traceback.print_exc()
+            reply = (message["call"] != "distrain.launch.worker:run", 1)  # a training rank's failure is its status
+        finally:
+            release()
+            os.environ.clear()
+            os.environ.update(saved)
+            sys.stdout.flush()
+        conn.send(reply)
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1], int(sys.argv[2]))
