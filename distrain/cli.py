@@ -62,6 +62,11 @@ def _validate_layout(job):
 
     model, spec = build_meta_model(job.model, hf_config)  # on meta: no memory; model errors surface here
     dims.check_experts(spec.num_experts)
+    if spec.moe_blocks:
+        from distrain.moe.experts import resolve_kernel
+
+        on_cuda = job.run.device == "cuda" or (job.run.device == "auto" and _cuda_available())
+        resolve_kernel(job.moe.kernel, "cuda" if on_cuda else "cpu")
     if dims.tp > 1:
         from distrain.parallel.tensor_parallel import resolved_plan
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# no GPU here: distrain's Triton kernels run under the interpreter (set before anything imports triton)
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def tiny_overrides(cache_dir: Path) -> list[str]:
@@ -52,8 +54,8 @@ def tiny(data_cache) -> list[str]:
     return tiny_overrides(data_cache) + MOE_TINY
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "WANDB_SILENT": "true", **(env or {})}
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in {**os.environ, "WANDB_SILENT": "true", **(env or {})}.items() if k not in unset}
     proc = subprocess.run(
         [sys.executable, "-m", "distrain", *args],
         cwd=cwd,

@@ -43,3 +43,4 @@ def count_step(recipe: str, overrides: list[str]) -> dict:
         return {"bus": dict(comm.bus), "collectives": dict(comm.calls), "grouped_mm": ops.calls["aten._grouped_mm"]}
     finally:
         dist.destroy_process_group()
+

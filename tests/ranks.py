@@ -135,6 +135,19 @@ class Ranks:
         return [results[rank][1] for rank in range(nproc)]
 
 
+def _forget_meshes() -> None:
+    """DTensor caches sharding decisions keyed by mesh equality (layout and names, not process
+    groups): a job's DTensors would come out on an equal mesh of an earlier job, whose process
+    groups are gone. Those caches are cleared: the C++ dispatch cache, the Python one and the
+    redistribute planners. A process that trains once never meets this."""
+    import torch
+    from torch.distributed.tensor import DTensor, _redistribute
+
+    torch._C._clear_DTensor_sharding_propagator_cache()
+    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+    _redistribute._planner_cache.clear()  # keyed by weakref(mesh), which compares by the mesh's value
+
+
 def _serve(address: str, rank: int) -> None:
     """One rank: run each function sent, answer (failed, result)."""
     import importlib
@@ -159,6 +172,7 @@ def _serve(address: str, rank: int) -> None:
         #       signals are kept, its run directory stays locked until it exits
         faults._entries.cache_clear()
         stop._received.clear()
+        _forget_meshes()
         torch.set_num_threads(message["threads"])
         print(f"=== job {message['number']}: {message['call']} on rank {rank} of {os.environ.get('WORLD_SIZE', 1)}", flush=True)
         module, name = message["call"].split(":")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import math
+from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 SIZES = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
 # architecture -> config keys: routing and experts of each family (top-k softmax, shared expert with a
@@ -20,6 +21,16 @@ MODELS = {
     "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=0,
                         n_group=2, topk_group=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
 }
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def moe_module(name: str, seed: int = 0):
@@ -65,10 +76,17 @@ def routed_counts(block, x) -> torch.Tensor:
     return torch.bincount(captured["index"].reshape(-1), minlength=block.experts.num_experts)
 
 
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("routing", ["random", "one_expert"])
-def test_experts_layer_matches_eager_loop(name, routing):
+def test_experts_layer_matches_eager_loop(name, routing, kernel):
+    """moe.kernel=triton runs distrain's Triton kernels under the interpreter here: fused with the
+    gather and scatter (Qwen3-MoE, Mixtral, the shared-expert models), or plain grouped GEMMs
+    beside the experts' biases (GPT-OSS)."""
+    from distrain.moe.experts import configure
+
     model, block = moe_module(name)
+    configure([block], None, kernel)
     x = torch.randn(2, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).abs()
     with torch.no_grad():
         block.router.weight[0] = -1.0  # never expert 0: an empty expert in every case
@@ -82,7 +100,11 @@ def test_experts_layer_matches_eager_loop(name, routing):
     if routing == "one_expert":
         assert counts[3] == x.shape[0] * x.shape[1], counts
     reference = run(model, block, "eager", x)
-    ours = run(model, block, "distrain", x)
+    with OpCounter() as ops:
+        ours = run(model, block, "distrain", x)
+    # forward: gate_up and down; backward: dX of both, dW of both (the routing weights' gradient
+    # of the fused down GEMM takes one more)
+    assert (ops.calls["distrain.grouped_mm"] + ops.calls["distrain.grouped_mm_dw"] >= 6) == (kernel == "triton"), ops.calls
     torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours[1], reference[1], rtol=1e-5, atol=1e-6)
     assert ours[2].keys() == reference[2].keys() and block.router_name + ".weight" in ours[2]
@@ -90,11 +112,12 @@ def test_experts_layer_matches_eager_loop(name, routing):
         torch.testing.assert_close(ours[2][key], reference[2][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "gpt_oss"])
-def test_capacity_drops_the_latest_pairs_over_capacity(name):
+def test_capacity_drops_the_latest_pairs_over_capacity(name, kernel):
     """moe.capacity_factor: against the eager loop with the routing weights of the pairs over
     each expert's capacity (the latest in token order) set to zero."""
-    from distrain.moe.experts import set_capacity
+    from distrain.moe.experts import configure
 
     model, block = moe_module(name)
     x = torch.randn(2, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -115,7 +138,7 @@ def test_capacity_drops_the_latest_pairs_over_capacity(name):
     handle = block.experts.register_forward_pre_hook(zero_dropped, with_kwargs=True)
     reference = run(model, block, "eager", x)
     handle.remove()
-    set_capacity([block], factor)
+    configure([block], factor, kernel)
     ours = run(model, block, "distrain", x)
     expected_dropped = (counts - capacity).clamp(min=0).sum().item()
     assert expected_dropped > 0 and block.experts._distrain_dropped.item() == expected_dropped, (counts, capacity)
@@ -182,3 +205,30 @@ def test_bias_update_balances_a_skewed_router(tmp_path, data_cache):
     # a rate on routers without a correction bias is refused before any worker starts
     refused = run_cli(["train", "recipe=qwen3_moe_debug", "moe.bias_update_rate=0.001"], tmp_path)
     assert refused.returncode == 2 and "e_score_correction_bias" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+
+
+@pytest.mark.slow
+def test_triton_kernels_train_like_torch(tmp_path, ranks, tiny):
+    """moe.kernel=triton (under the interpreter here) against moe.kernel=torch, 3 steps of a tiny
+    Qwen3-MoE in fp32: in one process (the fused gather / scatter path) and under EP (plain
+    grouped GEMMs on the rows each rank received)."""
+    from conftest import read_metrics
+
+    common = ["recipe=qwen3_moe_debug", *tiny, "train.steps=3", "train.seq_len=32", "eval.interval=0", "checkpoint.interval=0",
+              "checkpoint.export=false", "moe.aux_loss_coef=0"]
+    for layout in ([], ["launcher.nproc_per_node=2", "parallel.ep=2"]):
+        runs = {}
+        for kernel in ("torch", "triton"):
+            run_dir = tmp_path / f"{kernel}{len(layout)}"
+            ranks.train([*common, *layout, f"moe.kernel={kernel}", f"run.dir={run_dir}"])
+            runs[kernel] = read_metrics(run_dir)
+        assert len(runs["triton"]) == 3
+        for a, b in zip(runs["torch"], runs["triton"], strict=True):
+            assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (layout, a, b)
+
+
+def test_triton_on_a_cpu_without_the_interpreter_exits_2(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli(["train", "recipe=qwen3_moe_debug", "moe.kernel=triton", "run.device=cpu"], tmp_path, unset=("TRITON_INTERPRET",))
+    assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

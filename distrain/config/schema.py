@@ -75,8 +75,8 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    # How the experts' GEMMs run: torch (grouped_mm), triton (distrain's kernels, not built yet),
-    # auto (the best available: torch today)
+    # How the experts' GEMMs run: torch (torch's grouped_mm), triton (distrain's Triton kernels:
+    # CUDA, or the interpreter with TRITON_INTERPRET=1), auto (triton on CUDA, torch elsewhere)
     kernel: Literal["auto", "torch", "triton"] = "auto"
     # Auxiliary load-balancing loss (Switch / Mixtral: num_experts x sum over experts of the
     # fraction of routed tokens x the mean router probability), from each micro-batch's token
@@ -95,10 +95,6 @@ class MoEConfig:
     capacity_factor: Optional[float] = None
 
     def validate(self) -> None:
-        _require(
-            self.kernel != "triton",
-            "moe.kernel=triton: distrain's Triton grouped-GEMM kernels are not built yet; use moe.kernel=auto or moe.kernel=torch",
-        )
         _require(
             self.aux_loss_coef is None or (0 <= self.aux_loss_coef < float("inf")),
             f"moe.aux_loss_coef={self.aux_loss_coef}: must be a finite number >= 0 (0 disables), or null for the model's own",

@@ -12,8 +12,13 @@ the routed token rows reach the experts and how the GEMMs run:
 3. each row is weighted by its routing weight, put back in (token, k) order and summed over k
    (a sum in a fixed order, deterministic on every device, unlike an index_add).
 
-With `moe.capacity_factor` (`set_capacity`) each expert takes at most its capacity of rows, the
+With `moe.capacity_factor` (`configure`) each expert takes at most its capacity of rows, the
 earliest in token order, before step 2; the others are dropped.
+
+The GEMMs run on torch's `grouped_mm` (`moe.kernel=torch`) or distrain's Triton kernels
+(`distrain.kernels.grouped_gemm`, `moe.kernel=triton`), which also take over steps 1's gather and
+3's weighting and un-permuting into their loads and stores where the rows stay on this rank (no
+EP) and the experts have no biases or post-expert norm.
 
 With expert parallelism (`distrain.moe.dispatch`) step 2 runs on the rank that holds the expert:
 the sorted rows travel there and back by all-to-all. Under expert-TP the weights are DTensors
@@ -25,10 +30,13 @@ MoE block's TP region reduces.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
+
+from distrain.config import ConfigError
 
 IMPLEMENTATION = "distrain"
 
@@ -51,8 +59,10 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     capacity_factor = getattr(self, "_distrain_capacity_factor", None)
     if capacity_factor is not None:
         order, counts = _drop_over_capacity(self, order, counts, expert_of_row, capacity_factor)
-    rows = hidden_states[order // top_k]
     dispatcher = getattr(self, "_distrain_dispatcher", None)
+    if dispatcher is None and _kernel(self) == "triton" and not self.has_bias and not self.has_post_expert_norm:
+        return _fused_experts(self, hidden_states, order, counts, top_k_weights)
+    rows = hidden_states[order // top_k]
     if dispatcher is None:
         out = local_experts(self, rows, counts)
     else:
@@ -64,12 +74,57 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
-def set_capacity(moe_blocks, capacity_factor: float | None) -> None:
-    """`moe.capacity_factor`: each expert takes at most ceil(factor x T x K / E) of the T x K
-    (token, expert) pairs of one experts call, the earliest in token order; the rest are dropped
-    (the token keeps its residual and its other experts). None: nothing is ever dropped."""
+def configure(moe_blocks, capacity_factor: float | None, kernel: str) -> None:
+    """Per experts module: `moe.capacity_factor` (see `_drop_over_capacity`; None: nothing is
+    ever dropped) and the GEMM kernels, "torch" or "triton" (`resolve_kernel`)."""
     for block in moe_blocks:
         block.experts._distrain_capacity_factor = capacity_factor
+        block.experts._distrain_kernel = kernel
+
+
+def resolve_kernel(kernel: str, device_type: str) -> str:
+    """`moe.kernel` on `device_type`: auto is Triton on CUDA (where triton is installed), torch
+    elsewhere; triton off CUDA runs only under Triton's interpreter (TRITON_INTERPRET=1)."""
+    if kernel == "torch" or (kernel == "auto" and device_type != "cuda"):
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        if kernel == "auto":
+            return "torch"
+        raise ConfigError("moe.kernel=triton: the triton package is not installed; pip install triton, or use moe.kernel=torch") from None
+    if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(
+            f"moe.kernel=triton runs distrain's Triton kernels on CUDA GPUs and this run is on the {device_type} (run.device); "
+            "use moe.kernel=auto or torch, or set TRITON_INTERPRET=1 to run them under Triton's interpreter (slow: tests only)"
+        )
+    return "triton"
+
+
+def _kernel(self) -> str:
+    return getattr(self, "_distrain_kernel", "torch")
+
+
+def _fused_experts(self, hidden_states, order, counts, top_k_weights) -> torch.Tensor:
+    """The Triton path with the permutations inside the GEMMs: `gate_up` reads the token rows in
+    expert order by index (no permuted copy), `down` scales each row by its routing weight and
+    writes it to its (token, k) slot (dropped pairs stay zero); then the sum over k."""
+    from distrain.kernels.grouped_gemm import grouped_mm as triton_grouped_mm
+
+    num_tokens, top_k = top_k_weights.shape
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    gate_up = _as_in_out(self, _local(self.gate_up_proj if self.has_gate else self.up_proj))
+    out = triton_grouped_mm(hidden_states.to(gate_up.dtype), gate_up, offsets, order, top_k, None, None, order.numel())
+    out = self._apply_gate(out) if self.has_gate else self.act_fn(out)
+    down = _as_in_out(self, _local(self.down_proj))
+    weights = top_k_weights.reshape(-1)[order].to(down.dtype)
+    out = triton_grouped_mm(out.to(down.dtype), down, offsets, None, 1, order, weights, num_tokens * top_k)
+    return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def _as_in_out(self, weight: torch.Tensor) -> torch.Tensor:
+    """Expert weights as [E, in, out] (a view)."""
+    return weight if self.is_transposed else weight.transpose(-2, -1)
 
 
 def _drop_over_capacity(self, order, counts, expert_of_row, capacity_factor: float):
@@ -92,10 +147,10 @@ def local_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tenso
         expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=rows.device), counts, output_size=rows.shape[0])
     weight = _local(self.gate_up_proj if self.has_gate else self.up_proj)
     bias = _local(self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
-    out = _grouped_linear(rows, weight, offsets, bias, expert_of_row, self.is_transposed)
+    out = _grouped_linear(rows, _as_in_out(self, weight), offsets, bias, expert_of_row, _kernel(self))
     out = self._apply_gate(out) if self.has_gate else self.act_fn(out)
     down_bias = _local(self.down_proj_bias) if self.has_bias else None
-    out = _grouped_linear(out, _local(self.down_proj), offsets, down_bias, expert_of_row, self.is_transposed)
+    out = _grouped_linear(out, _as_in_out(self, _local(self.down_proj)), offsets, down_bias, expert_of_row, _kernel(self))
     if self.has_post_expert_norm:
         out = self.post_expert_norm(out)
     return out
@@ -105,9 +160,14 @@ def _local(weight: torch.Tensor) -> torch.Tensor:
     return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
-def _grouped_linear(x, weight, offsets, bias, expert_of_row, transposed: bool) -> torch.Tensor:
-    """x [S, in] -> [S, out] with expert weights [E, out, in] ([E, in, out] when `transposed`)."""
-    out = grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offsets)
+def _grouped_linear(x, weight, offsets, bias, expert_of_row, kernel: str) -> torch.Tensor:
+    """x [S, in] -> [S, out] with expert weights [E, in, out]."""
+    if kernel == "triton":
+        from distrain.kernels.grouped_gemm import grouped_mm as triton_grouped_mm
+
+        out = triton_grouped_mm(x.to(weight.dtype), weight, offsets, None, 1, None, None, x.shape[0])
+    else:
+        out = grouped_mm(x, weight, offsets)
     if bias is not None:
         out = out + bias[expert_of_row]
     return out

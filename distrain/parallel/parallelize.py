@@ -56,7 +56,9 @@ def apply_activation_checkpointing(spec: ModelSpec, selective: bool) -> None:
     from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
     def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+        # (distrain's own ops are its Triton grouped GEMMs)
+        saved = op in _SAVED_OPS or getattr(op, "namespace", None) == "distrain"
+        return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
     def context():
         return create_selective_checkpoint_contexts(policy)

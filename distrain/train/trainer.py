@@ -32,7 +32,7 @@ from distrain.metrics.sinks import MetricsLogger, rewind_metrics
 from distrain.models import build_config, build_meta_model, has_pretrained_weights, pretrained_state_dict
 from distrain.parallel.grads import clip_grad_norm
 from distrain.moe.balance import RouterStats
-from distrain.moe.experts import set_capacity
+from distrain.moe.experts import configure, resolve_kernel
 from distrain.parallel.mesh import ParallelDims
 from distrain.parallel.tensor_parallel import sync_tp_grads
 from distrain.parallel.parallelize import full_random_state, materialize, parallelize, reshard
@@ -75,7 +75,7 @@ class Trainer:
         # model on meta -> parallelize -> materialize -> weights
         model, self.spec = build_meta_model(job.model, hf_config)
         self.dims.check_experts(self.spec.num_experts)  # checked before spawn too (distrain.cli)
-        set_capacity(self.spec.moe_blocks, job.moe.capacity_factor)
+        configure(self.spec.moe_blocks, job.moe.capacity_factor, resolve_kernel(job.moe.kernel, device.type))
         self.flops_per_token = flops_per_token(model, self.spec, job.train.seq_len)
         self.partial_grads = parallelize(model, self.spec, self.dims, self.mesh, self.bf16)
         self.model = model

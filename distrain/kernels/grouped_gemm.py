@@ -1,0 +1,300 @@
+"""Triton grouped GEMMs for the MoE experts: forward, dX and dW over variable group sizes.
+
+Rows are grouped by expert: rows `offsets[e-1]:offsets[e]` (`offsets` the cumulative counts,
+computed once per layer call) belong to expert e, whose weight is `b[e]`. Empty experts cost
+nothing and get exact zero gradients.
+
+    forward / dX   C[scatter[i]] = scale[i] * A[gather[i] // gather_div] @ B[e(i)]
+    dW             C[e] = sum over rows i of e: A[rowA(i)]^T @ (scale[i] * G[rowG(i)])
+
+Every index is optional (identity). The MoE layer (`distrain.moe.experts`) uses them to fuse its
+permutations into the GEMMs: the `gate_up` GEMM gathers the token rows in expert order inside its
+loads (`gather` = the (token, k) slot of each sorted row, `gather_div` = k), so no permuted copy of
+the hidden states exists; the `down` GEMM multiplies by the routing weight and scatters each row
+to its (token, k) slot inside its stores; the backward passes run the same kernels with gather and
+scatter swapped. Index arithmetic is int64 (rows x features passes 2^31 at real sizes).
+
+Each kernel is a `torch.library.custom_op` with a fake implementation and autograd, so
+`torch.compile`, selective activation checkpointing and the op counters see ops, not Python.
+On CUDA the tile sizes are autotuned per (N, K, rows-per-expert bucket) for sm80 / sm90; under
+`TRITON_INTERPRET=1` (CPU, tests) one fixed config runs. The interpreter's bf16 arithmetic is wrong
+(ENV.md): test in fp32 / fp16. `reference_grouped_mm` is the torch twin the tests compare against.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _expert_of_tile(offsets_ptr, pid_m, num_experts, BLOCK_M: tl.constexpr):
+    """The expert whose rows the pid_m-th M tile covers, and the tile's first row (-1: none)."""
+    pid = pid_m.to(tl.int64)
+    expert = tl.full([], -1, tl.int64)
+    first_row = tl.full([], 0, tl.int64)
+    tiles_before = tl.full([], 0, tl.int64)
+    start = tl.full([], 0, tl.int64)
+    for e in range(0, num_experts):
+        end = tl.load(offsets_ptr + e).to(tl.int64)
+        tiles = (end - start + BLOCK_M - 1) // BLOCK_M
+        if expert < 0 and pid < tiles_before + tiles:
+            expert = tl.full([], 0, tl.int64) + e
+            first_row = start + (pid - tiles_before) * BLOCK_M
+        tiles_before += tiles
+        start = end
+    return expert, first_row
+
+
+@triton.jit
+def _grouped_mm_kernel(
+    a_ptr, b_ptr, c_ptr, gather_ptr, scatter_ptr, scale_ptr, offsets_ptr,
+    num_experts, N, K, gather_div,
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
+    ROWS_BUCKET,  # the autotuning key's rows-per-expert bucket (unused in the body)
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert, first_row = _expert_of_tile(offsets_ptr, pid_m, num_experts, BLOCK_M)
+    if expert < 0:
+        return
+    end = tl.load(offsets_ptr + expert).to(tl.int64)
+    rows = first_row + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < end
+    if GATHER:
+        a_rows = tl.load(gather_ptr + rows, mask=row_ok, other=0).to(tl.int64) // gather_div
+    else:
+        a_rows = rows
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    col_ok = cols < N
+    b_base = b_ptr + expert.to(tl.int64) * stride_be
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = ks < K
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    if SCALE:
+        acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if SCATTER:
+        c_rows = tl.load(scatter_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        c_rows = rows
+    tl.store(c_ptr + c_rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grouped_dw_kernel(
+    a_ptr, g_ptr, c_ptr, a_index_ptr, g_index_ptr, scale_ptr, offsets_ptr,
+    K, N, a_div,
+    stride_am, stride_ak, stride_gm, stride_gn, stride_ce, stride_ck, stride_cn,
+    ROWS_BUCKET,
+    A_INDEX: tl.constexpr, G_INDEX: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.program_id(2)
+    start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0).to(tl.int64)
+    end = tl.load(offsets_ptr + expert).to(tl.int64)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    k_ok = ks < K
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    n_ok = ns < N
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        row_ok = rows < end
+        if A_INDEX:
+            a_rows = tl.load(a_index_ptr + rows, mask=row_ok, other=0).to(tl.int64) // a_div
+        else:
+            a_rows = rows
+        if G_INDEX:
+            g_rows = tl.load(g_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        else:
+            g_rows = rows
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(g_ptr + g_rows[:, None] * stride_gm + ns[None, :] * stride_gn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        if SCALE:
+            g = (g.to(tl.float32) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]).to(a.dtype)
+        if IEEE:
+            acc = tl.dot(tl.trans(a), g, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(a), g, acc)
+    tl.store(c_ptr + expert.to(tl.int64) * stride_ce + ks[:, None] * stride_ck + ns[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=k_ok[:, None] & n_ok[None, :])
+
+
+# NOTE: tile sizes of at least 16 (tl.dot's minimum on sm80/sm90); the interpreter runs one config
+_INTERPRET_FWD = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+_INTERPRET_DW = {"BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16}
+
+
+def _fwd_configs() -> list[triton.Config]:
+    configs = []
+    for bm, bn, bk, warps, stages in [
+        (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4),
+        (128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (128, 64, 64, 4, 4),
+    ]:
+        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+def _dw_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_R": br}, num_warps=w, num_stages=s)
+        for bk, bn, br, w, s in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 128, 4, 4), (128, 128, 32, 8, 4)]
+    ]
+
+
+@functools.cache
+def _tuned(kind: str):
+    """The autotuned kernel for CUDA (keyed on the shapes that vary), or the plain one when
+    interpreting (the interpreter cannot autotune)."""
+    if INTERPRET:
+        return (_grouped_mm_kernel, _INTERPRET_FWD) if kind == "fwd" else (_grouped_dw_kernel, _INTERPRET_DW)
+    if kind == "fwd":
+        return triton.autotune(_fwd_configs(), key=["N", "K", "ROWS_BUCKET"])(_grouped_mm_kernel), {}
+    return triton.autotune(_dw_configs(), key=["K", "N", "ROWS_BUCKET"])(_grouped_dw_kernel), {}
+
+
+
+
+def _rows_bucket(rows: int, num_experts: int) -> int:
+    return triton.next_power_of_2(max(1, rows // max(num_experts, 1)))
+
+
+def _launch_mm(a, b, offsets, gather, gather_div: int, scatter, scale, out_rows: int) -> torch.Tensor:
+    rows = gather.numel() if gather is not None else a.shape[0]
+    num_experts, k, n = b.shape
+    c = (torch.zeros if scatter is not None else torch.empty)(out_rows, n, dtype=a.dtype, device=a.device)
+    kernel, fixed = _tuned("fwd")
+
+    def grid(meta):  # an upper bound on the M tiles of all experts; the rest exit at once
+        return (triton.cdiv(rows, meta["BLOCK_M"]) + num_experts, triton.cdiv(n, meta["BLOCK_N"]))
+
+    kernel[grid](
+        a, b, c, offsets if gather is None else gather, offsets if scatter is None else scatter, offsets if scale is None else scale, offsets,
+        num_experts, n, k, gather_div,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1), _rows_bucket(rows, num_experts),
+        GATHER=gather is not None, SCATTER=scatter is not None, SCALE=scale is not None, IEEE=a.dtype == torch.float32, **fixed,
+    )
+    return c
+
+
+def _launch_dw(a, g, offsets, a_index, a_div: int, g_index, scale, like) -> torch.Tensor:
+    out = torch.empty_like(like)  # the weight's layout (a transposed view keeps its strides)
+    num_experts, k, n = out.shape
+    rows = a_index.numel() if a_index is not None else a.shape[0]
+    kernel, fixed = _tuned("dw")
+
+    def grid(meta):
+        return (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(n, meta["BLOCK_N"]), num_experts)
+
+    kernel[grid](
+        a, g, out, offsets if a_index is None else a_index, offsets if g_index is None else g_index, offsets if scale is None else scale, offsets,
+        k, n, a_div,
+        a.stride(0), a.stride(1), g.stride(0), g.stride(1), out.stride(0), out.stride(1), out.stride(2), _rows_bucket(rows, num_experts),
+        A_INDEX=a_index is not None, G_INDEX=g_index is not None, SCALE=scale is not None, IEEE=a.dtype == torch.float32, **fixed,
+    )
+    return out
+
+
+@torch.library.custom_op("distrain::grouped_mm", mutates_args=())
+def grouped_mm(
+    a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, gather: Optional[torch.Tensor], gather_div: int,
+    scatter: Optional[torch.Tensor], scale: Optional[torch.Tensor], out_rows: int,
+) -> torch.Tensor:
+    """C [out_rows, N]: row i of the expert-sorted order (expert e(i) by `offsets`) is
+    `scale[i] * a[gather[i] // gather_div] @ b[e(i)]`, written to row `scatter[i]` (rows no
+    index names stay zero). b: [E, K, N], any strides. `gather` / `scatter` entries are distinct."""
+    return _launch_mm(a, b, offsets, gather, gather_div, scatter, scale, out_rows)
+
+
+@grouped_mm.register_fake
+def _(a, b, offsets, gather, gather_div, scatter, scale, out_rows):
+    return a.new_empty(out_rows, b.shape[-1])
+
+
+@torch.library.custom_op("distrain::grouped_mm_dw", mutates_args=())
+def grouped_mm_dw(
+    a: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor, a_index: Optional[torch.Tensor], a_div: int,
+    g_index: Optional[torch.Tensor], scale: Optional[torch.Tensor], like: torch.Tensor,
+) -> torch.Tensor:
+    """dW [E, K, N] shaped and laid out like `like`: for each expert e, the sum over its rows i of
+    `a[a_index[i] // a_div]^T (scale[i] * g[g_index[i]])`; exact zeros for an expert without rows."""
+    return _launch_dw(a, g, offsets, a_index, a_div, g_index, scale, like)
+
+
+@grouped_mm_dw.register_fake
+def _(a, g, offsets, a_index, a_div, g_index, scale, like):
+    return torch.empty_like(like)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    a, b, offsets, gather, gather_div, scatter, scale, out_rows = inputs
+    ctx.save_for_backward(a, b, offsets, gather, scatter, scale)
+    ctx.gather_div = gather_div
+
+
+def _backward(ctx, grad):
+    a, b, offsets, gather, scatter, scale = ctx.saved_tensors
+    div = ctx.gather_div
+    need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_scale = scale is not None and ctx.needs_input_grad[6]
+    rows = gather.numel() if gather is not None else a.shape[0]
+    b_t = b.transpose(1, 2)
+    da = db = dscale = None
+    if need_scale:
+        # d scale[i] = <a_row(i), (g_i @ b^T)>: the unscaled dX rows in sorted order, then a row dot
+        unscaled = grouped_mm(grad, b_t, offsets, scatter, 1, None, None, rows)
+        a_rows = a if gather is None else a[gather // div]
+        dscale = (a_rows.float() * unscaled.float()).sum(-1).to(scale.dtype)
+        if need_a:
+            sorted_rows = unscaled * scale.unsqueeze(-1).to(unscaled.dtype)
+            da = sorted_rows if gather is None else _sum_slots(sorted_rows, gather, a.shape[0], div)
+    elif need_a:
+        if gather is None:
+            da = grouped_mm(grad, b_t, offsets, scatter, 1, None, scale, rows)
+        else:  # each row to its (token, k) slot, then the sum over k: no atomics, a fixed order
+            da = grouped_mm(grad, b_t, offsets, scatter, 1, gather, scale, a.shape[0] * div).view(a.shape[0], div, -1).sum(1)
+    if need_b:
+        db = grouped_mm_dw(a, grad, offsets, gather, div, scatter, scale, b)
+    return da, db, None, None, None, None, dscale, None
+
+
+def _sum_slots(sorted_rows: torch.Tensor, slots: torch.Tensor, tokens: int, div: int) -> torch.Tensor:
+    pairs = sorted_rows.new_zeros(tokens * div, sorted_rows.shape[-1]).index_copy_(0, slots, sorted_rows)
+    return pairs.view(tokens, div, -1).sum(1)
+
+
+grouped_mm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def reference_grouped_mm(a, b, offsets, gather=None, gather_div: int = 1, scatter=None, scale=None, out_rows: int | None = None) -> torch.Tensor:
+    """The torch twin of `grouped_mm` (one matmul per expert), for the tests."""
+    rows = a if gather is None else a[gather // gather_div]
+    pieces, start = [], 0
+    for expert, end in enumerate(offsets.tolist()):
+        pieces.append(rows[start:end] @ b[expert])
+        start = end
+    out = torch.cat(pieces)
+    if scale is not None:
+        out = out * scale.unsqueeze(-1).to(out.dtype)
+    if scatter is None:
+        return out
+    return out.new_zeros(out_rows, out.shape[-1]).index_copy(0, scatter, out)
