@@ -110,7 +110,30 @@ def validate_train(job) -> None:
     """Everything `distrain train` checks before any worker starts (the in-process test ranks
     check the same)."""
     _, hf_config = _validate_layout(job)
+    _check_document_masking(job, hf_config)
     _validate_run(job, hf_config)
+
+
+def _check_document_masking(job, hf_config) -> None:
+    """Packed documents must not attend to each other (data.document_masking): the model's own
+    forward, at toy size, must isolate them given restarting position ids."""
+    if not job.data.document_masking:
+        return
+    from distrain.models import document_leak
+
+    name = type(hf_config).__name__.removesuffix("Config")
+    try:
+        leak = document_leak(hf_config)
+    except Exception as error:  # noqa: BLE001 - a model the toy-size copy cannot build: say so, go on
+        print(f"warning: could not check that {name} isolates the documents packed into a sample ({type(error).__name__}: "
+              f"{str(error).splitlines()[0][:200]}); set data.document_masking=false if it does not", file=sys.stderr)
+        return
+    if leak > 1e-4:
+        raise ConfigError(
+            f"data.document_masking=true: {name} (model.attn_implementation={hf_config._attn_implementation}) does not isolate "
+            f"the documents packed into a sample: given position ids that restart at each document, its logits differ from each "
+            f"document's alone by {leak:.1e}; use data.document_masking=false to train on samples that attend across documents"
+        )
 
 
 def cmd_train(args) -> int:

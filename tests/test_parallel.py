@@ -49,6 +49,7 @@ LAYOUTS = {
     "ep=4": ["launcher.nproc_per_node=4", "parallel.ep=4"],
     "dp_shard=4 x ep=2": ["launcher.nproc_per_node=4", "parallel.dp_shard=4", "parallel.ep=2"],
     "tp=2 x ep=2": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.ep=2"],
+    "tp=2 sp x ep=2": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true", "parallel.ep=2"],
     "dp_shard=2 x tp=2 sp x ep=4": ["launcher.nproc_per_node=4", "parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true", "parallel.ep=4"],
     "dp_replicate=2 x dp_shard=2 x ep=2": ["launcher.nproc_per_node=4", "parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"],
 }
@@ -60,9 +61,10 @@ CASES = [
     ("gemma", [*FSDP_ONLY, "tp=2 sp"]),  # tied embedding and lm_head: one vocab-sharded tensor
     ("qwen3_moe", [*FSDP_ONLY, "tp=2", "dp_shard=2 x tp=2 sp", "tp=2 selective AC"]),  # expert-TP: packed gate_up
     # experts split, all-to-all dispatch; HSDP of the experts (ep=4 and tp=2 x ep=2: with the aux loss on,
-    # in test_aux_loss_layouts_match_single_process)
-    ("qwen3_moe EP", ["dp_replicate=2 x dp_shard=2 x ep=2", "dp_shard=2 x tp=2 sp x ep=4"]),
-    ("mixtral", [*FSDP_ONLY, "tp=2 sp", "dp_shard=4 x ep=2"]),
+    # in test_aux_loss_layouts_match_single_process; "ep=2" is dp_shard=2 x ep=2 on 2 ranks)
+    ("qwen3_moe EP", ["ep=2", "dp_shard=4 x ep=2", "tp=2 sp x ep=2", "dp_replicate=2 x dp_shard=2 x ep=2", "dp_shard=2 x tp=2 sp x ep=4"]),
+    ("mixtral", [*FSDP_ONLY, "tp=2 sp"]),
+    ("mixtral EP", ["ep=2", "ep=4", "dp_shard=4 x ep=2", "tp=2 x ep=2", "tp=2 sp x ep=2", "dp_replicate=2 x dp_shard=2 x ep=2"]),
     ("phi3", [*FSDP_ONLY, "tp=2 sp"]),  # fused qkv / gate_up: gathered output, split input
     ("stablelm", ["tp=2 sp"]),
     ("qwen2_moe", ["tp=2 sp", "dp_shard=2 x tp=2", "ep=2"]),  # a shared expert and its gate inside the MoE block
@@ -223,6 +225,17 @@ def test_tp_on_unmapped_plans_exits_2(tmp_path, saved_models, architecture, extr
     proc = run_cli(["train", "recipe=qwen3_moe_debug", "model=pretrained", f"model.name_or_path={saved_models[architecture]}",
                     "launcher.nproc_per_node=2", "parallel.tp=2", "data.vocab_size=1024", "model.attn_implementation=eager", *extra], tmp_path)
     assert proc.returncode == 2 and style in proc.stderr and "parallel.tp=1" in proc.stderr, proc.stderr
+
+
+def test_a_model_that_attends_across_documents_is_refused(tmp_path, ranks, saved_models, data_cache):
+    """Bloom's alibi attention ignores position ids, so packing's document isolation does not hold:
+    refused before spawn with one line naming data.document_masking; with it off, it trains."""
+    args = [*common_args(saved_models["bloom"], data_cache, tmp_path / "run"), "model.attn_implementation=eager", "train.steps=2"]
+    proc = run_cli(["train", *args], tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Bloom" in proc.stderr and "data.document_masking=false" in proc.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
+    ranks.train([*args, "data.document_masking=false"])
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
 
 
 def _plan_bytes(stdout: str) -> dict[str, int]:

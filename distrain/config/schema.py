@@ -183,6 +183,11 @@ class DataConfig:
     max_bytes: int = 8_000_000  # of the stdlib corpus, taken in sorted path order
     eval_fraction: float = 0.02  # documents held out for eval
     cache_dir: str = "~/.cache/distrain"
+    # Documents packed into one sample attend only to themselves: position ids restart at each
+    # document, which transformers turns into a block-diagonal mask. A model whose forward does not
+    # isolate them so is refused before spawn. false: packed samples attend across documents
+    # (positions run 0..seq_len-1), for any model.
+    document_masking: bool = True
 
     def validate(self) -> None:
         if self.source == "hf":

@@ -10,6 +10,10 @@ Within a sample:
   `attention_mask=None` and no cache), so no token attends across a document boundary;
 - `labels[t]` is the next token when it belongs to the same document, else -100 (ignored):
   a document's first token is never predicted from the one before it, nor across samples.
+
+Whether a model's forward isolates documents so is checked before spawn
+(`distrain.models.document_leak`); `data.document_masking=false` gives positions 0..L-1 instead
+(samples attend across documents, on any model).
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ IGNORE_INDEX = -100
 
 
 class PackedDataset:
-    def __init__(self, corpus: TokenizedCorpus, seq_len: int):
+    def __init__(self, corpus: TokenizedCorpus, seq_len: int, document_masking: bool = True):
         self.corpus = corpus
         self.seq_len = seq_len
+        self.document_masking = document_masking
         self.num_tokens = corpus.tokens.numel()
         self.num_samples = -(-self.num_tokens // seq_len)
         # segment id per token: increments at every document start
@@ -44,7 +49,7 @@ class PackedDataset:
         is_start = torch.ones(L, dtype=torch.bool)  # padding: every pad token its own segment
         is_start[:num_real] = self._is_start[begin:end]
         is_start[0] = True
-        position_ids = _positions_from_starts(is_start)
+        position_ids = _positions_from_starts(is_start) if self.document_masking else torch.arange(L)
         labels = torch.full((L,), IGNORE_INDEX, dtype=torch.int64)
         same_doc = ~is_start[1:num_real]
         labels[: num_real - 1] = torch.where(same_doc, input_ids[1:num_real], IGNORE_INDEX)

@@ -270,3 +270,51 @@ def keep_tied(model: nn.Module):
 def to_empty(model: nn.Module, device: torch.device) -> None:
     with keep_tied(model):
         model.to_empty(device=device)
+
+
+# config keys shrunk for the document-isolation check: the property is the model code's (how it
+# builds its attention mask), not its sizes
+_TINY = dict(
+    hidden_size=64, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32, ffn_hidden_size=64,
+    num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_hidden_layers=1,
+    n_embd=64, n_layer=1, n_head=4, d_model=64, n_heads=4, n_layers=1, num_layers=1,
+)
+
+
+def document_leak(hf_config, documents: tuple[int, ...] = (5, 9, 10)) -> float:
+    """How far the model's logits for documents packed into one sample, with position ids that
+    restart at each document (`distrain.data.packing`), are from each document's logits alone:
+    about 1e-7 where the forward isolates documents, large where attention crosses them. Runs a
+    one-layer copy of the model at toy width (seeded random weights, CPU, fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    from distrain.moe import experts
+
+    experts.register()
+    fields = hf_config.to_dict()
+    layers = fields.get("num_hidden_layers")
+    fields.update({k: v for k, v in _TINY.items() if k in fields or hasattr(hf_config, k)})
+    heads, kv_heads = getattr(hf_config, "num_attention_heads", None), getattr(hf_config, "num_key_value_heads", None)
+    if kv_heads is not None and kv_heads == heads:  # multi-head (or MLA) attention stays so
+        fields["num_key_value_heads"] = fields["num_attention_heads"]
+    for key, value in list(fields.items()):
+        if isinstance(value, list) and layers and len(value) == layers:  # per-layer lists (layer types)
+            fields[key] = value[:1]
+        elif key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id") and value is not None:
+            fields[key] = [0, 1, 2][("pad_token_id", "bos_token_id", "eos_token_id").index(key) if key != "decoder_start_token_id" else 1]
+    tiny = type(hf_config).from_dict(fields)
+    tiny._attn_implementation = hf_config._attn_implementation
+    generator = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny, attn_implementation=hf_config._attn_implementation, dtype=torch.float32).eval()
+    ids = torch.randint(3, min(tiny.vocab_size, 128), (sum(documents),), generator=generator)
+    positions = torch.cat([torch.arange(n) for n in documents])
+    with torch.no_grad():
+        packed = model(input_ids=ids[None], position_ids=positions[None], use_cache=False).logits[0]
+        leak, start = 0.0, 0
+        for n in documents:
+            alone = model(input_ids=ids[None, start : start + n], position_ids=positions[None, start : start + n], use_cache=False).logits[0]
+            leak = max(leak, (packed[start : start + n] - alone).abs().max().item())
+            start += n
+    return leak

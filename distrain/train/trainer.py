@@ -63,14 +63,14 @@ class Trainer:
         assert corpus.train.vocab_size <= hf_config.vocab_size, "checked before spawn (distrain.cli)"
         self.tokenizer_dir = corpus.tokenizer_dir
         self.train_loader = GlobalBatchLoader(
-            PackedDataset(corpus.train, job.train.seq_len),
+            PackedDataset(corpus.train, job.train.seq_len, job.data.document_masking),
             job.train.global_batch_size,
             job.train.micro_batch_size,
             self.dp_rank,
             self.dp_size,
             job.run.seed,
         )
-        self.eval_set = PackedDataset(corpus.eval, job.train.seq_len)
+        self.eval_set = PackedDataset(corpus.eval, job.train.seq_len, job.data.document_masking)
 
         # model on meta -> parallelize -> materialize -> weights
         model, self.spec = build_meta_model(job.model, hf_config)
