@@ -76,9 +76,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Gloo ranks started once for the session (see tests/ranks.py)."""
+    """Gloo ranks started once for the test module (see tests/ranks.py); stopped after it, so no
+    idle rank competes with the rest of the suite."""
     from ranks import Ranks
 
     started = Ranks(tmp_path_factory.mktemp("ranks"))

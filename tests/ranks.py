@@ -1,4 +1,4 @@
-"""Gloo ranks started once per test session, each running distrain's own rank entry
+"""Gloo ranks started once per test module, each running distrain's own rank entry
 (`distrain.launch.worker.run`), or any function that sets up its own process group, for one job
 after another.
 
@@ -7,12 +7,13 @@ pay it once. A job is composed and validated in the test process exactly as `dis
 does it (`distrain.cli.validate_train`), then its first `nproc_per_node` ranks join a fresh
 process group (a new rendezvous port per job) and train it; a world of one runs on rank 0 the
 way a single process does. What is left behind between jobs is reset: the environment, the
-fault spec, received stop signals, the run directory's lock.
+fault spec, received stop signals, the run directory's lock, DTensor's sharding caches. Ranks
+holding too many of the threads gloo leaves behind are started anew.
 
 A rank that fails or a job that outlives its timeout stops every rank; the error names each
 rank's last output lines, and the next job starts new ranks.
 
-    python tests/ranks.py ADDRESS_PORT RANK LOG   (what `Ranks` starts; not for users)
+    python tests/ranks.py ADDRESS:PORT RANK   (what `Ranks` starts; not for users)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
 WORLD = 4
+MAX_THREADS = 120
 AUTHKEY_ENV = "DISTRAIN_TEST_RANKS_KEY"
 
 
@@ -132,6 +134,10 @@ class Ranks:
                 raise AssertionError(f"job {self.jobs} ({what}) did not end on every rank within {timeout} s (ended: {results})\n{tails}")
         if any(failed for failed, _ in results.values()):
             raise AssertionError(f"job {self.jobs} ({what}) raised on ranks {[r for r, (f, _) in sorted(results.items()) if f]}\n{self.tails()}")
+        # NOTE: destroy_process_group leaves gloo's I/O threads behind (a dozen per job), and they
+        #       poll: ranks that ran many jobs are started anew
+        if max(len(os.listdir(f"/proc/{p.pid}/task")) for p in self.procs) > MAX_THREADS:
+            self.stop()
         return [results[rank][1] for rank in range(nproc)]
 
 
