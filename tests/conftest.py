@@ -85,3 +85,29 @@ def ranks(tmp_path_factory):
     started = Ranks(tmp_path_factory.mktemp("ranks"))
     yield started
     started.stop()
+
+
+class OpCounter:
+    """Counts the ops dispatched inside it, by name (e.g. "aten._grouped_mm", "distrain.grouped_mm")."""
+
+    def __init__(self):
+        from collections import Counter
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        self.calls = Counter()
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.calls[str(func.overloadpacket)] += 1
+                return func(*args, **(kwargs or {}))
+
+        self._mode = Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

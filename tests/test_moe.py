@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 SIZES = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
 # architecture -> config keys: routing and experts of each family (top-k softmax, shared expert with a
@@ -21,16 +19,6 @@ MODELS = {
     "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=0,
                         n_group=2, topk_group=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
 }
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def moe_module(name: str, seed: int = 0):
@@ -83,6 +71,8 @@ def test_experts_layer_matches_eager_loop(name, routing, kernel):
     """moe.kernel=triton runs distrain's Triton kernels under the interpreter here: fused with the
     gather and scatter (Qwen3-MoE, Mixtral, the shared-expert models), or plain grouped GEMMs
     beside the experts' biases (GPT-OSS)."""
+    from conftest import OpCounter
+
     from distrain.moe.experts import configure
 
     model, block = moe_module(name)

@@ -50,6 +50,7 @@ and reports from rank 0 (state bytes: the largest over the ranks):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -129,14 +130,13 @@ def worker(argv: list[str]) -> None:
     os._exit(0)  # gloo sometimes aborts in its destructors at interpreter exit (ENV.md)
 
 
-def measure(recipe: str, overrides: list[str], steps: int) -> dict | None:
-    """On every rank of the job (its own process group, set up and torn down here): the state
-    bytes and one step's counted communication, then `steps` timed steps. Rank 0 returns the row."""
-    import torch
+@contextlib.contextmanager
+def trainer_in_own_group(recipe: str, overrides: list[str]):
+    """A `Trainer` of the recipe with the overrides, on every rank of the job, in a process group
+    set up here and torn down after (also used by tests/rank_jobs.py)."""
     import torch.distributed as dist
     from distrain.config import load_job
     from distrain.launch.worker import init_distributed, resolve_device
-    from distrain.metrics.comm import CommCounter
     from distrain.train.trainer import Trainer
 
     job = load_job(recipe, ["eval.interval=0", "logging.wandb.mode=disabled", *overrides])
@@ -145,8 +145,24 @@ def measure(recipe: str, overrides: list[str], steps: int) -> dict | None:
     try:
         Path(job.run.dir).mkdir(parents=True, exist_ok=True)
         trainer = Trainer(job, device)
-        model, dims = trainer.model, trainer.dims
+        try:
+            yield trainer
+        finally:
+            if trainer.metrics is not None:
+                trainer.metrics.close()
+    finally:
+        dist.destroy_process_group()
 
+
+def measure(recipe: str, overrides: list[str], steps: int) -> dict | None:
+    """On every rank of the job: the state bytes and one step's counted communication, then
+    `steps` timed steps. Rank 0 returns the row."""
+    import torch
+    import torch.distributed as dist
+    from distrain.metrics.comm import CommCounter
+
+    with trainer_in_own_group(recipe, overrides) as trainer:
+        job, model, dims = trainer.job, trainer.model, trainer.dims
         trainer.train_step(trainer.train_loader.next_batch())  # warm-up; records this rank's state bytes
         dispatchers = [m.experts._distrain_dispatcher for m in trainer.spec.moe_blocks if getattr(m.experts, "_distrain_dispatcher", None)]
         for dispatcher in dispatchers:
@@ -163,8 +179,6 @@ def measure(recipe: str, overrides: list[str], steps: int) -> dict | None:
             trainer.train_step(trainer.train_loader.next_batch())
         elapsed = time.perf_counter() - start
 
-        if trainer.metrics is not None:
-            trainer.metrics.close()
         held = torch.tensor([state_bytes], dtype=torch.float64)
         dist.all_reduce(held, op=dist.ReduceOp.MAX)
         measured_bus = sum(comm.bus.values())
@@ -184,8 +198,6 @@ def measure(recipe: str, overrides: list[str], steps: int) -> dict | None:
             "tokens_per_s": steps * job.train.global_batch_size * job.train.seq_len / elapsed,
             "uncounted_ops": sorted(comm.unknown),
         }
-    finally:
-        dist.destroy_process_group()
 
 
 def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
