@@ -4,9 +4,11 @@
 # checkpoints, resume, export, a stop signal with async checkpoints, a non-finite step, FSDP CPU
 # offload, and the checkpoint benchmark with the state on the GPU.
 #
-#   bash scripts/device_check.sh [checkpoints]   # logs and benchmark JSON under $OUT (default /tmp/distrain-device)
+#   bash scripts/device_check.sh [checkpoints|kernels]   # logs and benchmark JSON under $OUT (default /tmp/distrain-device)
 #
 # `checkpoints`: only the async-save runs (a stop, a resume, exact losses) and the checkpoint benchmark.
+# `kernels`: the MoE kernel benchmark (scripts/bench/moe_kernels.py) and 20 steps of a GPU-sized
+# qwen3_moe_debug with moe.kernel=triton against moe.kernel=torch (losses, tokens/s).
 set -uo pipefail
 OUT=${OUT:-/tmp/distrain-device}
 mkdir -p "$OUT"
@@ -58,6 +60,23 @@ for run in ("/tmp/r1", "/tmp/r2"):
     print(run, "steps logged once each:", steps == list(range(1, len(steps) + 1)), "last", steps[-1])
 EOF
 
+fi
+
+if [ "$PART" = kernels ]; then
+    python3 scripts/bench/moe_kernels.py --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/moe_kernels.log"
+    size="++model.config.hidden_size=2048 ++model.config.moe_intermediate_size=768 ++model.config.num_experts=128 ++model.config.num_experts_per_tok=8 ++model.config.num_hidden_layers=4 ++model.config.num_attention_heads=16 ++model.config.num_key_value_heads=4 train.seq_len=2048 train.global_batch_size=8 train.micro_batch_size=4"
+    for kernel in torch triton; do
+        # shellcheck disable=SC2086
+        train "moe_kernel_$kernel" $size moe.kernel=$kernel train.steps=20 checkpoint.interval=0 eval.interval=0 checkpoint.export=false run.dir=/tmp/k_$kernel
+    done
+    python3 - <<'EOF'
+import json, statistics
+runs = {k: [json.loads(l) for l in open(f"/tmp/k_{k}/metrics.jsonl")] for k in ("torch", "triton")}
+print("max |loss triton - torch|:", max(abs(a["loss"] - b["loss"]) for a, b in zip(runs["torch"], runs["triton"])))
+for k, records in runs.items():
+    print(k, "median tokens/s (steps 5-20):", statistics.median(r["tokens_per_s"] for r in records[4:]))
+EOF
+    exit 0
 fi
 
 echo "== checkpoint benchmark (state on the GPU)"

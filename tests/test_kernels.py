@@ -20,7 +20,8 @@ CASES = {
     "a single row": ([0, 1, 0], 20, 12),
     "K not a multiple of the tile": ([5, 6, 7], 37, 33),
 }
-TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-2, rtol=2e-2)}
+# bf16: the interpreter's bf16 dot is wrong (ENV.md), so the kernels upcast its tiles there
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-2, rtol=2e-2), torch.bfloat16: dict(atol=1e-1, rtol=5e-2)}
 
 
 def _routing(counts: list[int], top_k: int, seed: int):
@@ -59,7 +60,7 @@ def _check(fused: bool, counts, k: int, n: int, dtype, seed: int = 0):
     assert all(got[1][e].abs().sum() == 0 for e in empty)  # exact zeros, not uninitialized memory
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "gather-scale-scatter"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernels_match_the_torch_twin(case, fused, dtype):

@@ -59,7 +59,7 @@ def _grouped_mm_kernel(
     num_experts, N, K, gather_div,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
     ROWS_BUCKET,  # the autotuning key's rows-per-expert bucket (unused in the body)
-    GATHER: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -83,7 +83,10 @@ def _grouped_mm_kernel(
         k_ok = ks < K
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if IEEE:
+        if UPCAST:  # the interpreter's bf16 dot is wrong (ENV.md): fp32 there
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE or UPCAST:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
@@ -103,7 +106,7 @@ def _grouped_dw_kernel(
     K, N, a_div,
     stride_am, stride_ak, stride_gm, stride_gn, stride_ce, stride_ck, stride_cn,
     ROWS_BUCKET,
-    A_INDEX: tl.constexpr, G_INDEX: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
+    A_INDEX: tl.constexpr, G_INDEX: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
@@ -131,7 +134,10 @@ def _grouped_dw_kernel(
         g = tl.load(g_ptr + g_rows[:, None] * stride_gm + ns[None, :] * stride_gn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         if SCALE:
             g = (g.to(tl.float32) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]).to(a.dtype)
-        if IEEE:
+        if UPCAST:
+            a = a.to(tl.float32)
+            g = g.to(tl.float32)
+        if IEEE or UPCAST:
             acc = tl.dot(tl.trans(a), g, acc, input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(a), g, acc)
@@ -191,7 +197,8 @@ def _launch_mm(a, b, offsets, gather, gather_div: int, scatter, scale, out_rows:
         a, b, c, offsets if gather is None else gather, offsets if scatter is None else scatter, offsets if scale is None else scale, offsets,
         num_experts, n, k, gather_div,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1), _rows_bucket(rows, num_experts),
-        GATHER=gather is not None, SCATTER=scatter is not None, SCALE=scale is not None, IEEE=a.dtype == torch.float32, **fixed,
+        GATHER=gather is not None, SCATTER=scatter is not None, SCALE=scale is not None, IEEE=a.dtype == torch.float32,
+        UPCAST=INTERPRET and a.dtype == torch.bfloat16, **fixed,
     )
     return c
 
@@ -209,7 +216,8 @@ def _launch_dw(a, g, offsets, a_index, a_div: int, g_index, scale, like) -> torc
         a, g, out, offsets if a_index is None else a_index, offsets if g_index is None else g_index, offsets if scale is None else scale, offsets,
         k, n, a_div,
         a.stride(0), a.stride(1), g.stride(0), g.stride(1), out.stride(0), out.stride(1), out.stride(2), _rows_bucket(rows, num_experts),
-        A_INDEX=a_index is not None, G_INDEX=g_index is not None, SCALE=scale is not None, IEEE=a.dtype == torch.float32, **fixed,
+        A_INDEX=a_index is not None, G_INDEX=g_index is not None, SCALE=scale is not None, IEEE=a.dtype == torch.float32,
+        UPCAST=INTERPRET and a.dtype == torch.bfloat16, **fixed,
     )
     return out
 

@@ -114,11 +114,12 @@ def _fused_experts(self, hidden_states, order, counts, top_k_weights) -> torch.T
     num_tokens, top_k = top_k_weights.shape
     offsets = torch.cumsum(counts, 0).to(torch.int32)
     gate_up = _as_in_out(self, _local(self.gate_up_proj if self.has_gate else self.up_proj))
-    out = triton_grouped_mm(hidden_states.to(gate_up.dtype), gate_up, offsets, order, top_k, None, None, order.numel())
+    dtype = _compute_dtype(hidden_states, gate_up)
+    out = triton_grouped_mm(hidden_states.to(dtype), gate_up.to(dtype), offsets, order, top_k, None, None, order.numel())
     out = self._apply_gate(out) if self.has_gate else self.act_fn(out)
-    down = _as_in_out(self, _local(self.down_proj))
-    weights = top_k_weights.reshape(-1)[order].to(down.dtype)
-    out = triton_grouped_mm(out.to(down.dtype), down, offsets, None, 1, order, weights, num_tokens * top_k)
+    down = _as_in_out(self, _local(self.down_proj)).to(dtype)
+    weights = top_k_weights.reshape(-1)[order].to(dtype)
+    out = triton_grouped_mm(out.to(dtype), down, offsets, None, 1, order, weights, num_tokens * top_k)
     return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
@@ -165,7 +166,8 @@ def _grouped_linear(x, weight, offsets, bias, expert_of_row, kernel: str) -> tor
     if kernel == "triton":
         from distrain.kernels.grouped_gemm import grouped_mm as triton_grouped_mm
 
-        out = triton_grouped_mm(x.to(weight.dtype), weight, offsets, None, 1, None, None, x.shape[0])
+        dtype = _compute_dtype(x, weight)
+        out = triton_grouped_mm(x.to(dtype), weight.to(dtype), offsets, None, 1, None, None, x.shape[0])
     else:
         out = grouped_mm(x, weight, offsets)
     if bias is not None:
@@ -177,7 +179,8 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
     """Rows `offsets[e-1]:offsets[e]` of x [S, in] times weight[e] [in, out] -> [S, out]:
     `torch.nn.functional.grouped_mm` where its layout rules hold (16-byte aligned strides and
     addresses), else one matmul per expert. Every row belongs to an expert (offsets[-1] == S)."""
-    x = x.to(weight.dtype)  # grouped_mm is not autocast-aware: take the (mixed-precision) weight's dtype
+    dtype = _compute_dtype(x, weight)
+    x, weight = x.to(dtype), weight.to(dtype)
     if _grouped_mm_ok(x, weight):
         return F.grouped_mm(x, weight, offs=offsets)
     pieces, start = [], 0
@@ -185,6 +188,14 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
         pieces.append(x[start:end] @ weight[expert])
         start = end
     return torch.cat(pieces) if pieces else x.new_empty(0, weight.shape[-1])
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The GEMMs' dtype: autocast's where it is on (grouped_mm and distrain's custom ops are not
+    autocast-aware), else the (mixed-precision) weight's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
 
 
 def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -40,9 +40,9 @@ def compile_builds() -> list[dict]:
     # transposed): what Triton's launcher specializes at run time, strides of 1 as constants and
     # pointers, sizes and strides divisible by 16 as hints, is given here the same way
     kernels = {
-        "forward": (gg._grouped_mm_kernel, gg._fwd_configs(), {"GATHER": True, "SCATTER": True, "SCALE": True, "IEEE": False},
+        "forward": (gg._grouped_mm_kernel, gg._fwd_configs(), {"GATHER": True, "SCATTER": True, "SCALE": True, "IEEE": False, "UPCAST": False},
                     {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1}),
-        "dw": (gg._grouped_dw_kernel, gg._dw_configs(), {"A_INDEX": True, "G_INDEX": True, "SCALE": True, "IEEE": False},
+        "dw": (gg._grouped_dw_kernel, gg._dw_configs(), {"A_INDEX": True, "G_INDEX": True, "SCALE": True, "IEEE": False, "UPCAST": False},
                {"stride_ak": 1, "stride_gn": 1, "stride_ck": 1}),
     }
     builds = []
