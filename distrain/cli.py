@@ -39,10 +39,11 @@ def _load(items: list[str]):
     return load_job(recipe, overrides)
 
 
-def _cuda_available() -> bool:
+def _on_cuda(job) -> bool:
+    """Whether the run's ranks will be on CUDA (`run.device`, auto: when a GPU is visible)."""
     import torch
 
-    return torch.cuda.is_available()
+    return job.run.device == "cuda" or (job.run.device == "auto" and torch.cuda.is_available())
 
 
 def _validate_layout(job):
@@ -53,7 +54,7 @@ def _validate_layout(job):
 
     hf_config = build_config(job.model)
     dims = ParallelDims.resolve(job.parallel, world_size_for(job), hf_config, job.train)
-    if dims.cpu_offload and (job.run.device == "cpu" or (job.run.device == "auto" and not _cuda_available())):
+    if dims.cpu_offload and not _on_cuda(job):
         raise ConfigError(
             "parallel.cpu_offload=true keeps parameters and optimizer states in host memory between uses on a GPU; "
             "this run is on the CPU already (run.device), so there is nothing to offload; use parallel.cpu_offload=false"
@@ -65,8 +66,7 @@ def _validate_layout(job):
     if spec.moe_blocks:
         from distrain.moe.experts import resolve_kernel
 
-        on_cuda = job.run.device == "cuda" or (job.run.device == "auto" and _cuda_available())
-        resolve_kernel(job.moe.kernel, "cuda" if on_cuda else "cpu")
+        resolve_kernel(job.moe.kernel, "cuda" if _on_cuda(job) else "cpu")
     if dims.tp > 1:
         from distrain.parallel.tensor_parallel import resolved_plan
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # no GPU here: distrain's Triton kernels run under the interpreter (set before anything imports triton)
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402 - after the line above
 
 
 def tiny_overrides(cache_dir: Path) -> list[str]:
@@ -87,27 +90,13 @@ def ranks(tmp_path_factory):
     started.stop()
 
 
-class OpCounter:
+class OpCounter(TorchDispatchMode):
     """Counts the ops dispatched inside it, by name (e.g. "aten._grouped_mm", "distrain.grouped_mm")."""
 
     def __init__(self):
-        from collections import Counter
-
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        counter = self
+        super().__init__()
         self.calls = Counter()
 
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                counter.calls[str(func.overloadpacket)] += 1
-                return func(*args, **(kwargs or {}))
-
-        self._mode = Mode()
-
-    def __enter__(self):
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._mode.__exit__(*exc)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))

@@ -54,6 +54,15 @@ def _expert_of_tile(offsets_ptr, pid_m, num_experts, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _indexed_rows(index_ptr, rows, row_ok, div, INDEXED: tl.constexpr):
+    """The operand rows that sorted rows `rows` read or write: index[rows] // div (int64), or
+    `rows` themselves without an index."""
+    if INDEXED:
+        return tl.load(index_ptr + rows, mask=row_ok, other=0).to(tl.int64) // div
+    return rows
+
+
+@triton.jit
 def _grouped_mm_kernel(
     a_ptr, b_ptr, c_ptr, gather_ptr, scatter_ptr, scale_ptr, offsets_ptr,
     num_experts, N, K, gather_div,
@@ -70,10 +79,7 @@ def _grouped_mm_kernel(
     end = tl.load(offsets_ptr + expert).to(tl.int64)
     rows = first_row + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < end
-    if GATHER:
-        a_rows = tl.load(gather_ptr + rows, mask=row_ok, other=0).to(tl.int64) // gather_div
-    else:
-        a_rows = rows
+    a_rows = _indexed_rows(gather_ptr, rows, row_ok, gather_div, GATHER)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     col_ok = cols < N
     b_base = b_ptr + expert.to(tl.int64) * stride_be
@@ -92,10 +98,7 @@ def _grouped_mm_kernel(
             acc = tl.dot(a, b, acc)
     if SCALE:
         acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    if SCATTER:
-        c_rows = tl.load(scatter_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    else:
-        c_rows = rows
+    c_rows = _indexed_rows(scatter_ptr, rows, row_ok, 1, SCATTER)
     tl.store(c_ptr + c_rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -122,14 +125,8 @@ def _grouped_dw_kernel(
     for r0 in range(start, end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         row_ok = rows < end
-        if A_INDEX:
-            a_rows = tl.load(a_index_ptr + rows, mask=row_ok, other=0).to(tl.int64) // a_div
-        else:
-            a_rows = rows
-        if G_INDEX:
-            g_rows = tl.load(g_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        else:
-            g_rows = rows
+        a_rows = _indexed_rows(a_index_ptr, rows, row_ok, a_div, A_INDEX)
+        g_rows = _indexed_rows(g_index_ptr, rows, row_ok, 1, G_INDEX)
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         g = tl.load(g_ptr + g_rows[:, None] * stride_gm + ns[None, :] * stride_gn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         if SCALE:

@@ -279,6 +279,7 @@ _TINY = dict(
     num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_hidden_layers=1,
     n_embd=64, n_layer=1, n_head=4, d_model=64, n_heads=4, n_layers=1, num_layers=1,
 )
+_TINY_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1}
 
 
 def document_leak(hf_config, documents: tuple[int, ...] = (5, 9, 10)) -> float:
@@ -300,8 +301,8 @@ def document_leak(hf_config, documents: tuple[int, ...] = (5, 9, 10)) -> float:
     for key, value in list(fields.items()):
         if isinstance(value, list) and layers and len(value) == layers:  # per-layer lists (layer types)
             fields[key] = value[:1]
-        elif key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id") and value is not None:
-            fields[key] = [0, 1, 2][("pad_token_id", "bos_token_id", "eos_token_id").index(key) if key != "decoder_start_token_id" else 1]
+        elif key in _TINY_TOKENS and value is not None:  # inside the toy vocabulary
+            fields[key] = _TINY_TOKENS[key]
     tiny = type(hf_config).from_dict(fields)
     tiny._attn_implementation = hf_config._attn_implementation
     generator = torch.Generator().manual_seed(0)
