@@ -25,7 +25,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 train() {  # train NAME [key=value ...]: whole log appended to $OUT/runs.log; prints its key lines and exit status
     local name=$1; shift
     local start=$SECONDS
-    python3 -m distrain train recipe=qwen3_moe_debug data.cache_dir=/tmp/distrain-cache "$@" >/tmp/run.log 2>&1
+    timeout "${TRAIN_TIMEOUT:-600}" python3 -m distrain train recipe=qwen3_moe_debug data.cache_dir=/tmp/distrain-cache "$@" >/tmp/run.log 2>&1
     local status=$?
     { echo "===== $name: $*"; cat /tmp/run.log; } >>"$OUT/runs.log"
     echo "== $name: exit $status in $((SECONDS - start)) s"
@@ -63,11 +63,13 @@ EOF
 fi
 
 if [ "$PART" = kernels ]; then
-    python3 scripts/bench/moe_kernels.py --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/moe_kernels.log"
-    size="++model.config.hidden_size=2048 ++model.config.moe_intermediate_size=768 ++model.config.num_experts=128 ++model.config.num_experts_per_tok=8 ++model.config.num_hidden_layers=4 ++model.config.num_attention_heads=16 ++model.config.num_key_value_heads=4 train.seq_len=2048 train.global_batch_size=8 train.micro_batch_size=4"
+    # each part under its own time limit, so one slow part leaves the others their turn
+    timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench/moe_kernels.py --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/moe_kernels.log"
+    # two layers of Qwen3-30B-A3B's MoE shapes (1.2B parameters): 16k tokens a step in two micro-batches
+    size="++model.config.hidden_size=2048 ++model.config.moe_intermediate_size=768 ++model.config.num_experts=128 ++model.config.num_experts_per_tok=8 ++model.config.num_hidden_layers=2 ++model.config.num_attention_heads=16 ++model.config.num_key_value_heads=4 train.seq_len=2048 train.global_batch_size=8 train.micro_batch_size=4"
     for kernel in torch triton; do
         # shellcheck disable=SC2086
-        train "moe_kernel_$kernel" $size moe.kernel=$kernel train.steps=20 checkpoint.interval=0 eval.interval=0 checkpoint.export=false run.dir=/tmp/k_$kernel
+        TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-110} train "moe_kernel_$kernel" $size moe.kernel=$kernel train.steps=20 checkpoint.interval=0 eval.interval=0 checkpoint.export=false run.dir=/tmp/k_$kernel
     done
     python3 - <<'EOF'
 import json, statistics

@@ -35,22 +35,20 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _expert_of_tile(offsets_ptr, pid_m, num_experts, BLOCK_M: tl.constexpr):
-    """The expert whose rows the pid_m-th M tile covers, and the tile's first row (-1: none)."""
+def _expert_of_tile(offsets_ptr, pid_m, num_experts, BLOCK_M: tl.constexpr, E_BLOCK: tl.constexpr):
+    """The expert whose rows the pid_m-th M tile covers (-1: past the last tile) and the tile's
+    first row. All experts' tile counts at once: one vector load and a cumulative sum, no loop."""
+    e = tl.arange(0, E_BLOCK)
+    real = e < num_experts
+    ends = tl.load(offsets_ptr + e, mask=real, other=0).to(tl.int64)
+    starts = tl.load(offsets_ptr + e - 1, mask=real & (e > 0), other=0).to(tl.int64)
+    tiles = tl.where(real, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+    tiles_through = tl.cumsum(tiles, 0)
     pid = pid_m.to(tl.int64)
-    expert = tl.full([], -1, tl.int64)
-    first_row = tl.full([], 0, tl.int64)
-    tiles_before = tl.full([], 0, tl.int64)
-    start = tl.full([], 0, tl.int64)
-    for e in range(0, num_experts):
-        end = tl.load(offsets_ptr + e).to(tl.int64)
-        tiles = (end - start + BLOCK_M - 1) // BLOCK_M
-        if expert < 0 and pid < tiles_before + tiles:
-            expert = tl.full([], 0, tl.int64) + e
-            first_row = start + (pid - tiles_before) * BLOCK_M
-        tiles_before += tiles
-        start = end
-    return expert, first_row
+    expert = tl.sum((tiles_through <= pid).to(tl.int64), 0)  # experts wholly before this tile
+    mine = e == expert
+    first_row = tl.sum(tl.where(mine, starts, 0), 0) + (pid - tl.sum(tl.where(mine, tiles_through - tiles, 0), 0)) * BLOCK_M
+    return tl.where(expert < num_experts, expert, -1), first_row
 
 
 @triton.jit
@@ -69,11 +67,15 @@ def _grouped_mm_kernel(
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
     ROWS_BUCKET,  # the autotuning key's rows-per-expert bucket (unused in the body)
     GATHER: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    E_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert, first_row = _expert_of_tile(offsets_ptr, pid_m, num_experts, BLOCK_M)
+    # N tiles vary fastest: the programs running at once share a few M tiles (rows of A, read
+    # from memory once, then from L2) and their experts' weights (in L2 across the expert's M tiles)
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
+    expert, first_row = _expert_of_tile(offsets_ptr, pid_m, num_experts, BLOCK_M, E_BLOCK)
     if expert < 0:
         return
     end = tl.load(offsets_ptr + expert).to(tl.int64)
@@ -187,15 +189,15 @@ def _launch_mm(a, b, offsets, gather, gather_div: int, scatter, scale, out_rows:
     c = (torch.zeros if scatter is not None else torch.empty)(out_rows, n, dtype=a.dtype, device=a.device)
     kernel, fixed = _tuned("fwd")
 
-    def grid(meta):  # an upper bound on the M tiles of all experts; the rest exit at once
-        return (triton.cdiv(rows, meta["BLOCK_M"]) + num_experts, triton.cdiv(n, meta["BLOCK_N"]))
+    def grid(meta):  # an upper bound on the M tiles of all experts (the rest exit at once), times the N tiles
+        return ((triton.cdiv(rows, meta["BLOCK_M"]) + num_experts) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     kernel[grid](
         a, b, c, offsets if gather is None else gather, offsets if scatter is None else scatter, offsets if scale is None else scale, offsets,
         num_experts, n, k, gather_div,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1), _rows_bucket(rows, num_experts),
         GATHER=gather is not None, SCATTER=scatter is not None, SCALE=scale is not None, IEEE=a.dtype == torch.float32,
-        UPCAST=INTERPRET and a.dtype == torch.bfloat16, **fixed,
+        UPCAST=INTERPRET and a.dtype == torch.bfloat16, E_BLOCK=triton.next_power_of_2(num_experts), **fixed,
     )
     return c
 

@@ -40,7 +40,7 @@ def compile_builds() -> list[dict]:
     # transposed): what Triton's launcher specializes at run time, strides of 1 as constants and
     # pointers, sizes and strides divisible by 16 as hints, is given here the same way
     kernels = {
-        "forward": (gg._grouped_mm_kernel, gg._fwd_configs(), {"GATHER": True, "SCATTER": True, "SCALE": True, "IEEE": False, "UPCAST": False},
+        "forward": (gg._grouped_mm_kernel, gg._fwd_configs(), {"GATHER": True, "SCATTER": True, "SCALE": True, "IEEE": False, "UPCAST": False, "E_BLOCK": E},
                     {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1}),
         "dw": (gg._grouped_dw_kernel, gg._dw_configs(), {"A_INDEX": True, "G_INDEX": True, "SCALE": True, "IEEE": False, "UPCAST": False},
                {"stride_ak": 1, "stride_gn": 1, "stride_ck": 1}),
@@ -112,6 +112,7 @@ def bench(tokens_list: list[int]) -> list[dict]:
     from distrain.kernels.grouped_gemm import grouped_mm
 
     device, dtype = torch.device("cuda"), torch.bfloat16
+    torch_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # public from torch 2.10
     torch.manual_seed(0)
     w_gate_up = (torch.randn(E, 2 * I, H, device=device, dtype=dtype) * H**-0.5).requires_grad_()
     w_down = (torch.randn(E, H, I, device=device, dtype=dtype) * I**-0.5).requires_grad_()
@@ -132,10 +133,10 @@ def bench(tokens_list: list[int]) -> list[dict]:
 
             def torch_forward():
                 rows = x[order // TOP_K]
-                gate_up = F.grouped_mm(rows, w_gate_up.transpose(1, 2), offs=offsets)
+                gate_up = torch_grouped_mm(rows, w_gate_up.transpose(1, 2), offs=offsets)
                 gate, up = gate_up.chunk(2, dim=-1)
                 h = F.silu(gate) * up
-                out = F.grouped_mm(h, w_down.transpose(1, 2), offs=offsets) * weights[order].unsqueeze(-1)
+                out = torch_grouped_mm(h, w_down.transpose(1, 2), offs=offsets) * weights[order].unsqueeze(-1)
                 return torch.empty_like(out).index_copy_(0, order, out).view(tokens, TOP_K, H).sum(1)
 
             dense_a = torch.randn(tokens * TOP_K, H, device=device, dtype=dtype)
@@ -145,6 +146,14 @@ def bench(tokens_list: list[int]) -> list[dict]:
                 return (dense_a @ dense_w1)[:, :I] @ dense_w2
 
             row = {"tokens": tokens, "routing": routing, "max/mean rows": round(counts.max().item() / counts.float().mean().item(), 2)}
+            # both bf16 paths against each other (outputs and all four gradients): ||a - b|| / ||b||
+            grad = torch.randn(tokens, H, device=device, dtype=dtype)
+            results = {}
+            for name, forward in (("triton", triton_forward), ("torch", torch_forward)):
+                out = forward()
+                results[name] = [out.detach().float(), *(g.float() for g in torch.autograd.grad(out, (x, w_gate_up, w_down, weights), grad))]
+            row["rel err vs torch"] = max(((a - b).norm() / b.norm()).item() for a, b in zip(results["triton"], results["torch"]))
+            del results
             for name, forward in (("triton", triton_forward), ("torch", torch_forward)):
                 with torch.no_grad():
                     row[f"{name} fwd TFLOP/s"] = flops / _median_ms(forward) / 1e9
@@ -181,8 +190,11 @@ def main() -> None:
         sys.exit("moe_kernels.py times the kernels on a CUDA GPU; here use --compile-only (tests/test_kernels.py runs them interpreted)")
     from _report import report
 
+    from distrain.kernels import grouped_gemm as gg
+
     rows = bench(args.tokens)
-    report("moe_kernels", rows, args.out, {"E": E, "H": H, "I": I, "K": TOP_K, "dtype": "bf16",
+    tuned = {kind: {str(key): str(config) for key, config in gg._tuned(kind)[0].cache.items()} for kind in ("fwd", "dw")}
+    report("moe_kernels", rows, args.out, {"E": E, "H": H, "I": I, "K": TOP_K, "dtype": "bf16", "tuned configs": tuned,
                                            "goal": "triton >= 450 TFLOP/s forward and >= 400 forward+backward on an H100"})
 
 
