@@ -67,16 +67,23 @@ if [ "$PART" = kernels ]; then
     timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench/moe_kernels.py --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/moe_kernels.log"
     # two layers of Qwen3-30B-A3B's MoE shapes (1.2B parameters): 16k tokens a step in two micro-batches
     size="++model.config.hidden_size=2048 ++model.config.moe_intermediate_size=768 ++model.config.num_experts=128 ++model.config.num_experts_per_tok=8 ++model.config.num_hidden_layers=2 ++model.config.num_attention_heads=16 ++model.config.num_key_value_heads=4 train.seq_len=2048 train.global_batch_size=8 train.micro_batch_size=4"
-    for kernel in torch triton; do
-        # shellcheck disable=SC2086
-        TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-110} train "moe_kernel_$kernel" $size moe.kernel=$kernel train.steps=20 checkpoint.interval=0 eval.interval=0 checkpoint.export=false run.dir=/tmp/k_$kernel
-    done
+    # bf16 with each kernel, and the torch path in fp32 as the reference both bf16 runs are measured against
+    common="train.steps=15 optim.lr=3e-4 checkpoint.interval=0 eval.interval=0 checkpoint.export=false"
+    # shellcheck disable=SC2086
+    TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-110} train moe_kernel_torch $size $common moe.kernel=torch run.dir=/tmp/k_torch
+    # shellcheck disable=SC2086
+    TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-110} train moe_kernel_triton $size $common moe.kernel=triton run.dir=/tmp/k_triton
+    # shellcheck disable=SC2086
+    TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-110} train moe_kernel_fp32 $size $common moe.kernel=torch train.mixed_precision=fp32 run.dir=/tmp/k_fp32
     python3 - <<'EOF'
-import json, statistics
-runs = {k: [json.loads(l) for l in open(f"/tmp/k_{k}/metrics.jsonl")] for k in ("torch", "triton")}
-print("max |loss triton - torch|:", max(abs(a["loss"] - b["loss"]) for a, b in zip(runs["torch"], runs["triton"])))
+import json, os, statistics
+runs = {k: [json.loads(l) for l in open(f"/tmp/k_{k}/metrics.jsonl")] for k in ("torch", "triton", "fp32") if os.path.exists(f"/tmp/k_{k}/metrics.jsonl")}
 for k, records in runs.items():
-    print(k, "median tokens/s (steps 5-20):", statistics.median(r["tokens_per_s"] for r in records[4:]))
+    print(f"{k:7s} losses", " ".join(f"{r['loss']:.4f}" for r in records))
+    print(f"{k:7s} median tokens/s (steps 5-15): {statistics.median(r['tokens_per_s'] for r in records[4:]):.0f}")
+for a, b in (("triton", "torch"), ("torch", "fp32"), ("triton", "fp32")):
+    if a in runs and b in runs:
+        print(f"max |loss {a} - {b}|: {max(abs(x['loss'] - y['loss']) for x, y in zip(runs[a], runs[b])):.4f}")
 EOF
     exit 0
 fi

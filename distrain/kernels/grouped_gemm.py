@@ -152,8 +152,8 @@ _INTERPRET_DW = {"BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_R": 16}
 def _fwd_configs() -> list[triton.Config]:
     configs = []
     for bm, bn, bk, warps, stages in [
-        (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4),
-        (128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3),
+        (64, 256, 64, 8, 4), (128, 128, 64, 4, 4), (64, 64, 64, 4, 4),
     ]:
         configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
     return configs
@@ -162,7 +162,8 @@ def _fwd_configs() -> list[triton.Config]:
 def _dw_configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_R": br}, num_warps=w, num_stages=s)
-        for bk, bn, br, w, s in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 128, 4, 4), (128, 128, 32, 8, 4)]
+        for bk, bn, br, w, s in [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+                                 (64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (128, 128, 32, 8, 4)]
     ]
 
 
@@ -270,7 +271,8 @@ def _backward(ctx, grad):
         # d scale[i] = <a_row(i), (g_i @ b^T)>: the unscaled dX rows in sorted order, then a row dot
         unscaled = grouped_mm(grad, b_t, offsets, scatter, 1, None, None, rows)
         a_rows = a if gather is None else a[gather // div]
-        dscale = (a_rows.float() * unscaled.float()).sum(-1).to(scale.dtype)
+        # a batch of row dots (fp32 accumulation, no fp32 copies of the rows)
+        dscale = torch.bmm(a_rows.unsqueeze(1), unscaled.to(a_rows.dtype).unsqueeze(2)).view(-1).to(scale.dtype)
         if need_a:
             sorted_rows = unscaled * scale.unsqueeze(-1).to(unscaled.dtype)
             da = sorted_rows if gather is None else _sum_slots(sorted_rows, gather, a.shape[0], div)

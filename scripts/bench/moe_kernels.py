@@ -105,14 +105,44 @@ def _median_ms(fn, reps: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench(tokens_list: list[int]) -> list[dict]:
+def _layer(gemm, x, w_gate_up, w_down, weights, order, offsets, fused: bool):
+    """One MoE layer's experts: distrain's fused kernels (`fused`) or a grouped GEMM `gemm(a, b, offs)`
+    with the gather and scatter as copies, as distrain's torch path runs them."""
     import torch
     import torch.nn.functional as F
 
     from distrain.kernels.grouped_gemm import grouped_mm
 
+    tokens = x.shape[0]
+    if fused:
+        gate_up = grouped_mm(x, w_gate_up.transpose(1, 2), offsets, order, TOP_K, None, None, order.numel())
+    else:
+        gate_up = gemm(x[order // TOP_K], w_gate_up.transpose(1, 2), offs=offsets)
+    gate, up = gate_up.chunk(2, dim=-1)
+    h = F.silu(gate) * up
+    if fused:
+        out = grouped_mm(h, w_down.transpose(1, 2), offsets, None, 1, order, weights[order], tokens * TOP_K)
+    else:
+        out = gemm(h, w_down.transpose(1, 2), offs=offsets) * weights[order].unsqueeze(-1)
+        out = torch.empty_like(out).index_copy_(0, order, out)
+    return out.view(tokens, TOP_K, -1).sum(1)
+
+
+def _loop_gemm(a, b, offs):
+    """The fp32 reference: one matmul per expert."""
+    import torch
+
+    pieces, start = [], 0
+    for expert, end in enumerate(offs.tolist()):
+        pieces.append(a[start:end] @ b[expert])
+        start = end
+    return torch.cat(pieces)
+
+
+def bench(tokens_list: list[int]) -> list[dict]:
+    import torch
+
     device, dtype = torch.device("cuda"), torch.bfloat16
-    torch_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # public from torch 2.10
     torch.manual_seed(0)
     w_gate_up = (torch.randn(E, 2 * I, H, device=device, dtype=dtype) * H**-0.5).requires_grad_()
     w_down = (torch.randn(E, H, I, device=device, dtype=dtype) * I**-0.5).requires_grad_()
@@ -121,53 +151,91 @@ def bench(tokens_list: list[int]) -> list[dict]:
         for routing in ("balanced", "skewed"):
             order, offsets, counts = _routing(tokens, routing == "skewed", device)
             x = torch.randn(tokens, H, device=device, dtype=dtype, requires_grad=True)
-            weights = torch.rand(tokens * TOP_K, device=device, dtype=dtype, requires_grad=True)
+            weights = torch.rand(tokens, TOP_K, device=device, dtype=dtype).reshape(-1).requires_grad_()
+            params = (x, w_gate_up, w_down, weights)
             flops = 6 * tokens * TOP_K * H * I
-
-            def triton_forward():
-                gate_up = grouped_mm(x, w_gate_up.transpose(1, 2), offsets, order, TOP_K, None, None, order.numel())
-                gate, up = gate_up.chunk(2, dim=-1)
-                h = F.silu(gate) * up
-                out = grouped_mm(h, w_down.transpose(1, 2), offsets, None, 1, order, weights[order], tokens * TOP_K)
-                return out.view(tokens, TOP_K, H).sum(1)
-
-            def torch_forward():
-                rows = x[order // TOP_K]
-                gate_up = torch_grouped_mm(rows, w_gate_up.transpose(1, 2), offs=offsets)
-                gate, up = gate_up.chunk(2, dim=-1)
-                h = F.silu(gate) * up
-                out = torch_grouped_mm(h, w_down.transpose(1, 2), offs=offsets) * weights[order].unsqueeze(-1)
-                return torch.empty_like(out).index_copy_(0, order, out).view(tokens, TOP_K, H).sum(1)
-
-            dense_a = torch.randn(tokens * TOP_K, H, device=device, dtype=dtype)
-            dense_w1, dense_w2 = w_gate_up[0].detach().T.contiguous(), w_down[0].detach().T.contiguous()
-
-            def dense():
-                return (dense_a @ dense_w1)[:, :I] @ dense_w2
-
+            paths = {"triton": lambda: _layer(None, *params, order, offsets, fused=True),
+                     "torch": lambda: _layer(_torch_grouped_mm(), *params, order, offsets, fused=False)}
             row = {"tokens": tokens, "routing": routing, "max/mean rows": round(counts.max().item() / counts.float().mean().item(), 2)}
-            # both bf16 paths against each other (outputs and all four gradients): ||a - b|| / ||b||
+            # accuracy: the output and all four gradients against an fp32 loop, ||a - ref|| / ||ref||
             grad = torch.randn(tokens, H, device=device, dtype=dtype)
-            results = {}
-            for name, forward in (("triton", triton_forward), ("torch", torch_forward)):
+            leaves = [t.detach().float().requires_grad_() for t in params]
+            ref_out = _layer(_loop_gemm, *leaves, order, offsets, fused=False)
+            reference = [ref_out.detach(), *torch.autograd.grad(ref_out, leaves, grad.float())]
+            del leaves, ref_out
+            for name, forward in paths.items():
                 out = forward()
-                results[name] = [out.detach().float(), *(g.float() for g in torch.autograd.grad(out, (x, w_gate_up, w_down, weights), grad))]
-            row["rel err vs torch"] = max(((a - b).norm() / b.norm()).item() for a, b in zip(results["triton"], results["torch"]))
-            del results
-            for name, forward in (("triton", triton_forward), ("torch", torch_forward)):
+                got = [out.detach(), *torch.autograd.grad(out, params, grad)]
+                errors = [((g.float() - r).norm() / r.norm()).item() for g, r in zip(got, reference)]
+                row[f"{name} rel err"] = max(errors)
+                row[f"{name} rel err out/dx/dw1/dw2/dweights"] = " ".join(f"{e:.1e}" for e in errors)
+            del reference, got
+            for name, forward in paths.items():
                 with torch.no_grad():
                     row[f"{name} fwd TFLOP/s"] = flops / _median_ms(forward) / 1e9
-                out = forward()
-                grad = torch.randn_like(out)
-                row[f"{name} dX TFLOP/s"] = flops / _median_ms(lambda: torch.autograd.grad(forward(), (x,), grad)) / 1e9
-                row[f"{name} fwd+dX+dW TFLOP/s"] = 3 * flops / _median_ms(
-                    lambda: torch.autograd.grad(forward(), (x, w_gate_up, w_down, weights), grad)) / 1e9
-            row["dense fwd TFLOP/s"] = flops / _median_ms(dense) / 1e9
+                row[f"{name} fwd+bwd TFLOP/s"] = 3 * flops / _median_ms(lambda: torch.autograd.grad(forward(), params, grad)) / 1e9
+            dense_a = torch.randn(tokens * TOP_K, H, device=device, dtype=dtype)
+            dense_w1, dense_w2 = w_gate_up[0].detach().T.contiguous(), w_down[0].detach().T.contiguous()
+            row["dense fwd TFLOP/s"] = flops / _median_ms(lambda: (dense_a @ dense_w1)[:, :I] @ dense_w2) / 1e9
             row["triton/torch fwd"] = row["triton fwd TFLOP/s"] / row["torch fwd TFLOP/s"]
-            row["triton/torch fwd+bwd"] = row["triton fwd+dX+dW TFLOP/s"] / row["torch fwd+dX+dW TFLOP/s"]
+            row["triton/torch fwd+bwd"] = row["triton fwd+bwd TFLOP/s"] / row["torch fwd+bwd TFLOP/s"]
             rows_out.append(row)
             print(json.dumps(row), flush=True)
     return rows_out
+
+
+def _torch_grouped_mm():
+    import torch
+    import torch.nn.functional as F
+
+    return getattr(F, "grouped_mm", None) or torch._grouped_mm  # public from torch 2.10
+
+
+def per_gemm(tokens: int, skewed: bool) -> list[dict]:
+    """Each of the six expert GEMMs alone, distrain's kernel (gather, scatter and scale inside)
+    against torch's grouped GEMM on rows already in expert order (the copies not counted): where
+    the time goes, for tuning."""
+    import torch
+
+    from distrain.kernels.grouped_gemm import grouped_mm, grouped_mm_dw
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    tg = _torch_grouped_mm()
+    order, offsets, _ = _routing(tokens, skewed, device)
+    rows = order.numel()
+    w_gu = torch.randn(E, 2 * I, H, device=device, dtype=dtype) * H**-0.5
+    w_d = torch.randn(E, H, I, device=device, dtype=dtype) * I**-0.5
+    x = torch.randn(tokens, H, device=device, dtype=dtype)
+    xs = x[order // TOP_K]
+    h = torch.randn(rows, I, device=device, dtype=dtype)
+    g_gu = torch.randn(rows, 2 * I, device=device, dtype=dtype)
+    g_out = torch.randn(rows, H, device=device, dtype=dtype)
+    g_sorted = g_out[order]
+    scale = torch.rand(rows, device=device, dtype=dtype)
+    gemms = {  # name: (FLOPs, distrain, torch)
+        "fwd gate_up": (2 * rows * H * 2 * I, lambda: grouped_mm(x, w_gu.transpose(1, 2), offsets, order, TOP_K, None, None, rows),
+                        lambda: tg(xs, w_gu.transpose(1, 2), offs=offsets)),
+        "fwd down": (2 * rows * I * H, lambda: grouped_mm(h, w_d.transpose(1, 2), offsets, None, 1, order, scale, rows),
+                     lambda: tg(h, w_d.transpose(1, 2), offs=offsets)),
+        "dX gate_up": (2 * rows * 2 * I * H, lambda: grouped_mm(g_gu, w_gu, offsets, None, 1, order, None, rows),
+                       lambda: tg(g_gu, w_gu, offs=offsets)),
+        "dX down": (2 * rows * H * I, lambda: grouped_mm(g_out, w_d, offsets, order, 1, None, None, rows),
+                    lambda: tg(g_sorted, w_d, offs=offsets)),
+        "dW gate_up": (2 * rows * H * 2 * I, lambda: grouped_mm_dw(x, g_gu, offsets, order, TOP_K, None, None, w_gu.transpose(1, 2)),
+                       lambda: tg(xs.T, g_gu, offs=offsets)),
+        "dW down": (2 * rows * I * H, lambda: grouped_mm_dw(h, g_out, offsets, None, 1, order, scale, w_d.transpose(1, 2)),
+                    lambda: tg(h.T, g_sorted, offs=offsets)),
+    }
+    table = []
+    for name, (flops, ours, theirs) in gemms.items():
+        row = {"tokens": tokens, "routing": "skewed" if skewed else "balanced", "gemm": name, "triton TFLOP/s": flops / _median_ms(ours, 20) / 1e9}
+        try:
+            row["torch TFLOP/s"] = flops / _median_ms(theirs, 20) / 1e9
+        except Exception as error:  # noqa: BLE001 - a torch version without this layout: say so, go on
+            row["torch TFLOP/s"] = f"{type(error).__name__}"
+        print(json.dumps(row), flush=True)
+        table.append(row)
+    return table
 
 
 def main() -> None:
@@ -175,6 +243,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384, 32768])
     parser.add_argument("--out", default="results/bench")
     parser.add_argument("--compile-only", action="store_true")
+    parser.add_argument("--per-gemm", type=int, nargs="*", default=[16384], help="token counts for the per-GEMM table")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     if args.compile_only:
@@ -192,6 +261,9 @@ def main() -> None:
 
     from distrain.kernels import grouped_gemm as gg
 
+    gemm_rows = [row for tokens in args.per_gemm for skewed in (False, True) for row in per_gemm(tokens, skewed)]
+    if gemm_rows:
+        report("moe_kernels_per_gemm", gemm_rows, args.out)
     rows = bench(args.tokens)
     tuned = {kind: {str(key): str(config) for key, config in gg._tuned(kind)[0].cache.items()} for kind in ("fwd", "dw")}
     report("moe_kernels", rows, args.out, {"E": E, "H": H, "I": I, "K": TOP_K, "dtype": "bf16", "tuned configs": tuned,
