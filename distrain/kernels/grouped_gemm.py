@@ -282,7 +282,13 @@ def _backward(ctx, grad):
         else:  # each row to its (token, k) slot, then the sum over k: no atomics, a fixed order
             da = grouped_mm(grad, b_t, offsets, scatter, 1, gather, scale, a.shape[0] * div).view(a.shape[0], div, -1).sum(1)
     if need_b:
-        db = grouped_mm_dw(a, grad, offsets, gather, div, scatter, scale, b)
+        # dW reads its operands' rows in expert order from copies: an indexed load inside the
+        # contraction loop stops Triton's software pipeliner (sm90 build: one buffer whatever
+        # num_stages), which halved dW's speed on an H100 (scripts/bench/moe_kernels.py); a copy of the
+        # rows costs one pass over them
+        a_sorted = a if gather is None else a[gather // div]
+        g_sorted = grad if scatter is None else grad[scatter]
+        db = grouped_mm_dw(a_sorted, g_sorted, offsets, None, 1, None, scale, b)
     return da, db, None, None, None, None, dscale, None
 
 

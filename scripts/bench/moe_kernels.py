@@ -225,6 +225,11 @@ def per_gemm(tokens: int, skewed: bool) -> list[dict]:
                        lambda: tg(xs.T, g_gu, offs=offsets)),
         "dW down": (2 * rows * I * H, lambda: grouped_mm_dw(h, g_out, offsets, None, 1, order, scale, w_d.transpose(1, 2)),
                     lambda: tg(h.T, g_sorted, offs=offsets)),
+        # as the backward runs them: the rows copied into expert order first (the copy timed too)
+        "dW gate_up, rows copied": (2 * rows * H * 2 * I, lambda: grouped_mm_dw(x[order // TOP_K], g_gu, offsets, None, 1, None, None, w_gu.transpose(1, 2)),
+                                    lambda: tg(xs.T, g_gu, offs=offsets)),
+        "dW down, rows copied": (2 * rows * I * H, lambda: grouped_mm_dw(h, g_out[order], offsets, None, 1, None, scale, w_d.transpose(1, 2)),
+                                 lambda: tg(h.T, g_sorted, offs=offsets)),
     }
     table = []
     for name, (flops, ours, theirs) in gemms.items():
