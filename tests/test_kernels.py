@@ -70,7 +70,8 @@ def test_kernels_match_the_torch_twin(case, fused, dtype):
 
 def test_the_builds_for_sm80_and_sm90_use_tensor_cores(tmp_path):
     """Every autotuning config of both kernels compiles for sm90 with warpgroup MMA (wgmma) and
-    for sm80 with mma.sync, in bf16, within the chip's shared memory (no GPU needed)."""
+    for sm80 with mma.sync, in bf16, within the chip's shared memory, its sm90 loop pipelined
+    num_stages deep (no GPU needed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "builds.json"
     subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "moe_kernels.py"), "--compile-only", "--out", str(out)],
@@ -81,3 +82,5 @@ def test_the_builds_for_sm80_and_sm90_use_tensor_cores(tmp_path):
         assert build["tensor_core_op"] == ("wgmma" if build["arch"] == 90 else "mma.sync"), build
         assert build["shared_bytes"] <= {80: 163 * 1024, 90: 227 * 1024}[build["arch"]], build
         assert build["pipelined_loads"] > 0, build  # loads software-pipelined into shared memory (cp.async)
+        if build["arch"] == 90:  # num_stages buffers deep: an unpipelined loop holds one or two (dW's did, at half speed)
+            assert build["shared_bytes"] >= build["num_stages"] * build["stage_bytes"], build

@@ -288,7 +288,9 @@ def _backward(ctx, grad):
         # rows costs one pass over them
         a_sorted = a if gather is None else a[gather // div]
         g_sorted = grad if scatter is None else grad[scatter]
-        db = grouped_mm_dw(a_sorted, g_sorted, offsets, None, 1, None, scale, b)
+        if scale is not None:  # scaled in the copy too: a scale inside the loop routes the tile through registers
+            g_sorted = g_sorted * scale.unsqueeze(-1).to(g_sorted.dtype)
+        db = grouped_mm_dw(a_sorted, g_sorted, offsets, None, 1, None, None, b)
     return da, db, None, None, None, None, dscale, None
 
 

@@ -13,9 +13,10 @@ for distrain's kernels (gather and scatter fused into the loads and stores) and 
 distrain's torch path runs them), with one dense cuBLAS GEMM pair of equal FLOPs as the roofline
 of these shapes. Times are CUDA-event medians; the table gives TFLOP/s and ratios.
 
-`--compile-only` compiles every autotuning config of both kernels for sm80 and sm90 (bf16, gather,
-scatter and scale on) with Triton's ahead-of-time compiler and writes, per build, the tensor-core
-instruction its PTX uses (wgmma / mma.sync), its shared memory and warps (the tests assert them).
+`--compile-only` compiles every autotuning config of both kernels for sm80 and sm90 (bf16; the
+forward with gather, scatter and scale on, dW as the backward runs it) with Triton's ahead-of-time
+compiler and writes, per build, the tensor-core instruction its PTX uses (wgmma / mma.sync), its
+shared memory against one pipeline stage's tiles, and its warps (the tests assert them).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def compile_builds() -> list[dict]:
     kernels = {
         "forward": (gg._grouped_mm_kernel, gg._fwd_configs(), {"GATHER": True, "SCATTER": True, "SCALE": True, "IEEE": False, "UPCAST": False, "E_BLOCK": E},
                     {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1}),
-        "dw": (gg._grouped_dw_kernel, gg._dw_configs(), {"A_INDEX": True, "G_INDEX": True, "SCALE": True, "IEEE": False, "UPCAST": False},
+        # dW as the backward runs it: rows already in expert order (an indexed load in its loop
+        # stops the pipeliner), the routing weight already applied
+        "dw": (gg._grouped_dw_kernel, gg._dw_configs(), {"A_INDEX": False, "G_INDEX": False, "SCALE": False, "IEEE": False, "UPCAST": False},
                {"stride_ak": 1, "stride_gn": 1, "stride_ck": 1}),
     }
     builds = []
@@ -72,6 +75,9 @@ def compile_builds() -> list[dict]:
                     "kernel": name, "arch": arch, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
                     "tensor_core_op": "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else None),
                     "shared_bytes": compiled.metadata.shared, "pipelined_loads": compiled.asm["ttgir"].count("async_copy_global_to_local"),
+                    # one stage's operand tiles (bf16): a loop pipelined num_stages deep holds num_stages of them
+                    "stage_bytes": 2 * (config.kwargs["BLOCK_K"] * (config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"]) if name == "forward"
+                                        else config.kwargs["BLOCK_R"] * (config.kwargs["BLOCK_K"] + config.kwargs["BLOCK_N"])),
                     "compile_s": round(time.perf_counter() - start, 2),
                 })
     return builds
@@ -228,7 +234,7 @@ def per_gemm(tokens: int, skewed: bool) -> list[dict]:
         # as the backward runs them: the rows copied into expert order first (the copy timed too)
         "dW gate_up, rows copied": (2 * rows * H * 2 * I, lambda: grouped_mm_dw(x[order // TOP_K], g_gu, offsets, None, 1, None, None, w_gu.transpose(1, 2)),
                                     lambda: tg(xs.T, g_gu, offs=offsets)),
-        "dW down, rows copied": (2 * rows * I * H, lambda: grouped_mm_dw(h, g_out[order], offsets, None, 1, None, scale, w_d.transpose(1, 2)),
+        "dW down, rows copied and scaled": (2 * rows * I * H, lambda: grouped_mm_dw(h, g_out[order] * scale.unsqueeze(-1), offsets, None, 1, None, None, w_d.transpose(1, 2)),
                                  lambda: tg(h.T, g_sorted, offs=offsets)),
     }
     table = []
