@@ -159,3 +159,117 @@ def test_resume_rejects_other_data(corpus):
     state = loader(dataset).state_dict() | {"fingerprint": "something-else"}
     with pytest.raises(ValueError, match="fingerprint"):
         loader(dataset).load_state_dict(state)
+
+
+def _documents(count: int, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    words = ["def", "return", "self", "value", "for", "in", "range", "import", "class", "None", "yield", "with"]
+    return [f"# doc {i}\n" + " ".join(rng.choice(words) for _ in range(rng.randint(1, 60))) for i in range(count)]
+
+
+def _store_documents(split) -> list[list[int]]:
+    ends = split.doc_starts[1:].tolist() + [split.tokens.numel()]
+    return [split.tokens[start:end].tolist() for start, end in zip(split.doc_starts.tolist(), ends)]
+
+
+@pytest.mark.parametrize("fmt", ["json", "parquet"])
+def test_token_store_holds_each_document_tokenized_alone(tmp_path, corpus, fmt):
+    """A local jsonl / parquet dataset, tokenized by `datasets.map` in 2 processes into the store:
+    each document is exactly the tokenizer's ids for it alone plus eos, none lost or repeated,
+    the train split in the file's order."""
+    import json
+
+    import datasets
+    from transformers import AutoTokenizer
+
+    texts = _documents(240)
+    path = tmp_path / f"docs.{'jsonl' if fmt == 'json' else 'parquet'}"
+    if fmt == "json":
+        path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    else:
+        datasets.Dataset.from_dict({"text": texts, "id": list(range(len(texts)))}).to_parquet(str(path))
+    cfg = DataConfig(source="hf", dataset=fmt, files=[str(path)], tokenizer=str(corpus.tokenizer_dir), cache_dir=str(tmp_path / "cache"),
+                     eval_fraction=0.05, num_proc=2)
+    store = load_corpus(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(corpus.tokenizer_dir)
+    expected = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    train, held_out = _store_documents(store.train), _store_documents(store.eval)
+    assert len(held_out) == 12 and len(train) == 228
+    assert sorted(train + held_out) == sorted(expected)
+    position = {tuple(ids): i for i, ids in enumerate(expected)}
+    assert [position[tuple(d)] for d in train] == sorted(position[tuple(d)] for d in train)
+    assert store.train.tokens.dtype == torch.int32 and store.train.doc_starts.dtype == torch.int64
+
+
+def test_token_store_is_reused_and_an_edited_file_rebuilds(tmp_path, corpus):
+    from distrain.data.corpus import prepare_corpus
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join('{"text": "%s"}\n' % t.replace("\n", " ") for t in _documents(50)))
+    cfg = DataConfig(source="hf", dataset="json", files=[str(path)], tokenizer=str(corpus.tokenizer_dir), cache_dir=str(tmp_path / "cache"),
+                     num_proc=1)
+    folder, fingerprint, _ = prepare_corpus(cfg)
+    built = (folder / "done").stat().st_mtime_ns
+    again, same_fingerprint, _ = prepare_corpus(cfg)
+    assert (again, same_fingerprint) == (folder, fingerprint) and (folder / "done").stat().st_mtime_ns == built  # reused, not rebuilt
+    with open(path, "a") as handle:
+        handle.write('{"text": "one more document"}\n')
+    edited, other_fingerprint, _ = prepare_corpus(cfg)
+    assert edited != folder and other_fingerprint != fingerprint
+    meta = lambda f: __import__("json").loads((f / "meta.json").read_text())  # noqa: E731
+    assert meta(edited)["documents"] == meta(folder)["documents"] + 1 == 51
+
+
+MEMORY_PROBE = r"""
+import sys
+from distrain.config.schema import DataConfig
+from distrain.data.corpus import load_corpus
+from distrain.data.loader import GlobalBatchLoader
+from distrain.data.packing import PackedDataset
+
+def rss_anon_kib():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("RssAnon")).split()[1])
+
+cfg = DataConfig(vocab_size=1024, max_bytes=600_000, cache_dir=sys.argv[1])
+import distrain.data.corpus as corpus_module
+corpus_module.prepare_corpus = lambda cfg: (__import__("pathlib").Path(sys.argv[2]), "probe/train", 1024)
+before = rss_anon_kib()
+corpus = load_corpus(cfg)
+dataset = PackedDataset(corpus.train, seq_len=64)
+loader = GlobalBatchLoader(dataset, 8, 4, 0, 1, seed=0)
+for _ in range(200):
+    loader.next_batch()
+print(rss_anon_kib() - before, corpus.train.tokens.numel())
+"""
+
+
+def test_training_memory_does_not_grow_with_the_store(tmp_path, corpus, data_cache):
+    """A rank's anonymous memory (its own counter, /proc/self/status RssAnon) while it opens a
+    store and draws 200 batches is the same for a store 20x the test corpus: tokens and document
+    offsets stay in the mapped files."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from distrain.data.corpus import _write_store
+
+    docs = _store_documents(corpus.train)
+    tokenizer = AutoTokenizer.from_pretrained(corpus.tokenizer_dir)
+    stores = {}
+    for copies in (1, 20):
+        folder = tmp_path / f"x{copies}"
+        batches = ([d[:-1] for d in docs] for _ in range(copies))
+        _write_store(folder, batches, copies * len(docs), tokenizer, 0.02, progress=False)
+        stores[copies] = folder
+    grown = {}
+    for copies, folder in stores.items():
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(data_cache), str(folder)], capture_output=True, text=True, check=True)
+        kib, tokens = map(int, out.stdout.split())
+        grown[copies] = (kib, tokens)
+    (small, small_tokens), (large, large_tokens) = grown[1], grown[20]
+    assert large_tokens > 19 * small_tokens
+    # loading the 20x store whole would add 4 bytes a token (16x the small store's 4): far above this
+    assert large - small < 0.1 * 4 * large_tokens / 1024, grown

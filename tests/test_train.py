@@ -124,4 +124,4 @@ def test_local_jsonl_dataset_with_an_autotokenizer(tmp_path, tiny, data_cache):
             f"data.cache_dir={tmp_path / 'cache'}", "train.steps=3"]
     records = train(tmp_path, tmp_path / "run", args)
     assert [r["step"] for r in records] == [1, 2, 3]
-    assert list((tmp_path / "cache").glob("hf-*/train_tokens.pt"))  # tokenized through datasets, cached
+    assert list((tmp_path / "cache").glob("hf-*/train_tokens.bin"))  # tokenized through datasets into a token store

@@ -182,7 +182,8 @@ class DataConfig:
     vocab_size: int = 4096  # of the built tokenizer
     max_bytes: int = 8_000_000  # of the stdlib corpus, taken in sorted path order
     eval_fraction: float = 0.02  # documents held out for eval
-    cache_dir: str = "~/.cache/distrain"
+    cache_dir: str = "~/.cache/distrain"  # token stores (one folder each, built once, memory-mapped by every rank)
+    num_proc: Optional[int] = None  # processes tokenizing a source=hf dataset into its store; null: min(8, CPUs)
     # Documents packed into one sample attend only to themselves: position ids restart at each
     # document, which transformers turns into a block-diagonal mask. A model whose forward does not
     # isolate them so is refused before spawn. false: packed samples attend across documents
@@ -196,6 +197,7 @@ class DataConfig:
         _require(self.vocab_size >= 300, f"data.vocab_size={self.vocab_size}: must be >= 300 (byte-level BPE needs 256 bytes plus merges)")
         _require(self.max_bytes > 0, f"data.max_bytes={self.max_bytes}: must be > 0")
         _require(0 < self.eval_fraction < 1, f"data.eval_fraction={self.eval_fraction}: must be in (0, 1), e.g. 0.02")
+        _require(self.num_proc is None or self.num_proc >= 1, f"data.num_proc={self.num_proc}: must be >= 1 or null (min(8, CPUs))")
 
 
 @dataclass(frozen=True)

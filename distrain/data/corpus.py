@@ -1,38 +1,60 @@
-"""Text sources -> tokenized documents (one int32 token stream plus document starts), cached.
+"""Text sources -> a token store on disk: tokenized once, memory-mapped by every rank.
+
+A store is a folder under `data.cache_dir`, named by a fingerprint of what it was built from:
+- `{train,eval}_tokens.bin`: int32 tokens, the split's documents back to back, each ending in eos;
+- `{train,eval}_doc_starts.npy`: int64, where each document starts;
+- `tokenizer/` (an AutoTokenizer folder, copied into exports) and `meta.json`.
+Ranks map the files (`np.memmap`) and read only the samples they train on, so memory while training
+does not grow with the corpus. The store is built before any worker starts (`prepare_corpus`, from
+the CLI), one builder per store (a file lock; the others wait, then read), written to a temporary
+folder and renamed, so a store is complete or absent.
 
 Sources:
 - "stdlib": the Python standard library's `.py` files, taken in sorted path order up to
   `data.max_bytes`; a byte-level BPE tokenizer of `data.vocab_size` is trained on them. Offline,
-  and present on every machine that runs distrain. The cache key covers the file list and sizes.
+  and present on every machine that runs distrain.
 - "hf": a `datasets` dataset (hub name, or "json"/"parquet"/"text" with local `data.files`),
-  tokenized with an AutoTokenizer.
+  tokenized with an AutoTokenizer by `datasets.map` in `data.num_proc` processes. The dataset
+  stays in Arrow files on disk; tokens go to the store a batch at a time, never the whole corpus
+  as Python objects.
+The fingerprint covers the source (hub name and split, or each local file's path, size and
+modification time: an edited file rebuilds), the tokenizer (hub id, or its files' sizes and
+times), and the settings that change the tokens (text field, eval fraction).
 
-Every document gets the end-of-text token appended. Documents are split into train and eval by a
-fixed permutation of their indices, so the held-out set does not depend on the run's seed.
+Every document gets the end-of-text token appended. A fixed draw (seed 1234, independent of the
+run's seed) holds out `data.eval_fraction` of the documents for eval.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import os
+import shutil
 import sysconfig
+import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
+import numpy as np
 import torch
 
 from distrain.config.schema import DataConfig
 
 EOT = "<|endoftext|>"
+STORE_VERSION = 2  # bump when the files' layout changes: older stores are rebuilt, never misread
+_EVAL_SEED = 1234
 
 
 @dataclass
 class TokenizedCorpus:
-    tokens: torch.Tensor  # int32 [num_tokens]: documents back to back, each ending in eos
-    doc_starts: torch.Tensor  # int64 [num_docs]: index in `tokens` where each document starts
+    tokens: torch.Tensor  # int32 [num_tokens], memory-mapped: documents back to back, each ending in eos
+    doc_starts: torch.Tensor  # int64 [num_docs], memory-mapped: index in `tokens` where each document starts
     eos_id: int
     vocab_size: int
     fingerprint: str  # identifies source + tokenizer; a resumed run must see the same
@@ -46,24 +68,23 @@ class Corpus:
 
 
 def prepare_corpus(cfg: DataConfig) -> tuple[Path, str, int]:
-    """Build the tokenized cache unless it exists; return (folder, fingerprint, tokenizer
-    vocabulary size), reading no tokens. Called before any worker starts, so no rank waits for
-    the build inside a collective; ranks sharing a machine then find it built."""
+    """Build the token store unless it exists; return (folder, fingerprint, tokenizer vocabulary
+    size), reading no tokens. Called before any worker starts, so no rank waits for the build
+    inside a collective; ranks sharing a machine or filesystem then find it built."""
     cache_root = Path(cfg.cache_dir).expanduser()
     cache_root.mkdir(parents=True, exist_ok=True)
     if cfg.source == "stdlib":
         files = _stdlib_files(cfg.max_bytes)
-        key = _digest([cfg.vocab_size, cfg.eval_fraction, [(str(p), p.stat().st_size) for p in files]])
-        folder = cache_root / f"stdlib-{key}"
-        with _locked(cache_root / f"stdlib-{key}.lock"):
-            if not (folder / "done").exists():
-                _build_stdlib(files, cfg, folder)
+        key = _digest([STORE_VERSION, cfg.vocab_size, cfg.eval_fraction, [(str(p), p.stat().st_size) for p in files]])
+        build = lambda folder: _build_stdlib(files, cfg, folder)  # noqa: E731
     else:
-        key = _digest([cfg.dataset, cfg.dataset_config, cfg.files, cfg.split, cfg.text_field, cfg.tokenizer, cfg.eval_fraction])
-        folder = cache_root / f"hf-{key}"
-        with _locked(cache_root / f"hf-{key}.lock"):
-            if not (folder / "done").exists():
-                _build_hf(cfg, folder)
+        key = _digest([STORE_VERSION, cfg.dataset, cfg.dataset_config, _files_fingerprint(cfg.files), cfg.split, cfg.text_field,
+                       _tokenizer_fingerprint(cfg.tokenizer), cfg.eval_fraction])
+        build = lambda folder: _build_hf(cfg, folder)  # noqa: E731
+    folder = cache_root / f"{cfg.source}-{key}"
+    with _locked(cache_root / f"{cfg.source}-{key}.lock"):
+        if not (folder / "done").exists():
+            build(folder)
     meta = json.loads((folder / "meta.json").read_text())
     return folder, f"{key}/train", meta["vocab_size"]
 
@@ -74,8 +95,8 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     meta = json.loads((folder / "meta.json").read_text())
     splits = {
         name: TokenizedCorpus(
-            tokens=torch.load(folder / f"{name}_tokens.pt"),
-            doc_starts=torch.load(folder / f"{name}_doc_starts.pt"),
+            tokens=_mapped(np.memmap(folder / f"{name}_tokens.bin", dtype=np.int32, mode="c")),
+            doc_starts=_mapped(np.load(folder / f"{name}_doc_starts.npy", mmap_mode="c")),
             eos_id=meta["eos_id"],
             vocab_size=meta["vocab_size"],
             fingerprint=f"{key}/{name}",
@@ -85,9 +106,15 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     return Corpus(train=splits["train"], eval=splits["eval"], tokenizer_dir=folder / "tokenizer")
 
 
+def _mapped(array_: np.ndarray) -> torch.Tensor:
+    # a copy-on-write mapping (mode "c"): torch wants writable memory, and nothing here writes,
+    # so the pages stay the file's, shared by every rank on the machine and read on demand
+    return torch.from_numpy(array_)
+
+
 @contextlib.contextmanager
 def _locked(path: Path):
-    # Ranks on one machine build the cache once: the first takes the lock, the rest then read.
+    # One builder per store: the first process takes the lock, the rest wait and then read.
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -98,6 +125,20 @@ def _locked(path: Path):
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _files_fingerprint(patterns: list[str]) -> list:
+    """Each local data file's absolute path, size and modification time (an edit changes them)."""
+    files = sorted({os.path.abspath(f) for pattern in patterns for f in (glob.glob(os.path.expanduser(pattern)) or [pattern])})
+    return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) if os.path.exists(f) else (f, None, None) for f in files]
+
+
+def _tokenizer_fingerprint(tokenizer: str | None):
+    """A local tokenizer folder by its files' names, sizes and times; a hub id by its name."""
+    if tokenizer is None or not os.path.isdir(os.path.expanduser(tokenizer)):
+        return tokenizer
+    root = Path(tokenizer).expanduser()
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.iterdir()) if p.is_file()]
 
 
 def _stdlib_files(max_bytes: int) -> list[Path]:
@@ -132,8 +173,8 @@ def _build_stdlib(files: list[Path], cfg: DataConfig, folder: Path) -> None:
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOT, bos_token=EOT, pad_token=EOT)
-    docs = [enc.ids for enc in tokenizer.encode_batch(texts)]
-    _write(folder, docs, hf_tokenizer, cfg.eval_fraction)
+    batches = ([enc.ids for enc in tokenizer.encode_batch(texts[i : i + 256])] for i in range(0, len(texts), 256))
+    _write_store(folder, batches, len(texts), hf_tokenizer, cfg.eval_fraction, progress=False)
 
 
 def _build_hf(cfg: DataConfig, folder: Path) -> None:
@@ -146,35 +187,78 @@ def _build_hf(cfg: DataConfig, folder: Path) -> None:
     dataset = datasets.load_dataset(cfg.dataset, name=cfg.dataset_config, data_files=cfg.files or None, split=cfg.split)
     if cfg.text_field not in dataset.column_names:
         raise ValueError(f"data.text_field={cfg.text_field}: not a column of {cfg.dataset}; columns: {dataset.column_names}")
+    num_proc = cfg.num_proc or min(8, os.cpu_count() or 1)
     encoded = dataset.map(
-        lambda batch: {"ids": tokenizer(batch[cfg.text_field], add_special_tokens=False)["input_ids"]},
+        _Tokenize(tokenizer, cfg.text_field),
         batched=True,
+        batch_size=1000,
         remove_columns=dataset.column_names,
+        num_proc=num_proc if num_proc > 1 and len(dataset) >= 2 * num_proc else None,
+        desc=f"tokenizing ({num_proc} processes)",
     )
-    _write(folder, list(encoded["ids"]), tokenizer, cfg.eval_fraction)
+    batches = (batch["ids"] for batch in encoded.with_format("numpy").iter(batch_size=10_000))
+    _write_store(folder, batches, len(encoded), tokenizer, cfg.eval_fraction, progress=True)
 
 
-def _write(folder: Path, docs: list[list[int]], tokenizer, eval_fraction: float) -> None:
+class _Tokenize:
+    """`datasets.map`'s function (a class, so that its worker processes can pickle it)."""
+
+    def __init__(self, tokenizer, field: str):
+        self.tokenizer, self.field = tokenizer, field
+
+    def __call__(self, batch):
+        return {"ids": self.tokenizer(batch[self.field], add_special_tokens=False)["input_ids"]}
+
+
+def _write_store(folder: Path, batches: Iterable, num_docs: int, tokenizer, eval_fraction: float, progress: bool) -> None:
+    """Stream documents (batches of token-id sequences, in document order) into the store's files."""
     eos_id = tokenizer.eos_token_id
-    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(1234)).tolist()
-    num_eval = max(1, round(eval_fraction * len(docs)))
-    if len(docs) - num_eval < 1:
-        raise ValueError(f"data: only {len(docs)} documents; need at least 2 to hold some out for eval")
-    held_out = set(order[:num_eval])
+    num_eval = max(1, round(eval_fraction * num_docs))
+    if num_docs - num_eval < 1:
+        raise ValueError(f"data: only {num_docs} documents; need at least 2 to hold some out for eval")
+    held_out = np.zeros(num_docs, dtype=bool)
+    held_out[np.random.default_rng(_EVAL_SEED).choice(num_docs, size=num_eval, replace=False)] = True
     tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    for name, keep in (("train", lambda i: i not in held_out), ("eval", lambda i: i in held_out)):
-        chosen = [docs[i] + [eos_id] for i in range(len(docs)) if keep(i)]
-        lengths = torch.tensor([len(d) for d in chosen], dtype=torch.int64)
-        starts = torch.cumsum(lengths, 0) - lengths
-        tokens = torch.tensor([t for d in chosen for t in d], dtype=torch.int32)
-        torch.save(tokens, tmp / f"{name}_tokens.pt")
-        torch.save(starts, tmp / f"{name}_doc_starts.pt")
+    shutil.rmtree(tmp, ignore_errors=True)  # a build that died half way
+    tmp.mkdir(parents=True)
+    lengths = {"train": array("q"), "eval": array("q")}  # 8 bytes a document, not a Python int each
+    started, doc, tokens = time.monotonic(), 0, 0
+    bar = _progress(num_docs) if progress else None
+    with open(tmp / "train_tokens.bin", "wb") as train_file, open(tmp / "eval_tokens.bin", "wb") as eval_file:
+        files = {"train": train_file, "eval": eval_file}
+        for batch in batches:
+            rows = {"train": [], "eval": []}
+            for ids in batch:
+                split = "eval" if held_out[doc] else "train"
+                rows[split] += [np.asarray(ids, dtype=np.int32), np.full(1, eos_id, dtype=np.int32)]
+                lengths[split].append(len(ids) + 1)
+                doc += 1
+                tokens += len(ids) + 1
+            for split, pieces in rows.items():
+                if pieces:
+                    files[split].write(np.concatenate(pieces).tobytes())
+            if bar is not None:
+                bar.update(len(batch))
+                bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
+    if bar is not None:
+        bar.close()
+    if doc != num_docs:
+        raise RuntimeError(f"token store: {doc} documents written, {num_docs} expected")
+    for split, sizes in lengths.items():
+        sizes = np.asarray(sizes, dtype=np.int64)
+        np.save(tmp / f"{split}_doc_starts.npy", np.cumsum(sizes) - sizes)
     tokenizer.save_pretrained(tmp / "tokenizer")
-    (tmp / "meta.json").write_text(json.dumps({"eos_id": eos_id, "vocab_size": len(tokenizer)}))
+    (tmp / "meta.json").write_text(json.dumps({
+        "eos_id": eos_id, "vocab_size": len(tokenizer), "version": STORE_VERSION, "documents": num_docs, "tokens": tokens,
+        "eval_documents": num_eval, "build_seconds": round(time.monotonic() - started, 2),
+    }))
     (tmp / "done").touch()
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
     os.replace(tmp, folder)
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="doc", desc="writing the token store", dynamic_ncols=True, mininterval=2.0)

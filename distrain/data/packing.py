@@ -1,7 +1,7 @@
 """Documents -> fixed-length packed samples, document boundaries respected.
 
-The token stream (documents back to back, each ending in eos) is cut into samples of `seq_len`
-tokens: sample i holds tokens [i*L, (i+1)*L). Every token lands in exactly one sample; the last
+The token stream (documents back to back, each ending in eos; memory-mapped from the token store)
+is cut into samples of `seq_len` tokens: sample i holds tokens [i*L, (i+1)*L), read when asked for. Every token lands in exactly one sample; the last
 sample is padded with eos tokens that are never targets.
 
 Within a sample:
@@ -32,10 +32,6 @@ class PackedDataset:
         self.document_masking = document_masking
         self.num_tokens = corpus.tokens.numel()
         self.num_samples = -(-self.num_tokens // seq_len)
-        # segment id per token: increments at every document start
-        is_start = torch.zeros(self.num_tokens, dtype=torch.bool)
-        is_start[corpus.doc_starts] = True
-        self._is_start = is_start
 
     def __len__(self) -> int:
         return self.num_samples
@@ -47,7 +43,11 @@ class PackedDataset:
         input_ids = torch.full((L,), self.corpus.eos_id, dtype=torch.int64)
         input_ids[:num_real] = self.corpus.tokens[begin:end].to(torch.int64)
         is_start = torch.ones(L, dtype=torch.bool)  # padding: every pad token its own segment
-        is_start[:num_real] = self._is_start[begin:end]
+        is_start[:num_real] = False
+        # the document starts inside [begin, end): a binary search in the (memory-mapped) offsets,
+        # so memory stays flat whatever the corpus size
+        bounds = torch.searchsorted(self.corpus.doc_starts, torch.tensor([begin, end], dtype=torch.int64))
+        is_start[self.corpus.doc_starts[bounds[0] : bounds[1]] - begin] = True
         is_start[0] = True
         position_ids = _positions_from_starts(is_start) if self.document_masking else torch.arange(L)
         labels = torch.full((L,), IGNORE_INDEX, dtype=torch.int64)
