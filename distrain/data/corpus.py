@@ -198,6 +198,9 @@ def _build_hf(cfg: DataConfig, folder: Path) -> None:
     )
     batches = (batch["ids"] for batch in encoded.with_format("numpy").iter(batch_size=10_000))
     _write_store(folder, batches, len(encoded), tokenizer, cfg.eval_fraction, progress=True)
+    for cache_file in encoded.cache_files:  # the tokenized Arrow copy: the store holds its tokens now
+        if cache_file["filename"] not in {f["filename"] for f in dataset.cache_files}:
+            Path(cache_file["filename"]).unlink(missing_ok=True)
 
 
 class _Tokenize:
