@@ -2,7 +2,7 @@
 
     distrain train recipe=NAME_OR_PATH [key=value ...] [--cfg job]
     distrain plan  recipe=NAME_OR_PATH [key=value ...]
-    distrain export CHECKPOINT_DIR OUT_DIR [--dtype float32|bfloat16] [--force]
+    distrain export CHECKPOINT_DIR OUT_DIR [--dtype float32|bfloat16] [--force] [--max-shard-size 5GB] [--push-to-hub REPO_ID]
 
 Exit status: 0 on success; 2 for a configuration error (reported before any worker starts);
 3 when the run stopped on non-finite values; 75 when it saved and stopped on SIGUSR1 (requeue
@@ -177,8 +177,12 @@ def cmd_export(args) -> int:
 
     from distrain.checkpoint.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint_dir, args.out_dir, dtype=getattr(torch, args.dtype), force=args.force)
+    out = export_checkpoint(args.checkpoint_dir, args.out_dir, dtype=getattr(torch, args.dtype), force=args.force, max_shard_size=args.max_shard_size)
     print(f"exported {args.checkpoint_dir} to {out}")
+    if args.push_to_hub:
+        from distrain.checkpoint.export import push_to_hub
+
+        print(f"uploaded to {push_to_hub(out, args.push_to_hub)}")
     return 0
 
 
@@ -198,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     export.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds a previous export (nothing else)")
+    export.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
+    export.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export to this hub model repo (network and token needed)")
     export.set_defaults(func=cmd_export)
     return parser
 

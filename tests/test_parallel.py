@@ -365,3 +365,99 @@ def test_compiled_blocks_under_fsdp_match_eager(tmp_path, tiny):
                      tmp_path, env=MULTI, timeout=600))
     for a, b in zip(read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled"), strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (a, b)
+
+
+EXPORT_PROBE = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+batch = torch.load(sys.argv[2])
+with torch.no_grad():
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+torch.save(logits, sys.argv[3])
+"""
+
+
+@pytest.mark.slow
+def test_sharded_export_of_a_4_rank_checkpoint_loads_with_from_pretrained(tmp_path, ranks, saved_models, data_cache):
+    """A Qwen3-MoE checkpoint written by dp_shard=4 x ep=2 (4 ranks) exports to several safetensors shards with
+    an index in the hub key format (one 2-D weight per expert); plain `from_pretrained` in a fresh
+    process reproduces distrain's logits (1e-5 in fp32; the bf16 export within bf16 rounding)."""
+    import json
+    import subprocess
+    import sys
+
+    from distrain.checkpoint.export import load_full_model
+
+    run_dir = tmp_path / "run"
+    ranks.train([*common_args(saved_models["qwen3_moe"], data_cache, run_dir), "train.steps=2", "launcher.nproc_per_node=4", "parallel.dp_shard=4",
+                 "parallel.ep=2"])
+    checkpoint = run_dir / "checkpoints" / "step_00000002"
+    model = load_full_model(checkpoint).eval()
+    batch = {"input_ids": torch.randint(3, 1024, (2, 24)), "position_ids": torch.arange(24).repeat(2, 1)}
+    with torch.no_grad():
+        expected = model(**batch, use_cache=False).logits
+    torch.save(batch, tmp_path / "batch.pt")
+    for dtype, tolerance in (("float32", 1e-5), ("bfloat16", 3e-2)):
+        out = tmp_path / f"export-{dtype}"
+        check_ok(run_cli(["export", str(checkpoint), str(out), "--dtype", dtype, "--max-shard-size", "100KB"], tmp_path))
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        shards = sorted(set(index["weight_map"].values()))
+        assert len(shards) > 3 and all(not (out / s).stat().st_size > 100_000 + (1 << 20) + 200_000 for s in shards)
+        keys = set(index["weight_map"])
+        assert "model.layers.0.mlp.experts.3.gate_proj.weight" in keys and not any("gate_up_proj" in k for k in keys), sorted(keys)[:8]
+        assert (out / "config.json").is_file() and (out / "generation_config.json").is_file() and (out / "tokenizer.json").is_file()
+        subprocess.run([sys.executable, "-c", EXPORT_PROBE, str(out), str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt")], check=True,
+                       capture_output=True, timeout=300)
+        got = torch.load(tmp_path / "logits.pt")
+        error = ((got - expected).norm() / expected.norm()).item()
+        assert error < tolerance, (dtype, error)
+
+
+RSS_PROBE = r"""
+import resource, sys, torch
+from distrain.checkpoint.export import export_checkpoint
+from pathlib import Path
+from distrain.config.load import read_config_yaml
+from distrain.models import build_config, meta_model
+import safetensors.torch, transformers.core_model_loading
+
+# the imports an export makes (transformers' modeling code: about 180 MB, whatever the model's size)
+# come before the baseline: building the model on the meta device once makes them
+meta_model(build_config(read_config_yaml(Path(sys.argv[1]) / "config.yaml").model))
+
+def rss_kib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1])
+
+before = rss_kib()
+export_checkpoint(sys.argv[1], sys.argv[2], dtype=torch.float32, max_shard_size="32MB")
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_export_memory_stays_below_the_model(tmp_path, ranks, data_cache):
+    """Exporting a 220 MB model (fp32) raises the exporting process's peak memory (its own
+    counters: VmRSS before, ru_maxrss after; the modeling code imported before) by less than half
+    the model: tensors are read, converted and written module by module, shards straight to disk."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    ranks.train(["recipe=llama_debug", "++model.config.hidden_size=512", "++model.config.intermediate_size=1536", "++model.config.num_hidden_layers=16",
+                 "++model.config.num_attention_heads=8", "++model.config.num_key_value_heads=4", "data.vocab_size=1024", "data.max_bytes=600000",
+                 f"data.cache_dir={data_cache}", "train.seq_len=32", "train.global_batch_size=2", "train.micro_batch_size=2", "train.steps=1",
+                 "eval.interval=0", "checkpoint.export=false", f"run.dir={run_dir}"])
+    checkpoint = run_dir / "checkpoints" / "step_00000001"
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(checkpoint), str(tmp_path / "export")], capture_output=True, text=True, check=True, timeout=300)
+    before_kib, peak_kib = map(int, out.stdout.split()[-2:])
+    from safetensors import safe_open
+
+    import math
+
+    model_bytes = 0
+    for shard in (tmp_path / "export").glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as handle:
+            model_bytes += sum(4 * math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+    assert model_bytes > 200e6, model_bytes
+    assert (peak_kib - before_kib) * 1024 < 0.5 * model_bytes, (before_kib, peak_kib, model_bytes)

@@ -1,9 +1,13 @@
 """A DCP checkpoint -> a folder that `AutoModelForCausalLM.from_pretrained` loads.
 
-The model is rebuilt from the checkpoint's own `config.yaml`, its tensors read with DCP (any
-layout it was saved under), and written with `save_pretrained`, which converts distrain's
-in-memory names (e.g. fused 3-D experts) back to the model's hub key format. The tokenizer saved
-in the checkpoint is copied beside it.
+The model is built on the meta device from the checkpoint's own `config.yaml` (no memory), then
+written module by module: each module's tensors are read with DCP (only their bytes, whatever
+layout saved them), cast to the export dtype, converted from distrain's in-memory names (e.g. fused
+3-D experts) to the model's hub key format by transformers' own reverse weight conversion, and
+appended to safetensors shards of at most `max_shard_size`; an index json maps every hub key to its
+shard, as on the hub. Memory: about one shard plus the largest module, never the whole model.
+Beside the weights: config.json, generation_config.json (models that generate) and the tokenizer
+saved in the checkpoint.
 
 OUT_DIR is complete or absent: the export is written to a temporary folder beside it (removed if
 anything fails) and renamed. An existing OUT_DIR is never replaced, unless it is empty or
@@ -26,8 +30,9 @@ import torch.distributed.checkpoint as dcp
 from distrain import faults
 from distrain.checkpoint.dcp import check_complete, read_train_state
 from distrain.config import ConfigError
+from distrain.config.schema import parse_size
 from distrain.config.load import read_config_yaml
-from distrain.models import build_config, meta_model, to_empty
+from distrain.models import build_config, init_non_persistent_buffers, meta_model, to_empty
 
 MARKER = "distrain_export.json"
 
@@ -40,6 +45,7 @@ def load_full_model(checkpoint_dir: Path):
     job = read_config_yaml(checkpoint_dir / "config.yaml")
     model = meta_model(build_config(job.model))
     to_empty(model, torch.device("cpu"))
+    init_non_persistent_buffers(model)  # rotary frequencies and the like: in no checkpoint
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
@@ -64,16 +70,30 @@ def check_export_target(out_dir: Path, force: bool) -> None:
         raise ConfigError(f"export target {out_dir} holds a previous export; pass --force to replace it, or pick a new folder")
 
 
-def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, force: bool = False) -> Path:
+def export_checkpoint(
+    checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, force: bool = False,
+    max_shard_size: str | int = "5GB",
+) -> Path:
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     check_export_target(out_dir, force)
-    model = load_full_model(checkpoint_dir)
-    model.to(dtype)
-    model.config.use_cache = True  # the export is for inference as much as for training
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as error:
+        raise ConfigError(f"export shard size: {error}") from None
+    problem = check_complete(checkpoint_dir)
+    if problem is not None:
+        raise ConfigError(f"{checkpoint_dir}: not a complete distrain checkpoint ({problem}); pass a run.dir/checkpoints/step_NNNNNNNN folder")
+    job = read_config_yaml(checkpoint_dir / "config.yaml")
+    model = meta_model(build_config(job.model))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp)
+        _write_weights(model, checkpoint_dir, tmp, dtype, shard_bytes)
+        model.config.use_cache = True  # the export is for inference as much as for training
+        model.config.dtype = dtype
+        model.config.save_pretrained(tmp)
+        if model.can_generate() and getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
         if (checkpoint_dir / "tokenizer").is_dir():
             from transformers import AutoTokenizer
 
@@ -86,6 +106,106 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _write_weights(model, checkpoint_dir: Path, folder: Path, dtype: torch.dtype, shard_bytes: int) -> None:
+    """Module by module: DCP read -> dtype -> hub keys -> shards; then the shards' final names and the index."""
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = model.state_dict()  # meta tensors: names, shapes and dtypes
+    names = list(remove_tied_weights_from_state_dict(dict(state), model))  # safetensors holds one of tied weights
+    modules: dict[str, list[str]] = {}
+    for name in names:
+        modules.setdefault(name.rpartition(".")[0], []).append(name)
+    shards = _ShardWriter(folder, shard_bytes)
+    for module_names in modules.values():
+        tensors = {name: torch.empty(state[name].shape, dtype=state[name].dtype) for name in module_names}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": tensors}, storage_reader=dcp.FileSystemReader(str(checkpoint_dir)), no_dist=True)
+        hub = revert_weight_conversion(model, {name: t.to(dtype) for name, t in tensors.items()})
+        del tensors
+        for key, tensor in hub.items():
+            shards.add(key, tensor.contiguous())
+    shards.close(total_parameters=sum(state[n].numel() for n in names))
+
+
+class _ShardWriter:
+    """Safetensors shards of at most `shard_bytes` (a larger tensor gets one of its own), written
+    as tensors arrive: each tensor's bytes go straight to the file after a reserved header space,
+    and the header (JSON, padded with spaces as the format allows) is written last, so no shard is
+    ever held in memory. Named as transformers names them: `model.safetensors`, or
+    `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`."""
+
+    HEADER_SPACE = 1 << 20  # bytes reserved for a shard's header: about 8,000 tensors' entries
+
+    def __init__(self, folder: Path, shard_bytes: int):
+        self.folder, self.shard_bytes = folder, shard_bytes
+        self.written: list[list[str]] = []  # keys of each finished shard, in order
+        self.file, self.entries, self.offset, self.header_estimate = None, {}, 0, 0
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        entry_bytes = len(key) + 40 + 12 * tensor.dim()
+        if self.file is not None and (self.offset + size > self.shard_bytes or self.header_estimate + entry_bytes > self.HEADER_SPACE - 1024):
+            self._finish()
+        if self.file is None:
+            self.file = open(self.folder / f"shard-{len(self.written)}.tmp", "wb")
+            self.file.seek(self.HEADER_SPACE)
+            self.entries, self.offset, self.header_estimate = {}, 0, 64
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.file.write(memoryview(data))
+        self.entries[key] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self.offset, self.offset + size]}
+        self.offset += size
+        self.header_estimate += entry_bytes
+        self.total_bytes += size
+
+    def _finish(self) -> None:
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        space = self.HEADER_SPACE - 8
+        assert len(header) <= space, (len(header), space)
+        self.file.seek(0)
+        self.file.write(space.to_bytes(8, "little") + header + b" " * (space - len(header)))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.written.append(list(self.entries))
+        self.file = None
+
+    def close(self, total_parameters: int) -> None:
+        if self.file is not None:
+            self._finish()
+        count = len(self.written)
+        if count == 1:
+            os.replace(self.folder / "shard-0.tmp", self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for i, keys in enumerate(self.written):
+            name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self.folder / f"shard-{i}.tmp", self.folder / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        index = {"metadata": {"total_parameters": total_parameters, "total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
+    torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def push_to_hub(folder: Path, repo_id: str) -> str:
+    """Upload an export folder to a hub model repository (created private if missing); needs a
+    network and a token (`huggingface-cli login` or HF_TOKEN)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=True, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=f"distrain export of {folder}",
+                      ignore_patterns=[MARKER])
+    return f"https://huggingface.co/{repo_id}"
 
 
 def _replace_dir(new: Path, target: Path) -> None:

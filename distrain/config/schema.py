@@ -6,6 +6,8 @@ Hydra composes YAML into a dict; `distrain.config.load.to_job_config` turns that
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -219,6 +221,11 @@ class CheckpointConfig:
     # run has checkpoints of its own, it continues from those). true / false mean auto / never.
     resume: Union[bool, str] = "auto"
     export: bool = True  # write run.dir/export (safetensors, from_pretrained-loadable) at the end
+    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of the exported weights
+    export_shard_size: str = "5GB"  # the largest safetensors file of an export (hub style: 5GB, 500MB, 2GiB)
+    # A hub model repo id (user/name) the end-of-run export is uploaded to with huggingface_hub
+    # (created private if missing; needs a network and a token). null: no upload.
+    push_to_hub: Optional[str] = None
     # Write checkpoints in the background (DCP async save): training goes on while the files are
     # written; the next save and the end of the run wait for it. Costs host memory for one copy
     # of this rank's shards.
@@ -232,6 +239,10 @@ class CheckpointConfig:
         _require(self.interval >= 0, f"checkpoint.interval={self.interval}: must be >= 0")
         _require(self.keep >= 0, f"checkpoint.keep={self.keep}: must be >= 0 (0 keeps all)")
         _require(self.resume != "", "checkpoint.resume is empty: use auto, never or the path of a checkpoint folder")
+        _require(_size_or_none(self.export_shard_size) is not None,
+                 f"checkpoint.export_shard_size={self.export_shard_size!r}: write it as bytes or e.g. 5GB, 500MB, 2GiB")
+        _require(self.push_to_hub is None or re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub) is not None,
+                 f"checkpoint.push_to_hub={self.push_to_hub!r}: must be a hub repo id, user/name")
 
 
 @dataclass(frozen=True)
@@ -280,3 +291,23 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+def parse_size(size) -> int:
+    """'5GB', '500MB', '2GiB' or a number of bytes -> bytes (ValueError otherwise)."""
+    bytes_ = _size_or_none(size)
+    if bytes_ is None:
+        raise ValueError(f"size {size!r}: write it as a number of bytes or e.g. 5GB, 500MB, 2GiB")
+    return bytes_
+
+
+def _size_or_none(size) -> Optional[int]:
+    if isinstance(size, int) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+    if match is None:
+        return None
+    unit = (match.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    value = int(float(match.group(1)) * (1 if unit == "B" else base ** ("KMGT".index(unit[0]) + 1)))
+    return value if value > 0 else None

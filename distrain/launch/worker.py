@@ -102,8 +102,18 @@ def run(job: JobConfig) -> int:
 
         last = latest_checkpoint(trainer.run_dir / "checkpoints")
         if last is not None:
-            out = export_checkpoint(last, trainer.run_dir / "export", force=True)
+            out = export_checkpoint(last, trainer.run_dir / "export", dtype=getattr(torch, job.checkpoint.export_dtype), force=True,
+                                    max_shard_size=job.checkpoint.export_shard_size)
             print(f"exported {last.name} to {out}", flush=True)
+            if job.checkpoint.push_to_hub:
+                from distrain.checkpoint.export import push_to_hub
+
+                try:  # the run and its export are done and on disk: a failed upload says so and loses nothing
+                    print(f"uploaded {out} to {push_to_hub(out, job.checkpoint.push_to_hub)}", flush=True)
+                except Exception as error:  # noqa: BLE001 - network, token, permissions: all the user's to fix
+                    print(f"checkpoint.push_to_hub={job.checkpoint.push_to_hub}: upload failed ({type(error).__name__}: {error}); "
+                          f"the export is at {out}; upload it with `huggingface-cli upload {job.checkpoint.push_to_hub} {out}`", flush=True)
+                    status = 1
     trainer.checkpointer.join_deletions()
     # NOTE: after the ranks agreed to stop, rank 0 alone carries the status: srun
     #       --kill-on-bad-exit kills the tasks still running when one exits non-zero, and rank 0

@@ -267,6 +267,25 @@ def keep_tied(model: nn.Module):
         tied_owner._parameters[tied_name] = owner._parameters[name]
 
 
+@torch.no_grad()
+def init_non_persistent_buffers(model: nn.Module) -> None:
+    """Buffers outside every state dict (rotary inv_freq, Gemma's embed_scale) are computed by the
+    model's own init. It also re-inits the module's parameters, so it runs before they are
+    loaded, and on their local shards: HF's init functions expect plain tensors."""
+    from torch.distributed.tensor import DTensor
+
+    for module in model.modules():
+        if not any(name in module._non_persistent_buffers_set for name, _ in module.named_buffers(recurse=False)):
+            continue
+        sharded = {name: p for name, p in module._parameters.items() if isinstance(p, DTensor)}
+        for name, param in sharded.items():
+            module._parameters[name] = nn.Parameter(param.to_local(), requires_grad=False)
+        try:
+            model._init_weights(module)
+        finally:
+            module._parameters.update(sharded)
+
+
 def to_empty(model: nn.Module, device: torch.device) -> None:
     with keep_tied(model):
         model.to_empty(device=device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distrain.models import ModelSpec, meta_model, to_empty
+from distrain.models import ModelSpec, init_non_persistent_buffers, meta_model, to_empty
 from distrain.parallel.mesh import MeshViews, ParallelDims
 from distrain.moe.dispatch import apply_expert_parallel
 from distrain.parallel.tensor_parallel import apply_tensor_parallel, is_packed
@@ -163,7 +163,7 @@ def materialize(model: nn.Module, device: torch.device, full_state: dict[str, to
     from torch.distributed.tensor import distribute_tensor
 
     to_empty(model, torch.device("cpu") if cpu_offload else device)
-    _init_non_persistent_buffers(model)
+    init_non_persistent_buffers(model)
     if cpu_offload:
         for module in model.modules():
             for name, buffer in module._buffers.items():
@@ -185,25 +185,6 @@ def materialize(model: nn.Module, device: torch.device, full_state: dict[str, to
             full = full.to(device) if full is not None else torch.empty(param.shape, dtype=param.dtype, device=device)
             dist.broadcast(full, src=0)
             param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local())
-
-
-@torch.no_grad()
-def _init_non_persistent_buffers(model: nn.Module) -> None:
-    """Buffers outside every state dict (rotary inv_freq, Gemma's embed_scale) are computed by the
-    model's own init. It also re-inits the module's parameters, so it runs before they are
-    loaded, and on their local shards: HF's init functions expect plain tensors."""
-    from torch.distributed.tensor import DTensor
-
-    for module in model.modules():
-        if not any(name in module._non_persistent_buffers_set for name, _ in module.named_buffers(recurse=False)):
-            continue
-        sharded = {name: p for name, p in module._parameters.items() if isinstance(p, DTensor)}
-        for name, param in sharded.items():
-            module._parameters[name] = nn.Parameter(param.to_local(), requires_grad=False)
-        try:
-            model._init_weights(module)
-        finally:
-            module._parameters.update(sharded)
 
 
 def full_random_state(model_config, seed: int) -> dict[str, torch.Tensor]:
