@@ -461,3 +461,66 @@ def test_export_memory_stays_below_the_model(tmp_path, ranks, data_cache):
             model_bytes += sum(4 * math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
     assert model_bytes > 200e6, model_bytes
     assert (peak_kib - before_kib) * 1024 < 0.5 * model_bytes, (before_kib, peak_kib, model_bytes)
+
+
+def first_batch_loss(model_dir: Path, data_cache: Path, seq_len: int = 32, global_batch: int = 8) -> float:
+    """The loss of the first global batch of `common_args`' runs under plain `from_pretrained`."""
+    from transformers import AutoModelForCausalLM
+
+    from distrain.config.schema import DataConfig
+    from distrain.data.corpus import load_corpus
+    from distrain.data.loader import GlobalBatchLoader
+    from distrain.data.packing import PackedDataset
+
+    corpus = load_corpus(DataConfig(vocab_size=1024, max_bytes=600_000, cache_dir=str(data_cache)))
+    loader = GlobalBatchLoader(PackedDataset(corpus.train, seq_len), global_batch, global_batch, 0, 1, seed=0)
+    batch = loader.next_batch()[0]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten()).item()
+
+
+@pytest.mark.slow
+def test_sharded_import_matches_from_pretrained(tmp_path, ranks, saved_models, data_cache):
+    """A Qwen3-MoE saved by `save_pretrained` in several shards (hub keys: one 2-D weight per expert)
+    is read shard by shard into one process, dp_shard=2 x tp=2 and dp_shard=4 x ep=2: each run's
+    first loss equals plain `from_pretrained`'s on the same batch within 1e-5."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(saved_models["qwen3_moe"]).save_pretrained(folder, max_shard_size="100KB")
+    import json
+
+    keys = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(keys.values())) > 3 and "model.layers.0.mlp.experts.1.up_proj.weight" in keys
+    expected = first_batch_loss(folder, data_cache)
+    for name, layout in {"1 process": [], "dp_shard=2 x tp=2": LAYOUTS["dp_shard=2 x tp=2"], "dp_shard=4 x ep=2": LAYOUTS["dp_shard=4 x ep=2"]}.items():
+        run_dir = tmp_path / name.replace(" ", "_").replace("=", "")
+        ranks.train([*common_args(folder, data_cache, run_dir), "train.steps=1", *layout])
+        loss = read_metrics(run_dir)[0]["loss"]
+        assert abs(loss - expected) < 1e-5, (name, loss, expected)
+
+
+@pytest.mark.slow
+def test_import_memory_per_rank_stays_below_half_the_model(tmp_path, ranks, data_cache):
+    """A 220 MB Llama (fp32, 5 safetensors shards) imported into dp_shard=4: no rank's resident
+    memory rises by half the model (each reads its shards' boxes; before, rank 0 loaded it whole)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=16, num_attention_heads=8,
+                                  num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model_bytes = sum(p.numel() * 4 for p in model.parameters())
+    model.save_pretrained(tmp_path / "llama", max_shard_size="50MB")
+    del model
+    overrides = ["model=pretrained", f"model.name_or_path={tmp_path / 'llama'}", "data.vocab_size=1024", "data.max_bytes=600000",
+                 f"data.cache_dir={data_cache}", "train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=1",
+                 f"run.dir={tmp_path / 'run'}", "launcher.nproc_per_node=4", "parallel.dp_shard=4"]
+    ranks.call(4, "rank_jobs:import_memory", "llama_debug", overrides)  # the first job in fresh ranks also imports torch's FSDP, DTensor...
+    rows = ranks.call(4, "rank_jobs:import_memory", "llama_debug", overrides)
+    assert model_bytes > 200e6
+    for rank, row in enumerate(rows):
+        assert abs(row["shard_bytes"] - model_bytes / 4) < 0.01 * model_bytes, (rank, row)
+        assert row["grown"] < 0.5 * model_bytes, (rank, row, model_bytes)

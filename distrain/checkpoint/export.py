@@ -31,6 +31,7 @@ from distrain import faults
 from distrain.checkpoint.dcp import check_complete, read_train_state
 from distrain.config import ConfigError
 from distrain.config.schema import parse_size
+from distrain.checkpoint.hf_import import DTYPES
 from distrain.config.load import read_config_yaml
 from distrain.models import build_config, init_non_persistent_buffers, meta_model, to_empty
 
@@ -157,7 +158,7 @@ class _ShardWriter:
             self.entries, self.offset, self.header_estimate = {}, 0, 64
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         self.file.write(memoryview(data))
-        self.entries[key] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self.offset, self.offset + size]}
+        self.entries[key] = {"dtype": _SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self.offset, self.offset + size]}
         self.offset += size
         self.header_estimate += entry_bytes
         self.total_bytes += size
@@ -190,10 +191,9 @@ class _ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
-    torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
+
+
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def push_to_hub(folder: Path, repo_id: str) -> str:

@@ -150,18 +150,10 @@ def _modules_with_only_whole_params(root: nn.Module, stop_at) -> list[nn.Module]
     return found
 
 
-def materialize(model: nn.Module, device: torch.device, full_state: dict[str, torch.Tensor] | None, cpu_offload: bool = False) -> None:
+def materialize(model: nn.Module, device: torch.device, cpu_offload: bool = False) -> None:
     """Allocate the (possibly sharded) parameters on `device` (on the host with `cpu_offload`:
-    FSDP moves them in for compute; buffers stay on `device`) and fill them from rank 0.
-
-    `full_state` is the full model's state on rank 0 (None elsewhere): pretrained weights, or a
-    seeded random init built on the CPU, so that every layout starts from the same numbers.
-    Each rank keeps only its shards of the broadcast.
-    """
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.tensor import distribute_tensor
-
+    FSDP moves them in for compute; buffers stay on `device`), uninitialized; the model's own
+    init computes the buffers that are in no state dict. Then one of the fills below."""
     to_empty(model, torch.device("cpu") if cpu_offload else device)
     init_non_persistent_buffers(model)
     if cpu_offload:
@@ -169,6 +161,15 @@ def materialize(model: nn.Module, device: torch.device, full_state: dict[str, to
             for name, buffer in module._buffers.items():
                 if buffer is not None:
                     module._buffers[name] = buffer.to(device)
+
+
+def fill_from_rank0(model: nn.Module, device: torch.device, full_state: dict[str, torch.Tensor] | None) -> None:
+    """Every rank's shards from the full state on rank 0 (None elsewhere), broadcast: for weights
+    that only come whole (a `.bin` checkpoint loaded by `from_pretrained`)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import distribute_tensor
+
     # NOTE: set_model_state_dict slices every shard as one box of the full tensor, which a packed
     #       TP shard (`_StridedShard`: a slice of the gate rows and one of the up rows) is not:
     #       those parameters are broadcast whole afterwards and sliced by DTensor itself.
@@ -187,11 +188,41 @@ def materialize(model: nn.Module, device: torch.device, full_state: dict[str, to
             param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local())
 
 
+@torch.no_grad()
+def fill_seeded(model: nn.Module, model_config, seed: int) -> None:
+    """The model's random init, the same numbers under every layout, never whole anywhere: module
+    by module, an unsharded copy of the module's own tensors is initialized by the model's own
+    init (`_init_weights`) from a seed of (run.seed, module name), and each rank keeps its part.
+    Memory: one module's tensors (the largest: a layer's experts)."""
+    import zlib
+
+    from distrain.checkpoint.hf_import import fill_local
+
+    twin = meta_model(model_config)
+    params = dict(model.named_parameters())  # each tied group once
+    buffers = dict(model.named_buffers())
+    for module_name, module in twin.named_modules():
+        full = lambda n: f"{module_name}.{n}" if module_name else n  # noqa: E731
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        persistent = [n for n, b in module.named_buffers(recurse=False) if b is not None and n not in module._non_persistent_buffers_set]
+        if not any(full(n) in params for n in own) and not persistent:
+            continue
+        module.to_empty(device=torch.device("cpu"), recurse=False)
+        torch.manual_seed(zlib.crc32(f"{seed}:{module_name}".encode()))
+        twin._init_weights(module)
+        for n, tensor in module.named_parameters(recurse=False):
+            if full(n) in params:
+                fill_local(params[full(n)], tensor.detach())
+        for n in persistent:
+            if full(n) in buffers:
+                buffers[full(n)].copy_(getattr(module, n))
+        module.to_empty(device=torch.device("meta"), recurse=False)  # freed before the next module
+
+
 def full_random_state(model_config, seed: int) -> dict[str, torch.Tensor]:
-    """The model's seeded random init, built whole on the CPU (identical for every layout)."""
+    """`fill_seeded`'s numbers as one whole state dict (for a plain model beside distrain's: benchmarks)."""
     model = meta_model(model_config)
     to_empty(model, torch.device("cpu"))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        model.init_weights()
+    init_non_persistent_buffers(model)
+    fill_seeded(model, model_config, seed)
     return model.state_dict()

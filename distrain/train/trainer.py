@@ -35,7 +35,8 @@ from distrain.moe.balance import RouterStats
 from distrain.moe.experts import configure, resolve_kernel
 from distrain.parallel.mesh import ParallelDims
 from distrain.parallel.tensor_parallel import sync_tp_grads
-from distrain.parallel.parallelize import full_random_state, materialize, parallelize, reshard
+from distrain.checkpoint.hf_import import load_sharded, safetensors_folder
+from distrain.parallel.parallelize import fill_from_rank0, fill_seeded, materialize, parallelize, reshard
 from distrain.train import stop
 from distrain.train.schedule import lr_multiplier
 
@@ -79,14 +80,13 @@ class Trainer:
         self.flops_per_token = flops_per_token(model, self.spec, job.train.seq_len)
         self.partial_grads = parallelize(model, self.spec, self.dims, self.mesh, self.bf16)
         self.model = model
-        full_state = None
-        if self.is_main:
-            if has_pretrained_weights(job.model):
-                full_state = pretrained_state_dict(job.model, hf_config)
-            else:
-                full_state = full_random_state(hf_config, job.run.seed)
-        materialize(self.model, device, full_state, self.dims.cpu_offload)
-        del full_state
+        materialize(self.model, device, self.dims.cpu_offload)
+        if not has_pretrained_weights(job.model):
+            fill_seeded(self.model, hf_config, job.run.seed)
+        elif (folder := safetensors_folder(job.model.name_or_path)) is not None:
+            load_sharded(self.model, folder)  # each rank reads its own shards
+        else:  # weights only as .bin: loaded whole on rank 0, broadcast
+            fill_from_rank0(self.model, device, pretrained_state_dict(job.model, hf_config) if self.is_main else None)
         self.router_stats = None
         if self.spec.moe_blocks:
             coef = job.moe.aux_loss_coef if job.moe.aux_loss_coef is not None else float(getattr(hf_config, "router_aux_loss_coef", 0) or 0)
