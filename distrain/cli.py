@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 
 from distrain.config import ConfigError
 
@@ -79,6 +80,22 @@ def _validate_layout(job):
     return dims, hf_config
 
 
+def _fetch_weights(model_cfg) -> None:
+    """A hub model's safetensors are downloaded (into the hub cache) before any worker starts, so no
+    rank waits for a download inside a collective; ranks then read their shards from the cache."""
+    from distrain.models import has_pretrained_weights
+
+    if not has_pretrained_weights(model_cfg) or Path(model_cfg.name_or_path).expanduser().is_dir():
+        return
+    from distrain.checkpoint.hf_import import safetensors_folder
+
+    try:
+        safetensors_folder(model_cfg.name_or_path)
+    except Exception as error:  # noqa: BLE001 - network, token, a missing repo: the user's to fix
+        raise ConfigError(f"model.name_or_path={model_cfg.name_or_path}: could not fetch its weights from the hub "
+                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); check the id and the network") from None
+
+
 def _validate_run(job, hf_config) -> None:
     """Data, run directory and resume, before any worker starts: the tokenized cache is built
     here (no rank waits for it inside a collective), and its vocabulary must fit the model."""
@@ -89,6 +106,7 @@ def _validate_run(job, hf_config) -> None:
     from distrain.launch.run_dir import check_run
 
     _, fingerprint, vocab_size = prepare_corpus(job.data)
+    _fetch_weights(job.model)
     if vocab_size > hf_config.vocab_size:
         raise ConfigError(
             f"model.config.vocab_size={hf_config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "
@@ -99,8 +117,6 @@ def _validate_run(job, hf_config) -> None:
     if not under_launcher() or os.environ["RANK"] == "0":
         check_run(job, fingerprint, lock=True)
         if job.checkpoint.export:  # found at the end of the run, it would fail a finished run
-            from pathlib import Path
-
             from distrain.checkpoint.export import check_export_target
 
             check_export_target(Path(job.run.dir) / "export", force=True)
