@@ -80,20 +80,22 @@ def _validate_layout(job):
     return dims, hf_config
 
 
-def _fetch_weights(model_cfg) -> None:
-    """A hub model's safetensors are downloaded (into the hub cache) before any worker starts, so no
-    rank waits for a download inside a collective; ranks then read their shards from the cache."""
-    from distrain.models import has_pretrained_weights
+def _check_weights(model_cfg, hf_config) -> None:
+    """Pretrained safetensors (a hub model's downloaded into the hub cache here, before any worker
+    starts, so no rank waits for a download inside a collective) must hold every tensor of the model."""
+    from distrain.models import build_meta_model, has_pretrained_weights
 
-    if not has_pretrained_weights(model_cfg) or Path(model_cfg.name_or_path).expanduser().is_dir():
+    if not has_pretrained_weights(model_cfg):
         return
-    from distrain.checkpoint.hf_import import safetensors_folder
+    from distrain.checkpoint.hf_import import check_keys, safetensors_folder
 
     try:
-        safetensors_folder(model_cfg.name_or_path)
+        folder = safetensors_folder(model_cfg.name_or_path)
     except Exception as error:  # noqa: BLE001 - network, token, a missing repo: the user's to fix
         raise ConfigError(f"model.name_or_path={model_cfg.name_or_path}: could not fetch its weights from the hub "
                           f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); check the id and the network") from None
+    if folder is not None:  # safetensors (else .bin, loaded whole by from_pretrained)
+        check_keys(build_meta_model(model_cfg, hf_config)[0], folder)
 
 
 def _validate_run(job, hf_config) -> None:
@@ -106,7 +108,7 @@ def _validate_run(job, hf_config) -> None:
     from distrain.launch.run_dir import check_run
 
     _, fingerprint, vocab_size = prepare_corpus(job.data)
-    _fetch_weights(job.model)
+    _check_weights(job.model, hf_config)
     if vocab_size > hf_config.vocab_size:
         raise ConfigError(
             f"model.config.vocab_size={hf_config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -101,21 +102,52 @@ class _Reader:
 def load_sharded(model: nn.Module, folder: Path) -> None:
     """Fill every parameter and persistent buffer of `model` (already sharded and allocated) with its
     local part of the checkpoint in `folder`."""
+    targets, renamed, converted, missing = _plan(model, folder)
+    if missing:
+        raise ValueError(_missing_message(folder, missing))
+    reader = _Reader(_key_files(folder))
+    for name, key in renamed.items():
+        if name in targets:
+            _fill_box(targets[name], reader, key)
+    for first, (converter, sources) in converted.items():
+        converter = deepcopy(converter)
+        for key, pattern in sources:
+            converter.add_tensor(first, key, pattern, reader.whole(key))
+        for name, value in converter.convert(first, model=model, config=model.config).items():
+            if name in targets:
+                fill_local(targets[name], value[0] if isinstance(value, list) else value)
+
+
+def check_keys(model: nn.Module, folder: Path) -> None:
+    """Before any worker starts: every tensor of `model` (on meta is enough) has a source in the
+    checkpoint's keys, or ConfigError naming what is missing."""
+    from distrain.config import ConfigError
+
+    missing = _plan(model, folder)[3]
+    if missing:
+        raise ConfigError(_missing_message(folder, missing))
+
+
+def _missing_message(folder: Path, missing: list[str]) -> str:
+    return (f"model.name_or_path={folder}: its safetensors hold no weights for {len(missing)} of the model's tensors "
+            f"(e.g. {', '.join(missing[:3])}); is it a checkpoint of this architecture and size (model.config overrides)?")
+
+
+def _plan(model: nn.Module, folder: Path):
+    """(targets, renamed: in-memory name -> hub key, converted: first target name -> (converter,
+    [(hub key, source pattern)]), missing target names), from the keys alone."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
     targets = _targets(model)
-    key_files = _key_files(folder)
-    reader = _Reader(key_files)
     mapping = get_model_conversion_mapping(model)
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
     pattern_to_converter = {pattern: converter for converter in converters for pattern in converter.source_patterns}
     # every name a checkpoint key may map to, tied ones too (not `state_dict()`: FSDP's hooks run there)
-    known = dict.fromkeys([name for name, _ in model.named_parameters(remove_duplicate=False)] + list(_targets(model)), True)
-    renamed: dict[str, str] = {}  # in-memory name -> hub key (renamed only)
-    converted: dict[str, tuple] = {}  # first target name -> (converter, [(hub key, source pattern)])
-    for key in key_files:
+    known = dict.fromkeys([name for name, _ in model.named_parameters(remove_duplicate=False)] + list(targets), True)
+    renamed, converted = {}, {}
+    for key in _key_files(folder):
         name, pattern = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None), known)
         if name not in known:
             continue  # a key the model does not hold (e.g. a tied lm_head, rotary caches)
@@ -123,25 +155,10 @@ def load_sharded(model: nn.Module, folder: Path) -> None:
             renamed[name] = key
         else:
             converted.setdefault(name, (pattern_to_converter[pattern], []))[1].append((key, pattern))
-    filled = set()
-    for name, key in renamed.items():
-        if name in targets:
-            _fill_box(targets[name], reader, key)
-            filled.add(name)
-    for first, (converter, sources) in converted.items():
-        from copy import deepcopy
-
-        converter = deepcopy(converter)
-        for key, pattern in sources:
-            converter.add_tensor(first, key, pattern, reader.whole(key))
-        for name, value in converter.convert(first, model=model, config=model.config).items():
-            if name in targets:
-                fill_local(targets[name], value[0] if isinstance(value, list) else value)
-                filled.add(name)
-    missing = sorted(set(targets) - filled)
-    if missing:
-        raise ValueError(f"{folder}: no weights for {len(missing)} of the model's tensors, e.g. {missing[:3]}; "
-                         "is it a checkpoint of this architecture and size?")
+    produced = set(renamed)
+    for first, (converter, _) in converted.items():  # a converter fills its first target and the others beside it
+        produced.update(first.replace(converter.target_patterns[0], target) for target in converter.target_patterns)
+    return targets, renamed, converted, sorted(set(targets) - produced)
 
 
 def _targets(model: nn.Module) -> dict[str, torch.Tensor]:
