@@ -417,26 +417,32 @@ def test_sharded_export_of_a_4_rank_checkpoint_loads_with_from_pretrained(tmp_pa
 RSS_PROBE = r"""
 import sys, torch
 from pathlib import Path
+from transformers import AutoTokenizer
 from distrain.checkpoint.export import export_checkpoint
+from distrain.config.load import read_config_yaml
+from distrain.models import build_config, meta_model
 
 def status_kib(field):
     return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
 
-# a first export imports what an export needs (transformers' modeling and tokenizer code, about
-# 200 MB whatever the model's size); the second is measured, from a reset peak
-export_checkpoint(sys.argv[1], sys.argv[2] + "-warm", dtype=torch.float32, max_shard_size="32MB")
+# what an export imports (transformers' modeling and tokenizer code: about 200 MB, whatever the
+# model's size) is loaded before the baseline, by building the model on the meta device and
+# reading the tokenizer
+checkpoint = Path(sys.argv[1])
+meta_model(build_config(read_config_yaml(checkpoint / "config.yaml").model))
+AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
 with open("/proc/self/clear_refs", "w") as handle:
     handle.write("5")
 before = status_kib("VmRSS")
-export_checkpoint(sys.argv[1], sys.argv[2], dtype=torch.float32, max_shard_size="32MB")
-print(before, status_kib("VmHWM"))
+export_checkpoint(checkpoint, sys.argv[2], dtype=torch.float32, max_shard_size="32MB")
+print(before, status_kib("VmHWM"), flush=True)
 """
 
 
 @pytest.mark.slow
 def test_export_memory_stays_below_the_model(tmp_path, ranks, data_cache):
     """Exporting a 220 MB model (fp32) raises the exporting process's peak memory (its own
-    counters: VmRSS before, VmHWM after a reset; the code an export imports loaded by a first export)
+    counters: VmRSS before, VmHWM after; the code an export imports loaded before)
     by less than half the model: tensors are read, converted and written module by module, shards
     straight to disk."""
     import subprocess
