@@ -47,6 +47,15 @@ def _on_cuda(job) -> bool:
     return job.run.device == "cuda" or (job.run.device == "auto" and torch.cuda.is_available())
 
 
+def _check_device(job) -> None:
+    import torch
+
+    if job.run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda: no CUDA device is visible here (check CUDA_VISIBLE_DEVICES and the driver); use run.device=cpu or auto")
+    if job.launcher.backend == "nccl" and not _on_cuda(job):
+        raise ConfigError("launcher.backend=nccl needs CUDA GPUs and this run is on the CPU (run.device); use launcher.backend=gloo or auto")
+
+
 def _validate_layout(job):
     """Check the mesh against the model before any worker exists; returns (dims, hf_config)."""
     from distrain.launch import world_size_for
@@ -54,6 +63,14 @@ def _validate_layout(job):
     from distrain.parallel.mesh import ParallelDims
 
     hf_config = build_config(job.model)
+    max_positions = getattr(hf_config, "max_position_embeddings", None)
+    if isinstance(max_positions, int) and job.train.seq_len > max_positions:
+        raise ConfigError(f"train.seq_len={job.train.seq_len} is longer than the model's max_position_embeddings={max_positions}; "
+                          f"use train.seq_len<={max_positions} (or raise model.config.max_position_embeddings where the model's "
+                          "positions extrapolate)")
+    if job.optim.warmup_steps > job.train.steps:
+        print(f"warning: optim.warmup_steps={job.optim.warmup_steps} is more than train.steps={job.train.steps}: "
+              "the learning rate never reaches optim.lr in this run", file=sys.stderr)
     dims = ParallelDims.resolve(job.parallel, world_size_for(job), hf_config, job.train)
     if dims.cpu_offload and not _on_cuda(job):
         raise ConfigError(
@@ -127,6 +144,7 @@ def _validate_run(job, hf_config) -> None:
 def validate_train(job) -> None:
     """Everything `distrain train` checks before any worker starts (the in-process test ranks
     check the same)."""
+    _check_device(job)
     _, hf_config = _validate_layout(job)
     _check_document_masking(job, hf_config)
     _validate_run(job, hf_config)

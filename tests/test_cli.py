@@ -49,6 +49,17 @@ def test_shipped_recipe_trains_checkpoints_and_exports(tmp_path, tiny):
             total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum").item()
             count += (batch["labels"] != -100).sum().item()
     assert abs(total / count - records[-1]["eval_loss"]) < 1e-4
+    # the trained special tokens are the tokenizer's; generate() uses its cache; files readable by all
+    import json
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "export")
+    config, generation = (json.loads((run_dir / "export" / name).read_text()) for name in ("config.json", "generation_config.json"))
+    assert config["eos_token_id"] == generation["eos_token_id"] == tokenizer.eos_token_id
+    assert config["bos_token_id"] == tokenizer.bos_token_id and config["use_cache"] and generation.get("use_cache", True)
+    assert all((path.stat().st_mode & 0o777) == 0o644 for path in (run_dir / "export").iterdir()), [
+        (path.name, oct(path.stat().st_mode)) for path in (run_dir / "export").iterdir()]
 
 
 def test_user_recipe_inherits_and_overrides(tmp_path, tiny_dense):

@@ -206,6 +206,13 @@ def test_nonfinite_values_stop_the_run_with_a_finite_checkpoint(tmp_path, tiny):
                      env={"DISTRAIN_FAULT": "nan@loss:step=2-6"})
     assert streak.returncode == 3 and "train.max_nonfinite_steps=2" in streak.stdout, streak
     assert [r["step"] for r in read_metrics(tmp_path / "streak") if r.get("skipped")] == [2, 3, 4]
+    # metrics.jsonl stays strict JSON (NaN is not JSON): the non-finite values are null
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in metrics.jsonl")
+
+    records = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "streak" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records if r.get("skipped")] == [None, None, None]
 
     # a weight gone non-finite (as an overflowing update leaves it) is never checkpointed
     poisoned = run_cli(train_args(tiny, tmp_path / "poisoned", *common), tmp_path, env={"DISTRAIN_FAULT": "nan@weights:step=3"})

@@ -90,15 +90,27 @@ def export_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         _write_weights(model, checkpoint_dir, tmp, dtype, shard_bytes)
-        model.config.use_cache = True  # the export is for inference as much as for training
-        model.config.dtype = dtype
-        model.config.save_pretrained(tmp)
-        if model.can_generate() and getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
+        config = model.config
+        config.use_cache = True  # the export is for inference as much as for training
+        config.dtype = dtype
         if (checkpoint_dir / "tokenizer").is_dir():
             from transformers import AutoTokenizer
 
-            AutoTokenizer.from_pretrained(checkpoint_dir / "tokenizer").save_pretrained(tmp)
+            tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir / "tokenizer")
+            tokenizer.save_pretrained(tmp)
+            # the special tokens the model was trained with are the tokenizer's
+            for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+                if getattr(tokenizer, key, None) is not None:
+                    setattr(config, key, getattr(tokenizer, key))
+        config.save_pretrained(tmp)
+        if model.can_generate():
+            from transformers import GenerationConfig
+
+            generation = GenerationConfig.from_model_config(config)  # the ids above; generate() uses its cache
+            generation.use_cache = True
+            generation.save_pretrained(tmp)
+        for path in tmp.iterdir():  # readable by the user's group and others, as save_pretrained's are
+            path.chmod(0o644 if path.is_file() else 0o755)
         faults.fire("export")
         step = read_train_state(checkpoint_dir)["step"]
         (tmp / MARKER).write_text(json.dumps({"checkpoint": str(checkpoint_dir.resolve()), "step": step, "dtype": str(dtype)}) + "\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -76,6 +77,7 @@ def _strip_optional(tp: Any) -> Any:
 
 def compose(recipe: str, overrides: list[str]) -> dict[str, Any]:
     """Compose configs/ + recipe + overrides into a plain dict (interpolations resolved)."""
+    import yaml
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
@@ -96,6 +98,11 @@ def compose(recipe: str, overrides: list[str]) -> dict[str, Any]:
     except (HydraException, OmegaConfBaseException) as error:
         first_line = str(error).strip().splitlines()[0]
         raise ConfigError(f"recipe={recipe}: {first_line}") from None
+    except yaml.YAMLError as error:  # a recipe (or config) that is not valid YAML
+        mark = getattr(error, "problem_mark", None)
+        where = f"{mark.name}:{mark.line + 1}" if mark is not None else f"recipe={recipe}"
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem}); fix that line") from None
     data.pop("hydra", None)
     return data
 
@@ -177,9 +184,11 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):
         try:  # YAML reads 3e-4 (no dot) as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value}: must be a finite number")
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{key}={value!r}: expected {tp.__name__}, got {type(value).__name__}")
     return value

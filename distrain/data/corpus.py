@@ -44,7 +44,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from distrain.config.schema import DataConfig
+from distrain.config.schema import ConfigError, DataConfig
 
 EOT = "<|endoftext|>"
 STORE_VERSION = 2  # bump when the files' layout changes: older stores are rebuilt, never misread
@@ -78,6 +78,7 @@ def prepare_corpus(cfg: DataConfig) -> tuple[Path, str, int]:
         key = _digest([STORE_VERSION, cfg.vocab_size, cfg.eval_fraction, [(str(p), p.stat().st_size) for p in files]])
         build = lambda folder: _build_stdlib(files, cfg, folder)  # noqa: E731
     else:
+        _check_hf_source(cfg)
         key = _digest([STORE_VERSION, cfg.dataset, cfg.dataset_config, _files_fingerprint(cfg.files), cfg.split, cfg.text_field,
                        _tokenizer_fingerprint(cfg.tokenizer), cfg.eval_fraction])
         build = lambda folder: _build_hf(cfg, folder)  # noqa: E731
@@ -125,6 +126,21 @@ def _locked(path: Path):
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_hf_source(cfg: DataConfig) -> None:
+    """Local data files and a local tokenizer must exist and hold something, or ConfigError."""
+    for pattern in cfg.files:
+        matches = glob.glob(os.path.expanduser(pattern))
+        if not matches:
+            raise ConfigError(f"data.files: {pattern} matches no file; check the path (a list: data.files=[a.jsonl,b.jsonl])")
+        if all(os.path.isfile(m) and os.path.getsize(m) == 0 for m in matches):
+            raise ConfigError(f"data.files: {pattern} is empty; point at files holding documents")
+    tokenizer = cfg.tokenizer or ""
+    local = Path(tokenizer).expanduser()
+    looks_local = local.is_absolute() or tokenizer.startswith((".", "~")) or tokenizer.count("/") > 1
+    if looks_local and not local.is_dir():
+        raise ConfigError(f"data.tokenizer={tokenizer}: no such folder; pass a folder written by a tokenizer's save_pretrained, or a hub id")
 
 
 def _files_fingerprint(patterns: list[str]) -> list:
@@ -181,12 +197,16 @@ def _build_hf(cfg: DataConfig, folder: Path) -> None:
     import datasets
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"data.tokenizer={cfg.tokenizer}: does not load as a tokenizer ({str(error).splitlines()[0][:200]}); "
+                          "pass a tokenizer folder or hub id") from None
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"data.tokenizer={cfg.tokenizer}: the tokenizer has no eos token; pick one that does")
+        raise ConfigError(f"data.tokenizer={cfg.tokenizer}: the tokenizer has no eos token; pick one that does")
     dataset = datasets.load_dataset(cfg.dataset, name=cfg.dataset_config, data_files=cfg.files or None, split=cfg.split)
     if cfg.text_field not in dataset.column_names:
-        raise ValueError(f"data.text_field={cfg.text_field}: not a column of {cfg.dataset}; columns: {dataset.column_names}")
+        raise ConfigError(f"data.text_field={cfg.text_field}: not a column of {cfg.dataset}; columns: {dataset.column_names}")
     num_proc = cfg.num_proc or min(8, os.cpu_count() or 1)
     encoded = dataset.map(
         _Tokenize(tokenizer, cfg.text_field),
@@ -218,7 +238,7 @@ def _write_store(folder: Path, batches: Iterable, num_docs: int, tokenizer, eval
     eos_id = tokenizer.eos_token_id
     num_eval = max(1, round(eval_fraction * num_docs))
     if num_docs - num_eval < 1:
-        raise ValueError(f"data: only {num_docs} documents; need at least 2 to hold some out for eval")
+        raise ConfigError(f"data: only {num_docs} documents; need at least 2 to hold some out for eval (check data.files)")
     held_out = np.zeros(num_docs, dtype=bool)
     held_out[np.random.default_rng(_EVAL_SEED).choice(num_docs, size=num_eval, replace=False)] = True
     tmp = folder.with_name(folder.name + ".tmp")

@@ -40,8 +40,8 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         step = record["step"]
         # NaN and inf are not JSON: a non-finite value is written as null (the record says "skipped")
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        self.jsonl.write(json.dumps(record) + "\n")
+        record = _finite(record)
+        self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         if self.wandb is not None:
             scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             if record.get("moe_max_mean_load"):
@@ -125,3 +125,14 @@ def _init_wandb(job: JobConfig, run_dir: Path, config_dict: dict[str, Any], star
         **where,
     )
 
+
+
+def _finite(value):
+    """`value` with every non-finite float (also inside lists and dicts) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -58,29 +58,77 @@ def build_config(cfg: ModelConfig):
         try:
             hf_config = AutoConfig.for_model(cfg.architecture)
         except ValueError:
-            from transformers import CONFIG_MAPPING
-
-            raise ConfigError(
-                f"model.architecture={cfg.architecture}: not a transformers model_type; e.g. "
-                "qwen3_moe, llama, qwen3, mistral, mixtral, gemma, phi3"
-                f" ({len(CONFIG_MAPPING)} known)"
-            ) from None
+            raise ConfigError(f"model.architecture={cfg.architecture}: not a transformers model_type; {_model_types_hint(cfg.architecture)}") from None
     else:
-        hf_config = AutoConfig.from_pretrained(cfg.name_or_path)
+        hf_config = _pretrained_config(cfg.name_or_path)
     known = _config_keys(hf_config)
-    for key in cfg.config:
+    for key, value in cfg.config.items():
         if key not in known:
             raise ConfigError(f"model.config.{key}: not a field of {type(hf_config).__name__}; check the spelling")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0 and _is_size(key):
+            raise ConfigError(f"model.config.{key}={value}: a size or count must be > 0")
     if cfg.config:
         # built with the sizes rather than patched after: fields derived at construction (head_dim
         # from hidden_size and heads) must follow them
         if cfg.architecture is not None:
             hf_config = AutoConfig.for_model(cfg.architecture, **cfg.config)
         else:
-            hf_config = AutoConfig.from_pretrained(cfg.name_or_path, **cfg.config)
+            hf_config = _pretrained_config(cfg.name_or_path, **cfg.config)
     hf_config._attn_implementation = cfg.attn_implementation
     hf_config.use_cache = False
     return hf_config
+
+
+def _is_size(key: str) -> bool:
+    return key.endswith(("_size", "_dim", "_layers", "_heads", "_experts", "_per_tok")) or key.startswith(("num_", "n_")) or key in (
+        "d_model", "n_embd", "n_layer", "n_head")
+
+
+def _model_types_hint(name: str) -> str:
+    import difflib
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    close = difflib.get_close_matches(name, list(CONFIG_MAPPING_NAMES), n=4, cutoff=0.5)
+    examples = close or ["qwen3_moe", "llama", "qwen3", "mistral", "mixtral", "gemma", "phi3"]
+    return f"e.g. {', '.join(examples)} ({len(CONFIG_MAPPING_NAMES)} known to transformers)"
+
+
+def _pretrained_config(name: str, **overrides):
+    """AutoConfig of a local folder or hub id, each way it can fail told in one line."""
+    import json
+    import os
+
+    from transformers import AutoConfig
+
+    folder = Path(name).expanduser()
+    hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith((".", "-"))
+    if folder.is_dir():
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"model.name_or_path={name}: the folder has no config.json; pass a folder written by save_pretrained")
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"model.name_or_path={name}: {config_file} is not valid JSON ({error}); fix or re-save it") from None
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if model_type is not None and model_type not in CONFIG_MAPPING_NAMES:
+            raise ConfigError(f"model.name_or_path={name}: config.json's model_type={model_type!r} is not one transformers knows; "
+                              f"{_model_types_hint(str(model_type))}, or upgrade transformers")
+    elif not hub_id:
+        raise ConfigError(f"model.name_or_path={name}: no such folder, and not a hub id (user/name); pass a folder written by "
+                          "save_pretrained or a hub id such as Qwen/Qwen3-0.6B")
+    try:
+        return AutoConfig.from_pretrained(name, **overrides)
+    except (OSError, ValueError) as error:
+        if folder.is_dir():
+            raise ConfigError(f"model.name_or_path={name}: its config does not load ({str(error).splitlines()[0]})") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        why = ("the hub is offline (HF_HUB_OFFLINE is set) and it is not in the hub cache" if offline
+               else "the hub could not be reached or has no such model")
+        raise ConfigError(f"model.name_or_path={name}: no such folder here, and as a hub id it did not load: {why}; "
+                          "pass a local folder written by save_pretrained, or check the id and the network") from None
 
 
 def _config_keys(hf_config) -> set[str]:
