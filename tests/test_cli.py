@@ -126,3 +126,19 @@ def test_plan_shows_roles_and_the_tp_styles_applied(tmp_path):
     assert "mlp.experts=moe_tp_experts, mlp.experts.gate_up_proj=packed_colwise" in proc.stdout
     # each rank holds a slice of the gate rows and one of the up rows of every expert
     assert re.search(r"mlp\.experts\.gate_up_proj\s+\[8, 512, 256\] -> \[8, 256, 256\]\s+dp_shard: S\(0\), tp: _S\(1, 2\)", proc.stdout)
+
+
+def test_a_run_says_what_it_is_once_and_logs_it(tmp_path, tiny):
+    """Before step 1, one block (model, layout, memory, data, outputs) from rank 0 alone; the console
+    lines are in run.dir/train.log too; no third-party line is printed once per rank."""
+    run_dir = tmp_path / "run"
+    proc = check_ok(run_cli(["train", "recipe=qwen3_moe_debug", *tiny, "train.steps=2", "eval.interval=0", "checkpoint.export=false",
+                             "launcher.nproc_per_node=2", "parallel.ep=2", f"run.dir={run_dir}"], tmp_path))
+    lines = proc.stdout.splitlines()
+    for head in ("model   qwen3_moe, 2 layers:", "layout  2 rank(s), cpu: dp_shard=2 (FSDP", "memory  rank 0:", "data    stdlib:", "outputs checkpoints"):
+        assert sum(line.startswith(head) for line in lines) == 1, (head, proc.stdout)
+    assert lines.index(next(l for l in lines if l.startswith("model "))) < lines.index(next(l for l in lines if l.startswith("step 1/2")))
+    logged = (run_dir / "train.log").read_text().splitlines()
+    assert [l for l in lines if l.startswith(("run ", "model ", "layout ", "step "))] == [l for l in logged if l.startswith(("run ", "model ", "layout ", "step "))]
+    ours = [line for line in proc.stderr.splitlines() if line.strip() and "torch/distributed/run.py" not in line]
+    assert len(ours) == len(set(ours)), proc.stderr[-3000:]

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import datetime
 import os
 import signal
@@ -49,7 +51,56 @@ def init_distributed(job: JobConfig, device: torch.device) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs)
 
 
-def agree(job: JobConfig) -> tuple[JobConfig, list[str]]:
+@contextlib.contextmanager
+def console_log():
+    """Rank 0's console also goes to `train.log` in the run directory, from when the run directory
+    is decided (`open(path)`) to the end of the run; progress-bar redraws stay on the console."""
+    class Log:
+        file = None
+
+        def open(self, path: Path) -> None:
+            self.file = open(path, "a", buffering=1)  # noqa: SIM115 - closed below
+            sys.stdout, sys.stderr = _Tee(saved[0], self.file), _Tee(saved[1], self.file)
+
+    saved, log = (sys.stdout, sys.stderr), Log()
+    try:
+        yield log
+    finally:
+        sys.stdout, sys.stderr = saved
+        if log.file is not None:
+            log.file.close()
+
+
+class _Tee:
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, text: str) -> int:
+        if "\r" not in text:  # a progress bar redrawing its line: the console's alone
+            self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.file.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def quiet_third_party() -> None:
+    """Ranks other than 0 keep third-party warnings and progress bars to themselves: rank 0 shows
+    each once (torch's mesh-slicing UserWarning, transformers' loading bars)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def agree(job: JobConfig, log=None) -> tuple[JobConfig, list[str]]:
     """Rank 0 decides the run (its config, including `run.dir`, and the checkpoints to resume,
     the chosen one then its fallbacks; see `distrain.launch.run_dir.prepare_run`) and every rank
     takes its decision: ranks that composed their own configs (torchrun, srun) may have named
@@ -62,6 +113,8 @@ def agree(job: JobConfig) -> tuple[JobConfig, list[str]]:
 
         try:
             resume, lines = prepare_run(job, prepare_corpus(job.data)[1])
+            if log is not None:
+                log.open(Path(job.run.dir) / "train.log")
             print("\n".join(lines), flush=True)
             decision = [(to_dict(job), [str(p) for p in ([resume.path, *resume.fallbacks] if resume.path else [])])]
         except Exception as error:  # noqa: BLE001 - the other ranks must hear of it, not wait for it
@@ -79,15 +132,24 @@ def agree(job: JobConfig) -> tuple[JobConfig, list[str]]:
 
 
 def run(job: JobConfig) -> int:
+    with console_log() as log:
+        return _run(job, log)
+
+
+def _run(job: JobConfig, log) -> int:
     from distrain.train.trainer import Trainer
 
     stop.install()
     device = resolve_device(job)
     init_distributed(job, device)
     rank = dist.get_rank()
+    if rank != 0:
+        quiet_third_party()
     try:
-        job, resume_from = agree(job)
+        job, resume_from = agree(job, log)
         trainer = Trainer(job, device, [Path(p) for p in resume_from])
+        for line in trainer.startup_lines():
+            trainer.say(line)
         status = trainer.train()
         dist.barrier()
     finally:

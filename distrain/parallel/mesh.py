@@ -93,6 +93,21 @@ class ParallelDims:
             cfg.reshard_after_forward, cfg.cpu_offload, cfg.activation_checkpointing, cfg.compile,
         )
 
+    def describe(self) -> str:
+        """The mesh and what each axis does, in one line."""
+        parts = []
+        if self.dp_replicate > 1:
+            parts.append(f"dp_replicate={self.dp_replicate} (replicas; gradients all-reduced)")
+        if self.dp_shard > 1:
+            parts.append(f"dp_shard={self.dp_shard} (FSDP: parameters, gradients, optimizer state sharded)")
+        if self.tp > 1:
+            parts.append(f"tp={self.tp} (tensor parallel{', sequence parallel' if self.sp else ''})")
+        if self.ep > 1:
+            parts.append(f"ep={self.ep} (experts split, all-to-all dispatch; expert FSDP over {self.efsdp})")
+        extras = [name for name, on in (("CPU offload", self.cpu_offload), (f"{self.activation_checkpointing} activation checkpointing",
+                                                                          self.activation_checkpointing != "none"), ("compiled blocks", self.compile)) if on]
+        return " x ".join(parts or ["one process, no sharding"]) + (f"; {', '.join(extras)}" if extras else "")
+
     def check_experts(self, num_experts: int) -> None:
         """EP against the experts the model discovery found (`ModelSpec.num_experts`; 0: dense)."""
         if self.ep == 1:

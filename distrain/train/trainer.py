@@ -62,6 +62,7 @@ class Trainer:
         # data first: the tokenizer decides the vocabulary the model must cover
         corpus = load_corpus(job.data)
         assert corpus.train.vocab_size <= hf_config.vocab_size, "checked before spawn (distrain.cli)"
+        self.hf_config, self.train_tokens = hf_config, corpus.train.tokens.numel()
         self.tokenizer_dir = corpus.tokenizer_dir
         self.train_loader = GlobalBatchLoader(
             PackedDataset(corpus.train, job.train.seq_len, job.data.document_masking),
@@ -257,6 +258,34 @@ class Trainer:
         path = self.checkpointer.save(self.step, self.model, self.optimizer, train_state, rng_name)
         self.saved_step = self.step
         return path
+
+    def startup_lines(self) -> list[str]:
+        """What this run is, before step 1: model, layout, rank 0's memory, data, outputs."""
+        from distrain.metrics.flops import active_params
+        from distrain.parallel.plan import activation_bytes
+
+        job, dims, mib = self.job, self.dims, 2**20
+        total = sum(p.numel() for p in self.model.parameters())
+        source = f"from {job.model.name_or_path}" if has_pretrained_weights(job.model) else f"random init (run.seed={job.run.seed})"
+        layers = getattr(self.hf_config, "num_hidden_layers", "?")
+        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in self.model.parameters())
+        mode = dims.activation_checkpointing
+        activations = activation_bytes(job, dims, self.spec, self.hf_config)
+        samples = len(self.train_loader.dataset)
+        consumed = job.train.steps * job.train.global_batch_size
+        checkpoints = (f"every {job.checkpoint.interval} steps" if job.checkpoint.interval else "at the end") + f" in {self.run_dir / 'checkpoints'}"
+        return [
+            f"model   {self.hf_config.model_type}, {layers} layers: {total / 1e6:,.2f}M parameters, "
+            f"{active_params(self.model, self.spec) / 1e6:,.2f}M active per token; {source}",
+            f"layout  {self.world_size} rank(s), {self.device.type}: {dims.describe()}",
+            f"memory  rank 0: {4 * local / mib:,.1f} MiB of training state (fp32 parameters {local / mib:,.1f}, gradients "
+            f"{local / mib:,.1f}, Adam {2 * local / mib:,.1f}) + about {(activations[mode] + activations['logits']) / mib:,.1f} MiB "
+            f"of activations per micro-batch (activation_checkpointing={mode}; `distrain plan` for details)",
+            f"data    {job.data.source}: {self.train_tokens:,} training tokens, {samples:,} samples of {job.train.seq_len}; "
+            f"{job.train.steps} steps x {job.train.global_batch_size} samples = {consumed / max(samples, 1):.2f} epochs",
+            f"outputs checkpoints {checkpoints}; " + (f"export to {self.run_dir / 'export'}; " if job.checkpoint.export else "")
+            + f"log in {self.run_dir / 'train.log'}",
+        ]
 
     def say(self, line: str) -> None:
         if self.is_main:
