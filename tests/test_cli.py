@@ -133,12 +133,14 @@ def test_a_run_says_what_it_is_once_and_logs_it(tmp_path, tiny):
     lines are in run.dir/train.log too; no third-party line is printed once per rank."""
     run_dir = tmp_path / "run"
     proc = check_ok(run_cli(["train", "recipe=qwen3_moe_debug", *tiny, "train.steps=2", "eval.interval=0", "checkpoint.export=false",
-                             "launcher.nproc_per_node=2", "parallel.ep=2", f"run.dir={run_dir}"], tmp_path))
+                             "launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true", f"run.dir={run_dir}"], tmp_path))
     lines = proc.stdout.splitlines()
-    for head in ("model   qwen3_moe, 2 layers:", "layout  2 rank(s), cpu: dp_shard=2 (FSDP", "memory  rank 0:", "data    stdlib:", "outputs checkpoints"):
+    for head in ("model   qwen3_moe, 2 layers:", "layout  2 rank(s), cpu: tp=2 (tensor parallel, sequence parallel)", "memory  rank 0:",
+                 "data    stdlib:", "outputs checkpoints"):
         assert sum(line.startswith(head) for line in lines) == 1, (head, proc.stdout)
     assert lines.index(next(l for l in lines if l.startswith("model "))) < lines.index(next(l for l in lines if l.startswith("step 1/2")))
     logged = (run_dir / "train.log").read_text().splitlines()
     assert [l for l in lines if l.startswith(("run ", "model ", "layout ", "step "))] == [l for l in logged if l.startswith(("run ", "model ", "layout ", "step "))]
+    # (torch's mesh-slicing UserWarning, which every rank of a TP mesh hits, is one of them)
     ours = [line for line in proc.stderr.splitlines() if line.strip() and "torch/distributed/run.py" not in line]
     assert len(ours) == len(set(ours)), proc.stderr[-3000:]
