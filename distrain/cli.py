@@ -2,6 +2,7 @@
 
     distrain train recipe=NAME_OR_PATH [key=value ...] [--cfg job]
     distrain plan  recipe=NAME_OR_PATH [key=value ...]
+    distrain plot RUN_DIR [RUN_DIR ...]
     distrain export CHECKPOINT_DIR OUT_DIR [--dtype float32|bfloat16] [--force] [--max-shard-size 5GB] [--push-to-hub REPO_ID]
 
 Exit status: 0 on success; 2 for a configuration error (reported before any worker starts);
@@ -222,6 +223,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from distrain.metrics.plot import plot_runs
+
+    for path in plot_runs([Path(d) for d in args.run_dirs]):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distrain", description="Distributed trainer for Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -241,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
     export.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export to this hub model repo (network and token needed)")
     export.set_defaults(func=cmd_export)
+    plot = sub.add_parser("plot", help="PNG plots of runs' metrics (loss, eval loss, lr, grad norm, tokens/s, MFU, router load)")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    plot.set_defaults(func=cmd_plot)
     return parser
 
 

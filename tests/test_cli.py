@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,30 @@ def test_a_run_says_what_it_is_once_and_logs_it(tmp_path, tiny):
     # (torch's mesh-slicing UserWarning, which every rank of a TP mesh hits, is one of them)
     ours = [line for line in proc.stderr.splitlines() if line.strip() and "torch/distributed/run.py" not in line]
     assert len(ours) == len(set(ours)), proc.stderr[-3000:]
+
+
+def test_plot_writes_pngs_of_several_runs(tmp_path):
+    import json
+
+    from PIL import Image
+
+    for name, scale in (("a", 1.0), ("b", 1.5)):
+        run = tmp_path / name
+        run.mkdir()
+        records = [{"step": s, "loss": scale * 6 / s, "lr": 1e-3 * min(1, s / 5), "grad_norm": 1 + 1 / s, "tokens_per_s": 1000.0 + s,
+                    "mfu": 0.01, "moe_max_mean_load": [1 + 0.1 * s, 1.5]} for s in range(1, 21)]
+        records[6] = {**records[6], "loss": None, "grad_norm": None, "skipped": True}  # a non-finite step: a gap
+        records[9]["eval_loss"] = scale * 0.7
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    proc = check_ok(run_cli(["plot", str(tmp_path / "a"), str(tmp_path / "b")], tmp_path))
+    written = [Path(line) for line in proc.stdout.split()]
+    assert [p.name for p in written] == ["curves.png", "router_load_a.png", "router_load_b.png"]
+    for path in written:
+        path = path if path.is_absolute() else tmp_path / path
+        with Image.open(path) as image:
+            pixels = image.convert("L")
+            assert image.size[0] >= 800 and image.size[1] >= 300
+            low, high = pixels.getextrema()
+            assert high - low > 100 and len(set(pixels.getdata())) > 20  # drawn on, not blank
+    missing = run_cli(["plot", str(tmp_path / "nowhere")], tmp_path)
+    assert missing.returncode == 2 and "no metrics.jsonl" in missing.stderr.strip().splitlines()[-1]
