@@ -4,6 +4,7 @@ worker starts (no run directory is made), never a traceback."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -64,3 +65,32 @@ def test_warmup_longer_than_the_run_is_one_warning_not_a_refusal(tmp_path):
     proc = check_ok(run_cli(["plan", "recipe=qwen3_moe_debug", "optim.warmup_steps=50", "train.steps=10"], tmp_path))
     warnings = [line for line in proc.stderr.splitlines() if "optim.warmup_steps=50" in line]
     assert warnings == ["warning: optim.warmup_steps=50 is more than train.steps=10: the learning rate never reaches optim.lr in this run"]
+
+
+def test_an_indivisible_batch_names_values_that_work(tmp_path):
+    args = ["plan", "recipe=qwen3_moe_debug", "launcher.nproc_per_node=3", "train.global_batch_size=8", "train.micro_batch_size=4"]
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 2
+    fixes = re.findall(r"(train\.\w+=\d+)", proc.stderr.strip().splitlines()[-1].split("; e.g.")[-1])
+    assert fixes == ["train.global_batch_size=12"], proc.stderr  # no micro-batch size divides 8 over 3 ranks
+    for fix in fixes:
+        check_ok(run_cli([*args, fix], tmp_path))
+    proc = run_cli(["plan", "recipe=qwen3_moe_debug", "launcher.nproc_per_node=2", "train.global_batch_size=12", "train.micro_batch_size=4"], tmp_path)
+    fixes = re.findall(r"(train\.\w+=\d+)", proc.stderr.strip().splitlines()[-1].split("; e.g.")[-1])
+    assert fixes == ["train.global_batch_size=16", "train.micro_batch_size=3"], proc.stderr
+    for fix in fixes:
+        check_ok(run_cli(["plan", "recipe=qwen3_moe_debug", "launcher.nproc_per_node=2", "train.global_batch_size=12", "train.micro_batch_size=4", fix],
+                         tmp_path))
+
+
+def test_resuming_another_model_is_refused_and_touches_nothing(tmp_path, tiny):
+    run_dir = tmp_path / "run"
+    check_ok(run_cli(["train", "recipe=qwen3_moe_debug", *tiny, "train.steps=1", "eval.interval=0", "checkpoint.export=false", f"run.dir={run_dir}"],
+                     tmp_path))
+    config = (run_dir / "config.yaml").read_text()
+    checkpoint = sorted((run_dir / "checkpoints").iterdir())
+    proc = run_cli(["train", "recipe=qwen3_moe_debug", *tiny, "++model.config.num_hidden_layers=3", "train.steps=2", f"run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "holds another model" in last and "model.config.num_hidden_layers: 2 -> 3" in last and "start fresh in another run.dir" in last, last
+    assert (run_dir / "config.yaml").read_text() == config and sorted((run_dir / "checkpoints").iterdir()) == checkpoint

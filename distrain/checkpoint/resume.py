@@ -81,7 +81,32 @@ def choose(job: JobConfig, data_fingerprint: str | None = None) -> Resume:
             resume.warnings.append(f"warning: checkpoint {candidate} is unusable ({problem}); set aside as {candidate.name}.corrupt, trying the one before")
     if resume.path is not None:
         check_same_stream(job, resume.path, data_fingerprint)
+        check_same_model(job, resume.path)
     return resume
+
+
+def check_same_model(job: JobConfig, path: Path) -> None:
+    """The checkpoint's model tensors (names and shapes, from its DCP metadata) must be this run's
+    model's, or ConfigError naming the first difference and the model keys that changed."""
+    import torch.distributed.checkpoint as dcp
+
+    from distrain.models import build_config, meta_model
+
+    stored = {key.removeprefix("model."): list(meta.size) for key, meta in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
+              if key.startswith("model.") and hasattr(meta, "size")}
+    wanted = {name: list(t.shape) for name, t in meta_model(build_config(job.model)).state_dict().items()}
+    if stored == wanted:
+        return
+    differs = sorted(set(stored) ^ set(wanted)) or sorted(k for k in wanted if stored[k] != wanted[k])
+    first = differs[0]
+    what = (f"{first} is {stored[first]} in the checkpoint and {wanted[first]} in this run" if first in stored and first in wanted
+            else f"{first} is only in {'the checkpoint' if first in stored else 'this run'}")
+    changed = _model_changes(job, path)
+    raise ConfigError(
+        f"model: checkpoint {path} holds another model ({what}; {len(differs)} tensors differ"
+        + (f"; changed: {', '.join(changed[:3])}" if changed else "")
+        + "); resume with the checkpoint's model settings, or start fresh in another run.dir (or set checkpoint.resume=never there)"
+    )
 
 
 def check_same_stream(job: JobConfig, path: Path, data_fingerprint: str | None) -> None:
@@ -99,6 +124,17 @@ def check_same_stream(job: JobConfig, path: Path, data_fingerprint: str | None) 
             f"data: checkpoint {path} was trained on data {data['fingerprint']}, this run's data.* settings give "
             f"{data_fingerprint} (another dataset, tokenizer or split); use the checkpoint's data settings to resume, or {fresh}"
         )
+
+
+def _model_changes(job: JobConfig, path: Path) -> list[str]:
+    """`model.key: before -> now` for the model keys (those inside model.config too) this run changed."""
+    import yaml
+
+    before = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("model", {})
+    now = to_dict(job.model)
+    flat = lambda d: {**{k: v for k, v in d.items() if k != "config"}, **{f"config.{k}": v for k, v in (d.get("config") or {}).items()}}  # noqa: E731
+    before, now = flat(before), flat(now)
+    return [f"model.{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
 
 
 def changed_keys(job: JobConfig, path: Path) -> list[str]:

@@ -75,11 +75,14 @@ class ParallelDims:
             _check_model_fits(cfg, hf_config, train.seq_len if train else None)
         dp = cfg.dp_replicate * dp_shard
         if train is not None and train.global_batch_size % (train.micro_batch_size * dp):
+            unit = train.micro_batch_size * dp
+            fixes = [f"train.global_batch_size={unit * max(1, -(-train.global_batch_size // unit))}"]  # the next multiple up
+            micro = next((m for m in range(train.micro_batch_size, 0, -1) if train.global_batch_size % (m * dp) == 0), None)
+            if micro is not None:
+                fixes.append(f"train.micro_batch_size={micro}")
             raise ConfigError(
                 f"train.global_batch_size={train.global_batch_size} must be a multiple of train.micro_batch_size="
-                f"{train.micro_batch_size} x data-parallel ranks {dp} (dp_replicate x dp_shard); e.g. "
-                f"train.global_batch_size={train.micro_batch_size * dp * max(1, train.global_batch_size // (train.micro_batch_size * dp))}"
-                f" or train.micro_batch_size={max(1, train.global_batch_size // dp)}"
+                f"{train.micro_batch_size} x data-parallel ranks {dp} (dp_replicate x dp_shard); e.g. {' or '.join(fixes)}"
             )
         if cfg.compile and cfg.tp > 1:
             raise ConfigError(
