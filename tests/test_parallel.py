@@ -212,6 +212,10 @@ def test_a_failing_rank_ends_the_job(tmp_path, tiny):
     assert proc.returncode != 0
     assert "injected fault" in proc.stderr + proc.stdout
     assert elapsed < 60, elapsed  # well inside the collective timeout: nobody waited for it
+    # one traceback, the failing rank's (its peer, failing on the broken collective, says so in a line
+    # unless the launcher stops it first); the launcher names rank 1
+    assert proc.stderr.count("Traceback") == 1 and "on rank 1" in proc.stderr, proc.stderr[-3000:]
+    assert "distrain: rank 1 failed with exit code 1" in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.mark.parametrize(

@@ -68,8 +68,10 @@ def _spawn_local(job: JobConfig) -> int:
     own status, which this returns; a second Ctrl-C kills them. A failing rank makes the agent
     stop the others (SIGTERM, then SIGKILL after `launcher.timeout_s`)."""
     import logging
+    import shutil
     import signal
     import tempfile
+    from pathlib import Path
     import threading
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -89,6 +91,8 @@ def _spawn_local(job: JobConfig) -> int:
     # how long a failing rank's peers get to exit before SIGKILL (an environment variable rather
     # than --shutdown_timeout, which older torch lacks)
     os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(job.launcher.timeout_s)
+    failures = tempfile.mkdtemp(prefix="distrain-failures-")  # a failing rank writes when it failed (worker._report_failure)
+    os.environ["DISTRAIN_FAILURE_DIR"] = failures
     args = get_args_parser().parse_args(
         [
             "--standalone",
@@ -132,6 +136,8 @@ def _spawn_local(job: JobConfig) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         os.unlink(handoff.name)
+    reported = sorted((float(path.read_text()), int(path.name[4:])) for path in Path(failures).glob("rank*"))
+    shutil.rmtree(failures, ignore_errors=True)
     if killed:
         return 128 + signal.SIGINT
     if "error" in outcome:
@@ -141,5 +147,7 @@ def _spawn_local(job: JobConfig) -> int:
     rank, failure = outcome["failure"]
     if failure.exitcode in (2, *stop.STOP_STATUSES):
         return failure.exitcode  # the rank has said why
+    if reported:  # the rank that failed first (its peers then fail on the broken collectives)
+        rank = reported[0][1]
     print(f"distrain: rank {rank} failed with exit code {failure.exitcode}; see its output above", flush=True)
     return failure.exitcode if failure.exitcode > 0 else 1

@@ -201,6 +201,22 @@ def main() -> None:
     run_and_exit(read_config_yaml(sys.argv[1]))
 
 
+def _peer_gone(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because another rank's process ended."""
+    text = f"{type(error).__name__}: {error}"
+    return any(sign in text for sign in ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "DistNetworkError"))
+
+
+def _report_failure() -> None:
+    """Tell the launcher this rank failed, and when: it names the rank that failed first."""
+    folder = os.environ.get("DISTRAIN_FAILURE_DIR")
+    if folder:
+        try:
+            Path(folder, f"rank{os.environ.get('RANK', '0')}").write_text(repr(time.time()))
+        except OSError:
+            pass
+
+
 def run_and_exit(job: JobConfig) -> None:
     """Run this rank and exit with its status: a config error is one line, a bug a traceback."""
     status = 1
@@ -210,8 +226,13 @@ def run_and_exit(job: JobConfig) -> None:
         if os.environ.get("RANK", "0") == "0":  # every rank has it (rank 0 decided); one says it
             print(f"distrain: config error: {error}", file=sys.stderr)
         status = 2
-    except BaseException:  # noqa: BLE001 - DCP's CheckpointException is not an Exception
-        traceback.print_exc()
+    except BaseException as error:  # noqa: BLE001 - DCP's CheckpointException is not an Exception
+        if _peer_gone(error):  # a consequence: the rank that failed first prints its own traceback
+            print(f"distrain: rank {os.environ.get('RANK', '0')} stopped: a peer rank's process ended ({type(error).__name__})",
+                  file=sys.stderr)
+        else:
+            traceback.print_exc()
+            _report_failure()
     finally:
         # NOTE: exit without interpreter teardown: gloo sometimes aborts in its destructors
         #       after destroy_process_group, turning a finished run into a SIGABRT.
