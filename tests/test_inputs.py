@@ -94,3 +94,15 @@ def test_resuming_another_model_is_refused_and_touches_nothing(tmp_path, tiny):
     last = proc.stderr.strip().splitlines()[-1]
     assert "holds another model" in last and "model.config.num_hidden_layers: 2 -> 3" in last and "start fresh in another run.dir" in last, last
     assert (run_dir / "config.yaml").read_text() == config and sorted((run_dir / "checkpoints").iterdir()) == checkpoint
+
+
+@pytest.mark.parametrize("architecture, expected", [("llama", "sdpa"), ("qwen3_moe", "sdpa"), ("gpt_oss", "eager"), ("bloom", "eager")])
+def test_attention_auto_picks_what_the_model_supports(architecture, expected):
+    """model.attn_implementation=auto (the default): sdpa where the model's code supports it (GPT-OSS
+    and Bloom do not, and refused sdpa before), else eager; the model then builds."""
+    from distrain.config.schema import ModelConfig
+    from distrain.models import build_config, meta_model
+
+    hf_config = build_config(ModelConfig(architecture=architecture))
+    assert hf_config._attn_implementation == expected
+    meta_model(hf_config)

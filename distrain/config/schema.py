@@ -39,7 +39,8 @@ class ModelConfig:
     architecture: Optional[str] = None
     config: dict[str, Any] = field(default_factory=dict)
     load_weights: bool = True
-    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
+    # auto: sdpa where the model supports it, else eager (the start-up block says which)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = "auto"
 
     def validate(self) -> None:
         _require(

@@ -74,9 +74,17 @@ def build_config(cfg: ModelConfig):
             hf_config = AutoConfig.for_model(cfg.architecture, **cfg.config)
         else:
             hf_config = _pretrained_config(cfg.name_or_path, **cfg.config)
-    hf_config._attn_implementation = cfg.attn_implementation
+    hf_config._attn_implementation = _attention(hf_config) if cfg.attn_implementation == "auto" else cfg.attn_implementation
     hf_config.use_cache = False
     return hf_config
+
+
+def _attention(hf_config) -> str:
+    """The best attention the model's code supports: torch's sdpa, else the eager reference."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf_config), None)
+    return "sdpa" if model_class is None or getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
 def _is_size(key: str) -> bool:

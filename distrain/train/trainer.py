@@ -276,7 +276,7 @@ class Trainer:
         checkpoints = (f"every {job.checkpoint.interval} steps" if job.checkpoint.interval else "at the end") + f" in {self.run_dir / 'checkpoints'}"
         return [
             f"model   {self.hf_config.model_type}, {layers} layers: {total / 1e6:,.2f}M parameters, "
-            f"{active_params(self.model, self.spec) / 1e6:,.2f}M active per token; {source}",
+            f"{active_params(self.model, self.spec) / 1e6:,.2f}M active per token; {self.hf_config._attn_implementation} attention; {source}",
             f"layout  {self.world_size} rank(s), {self.device.type}: {dims.describe()}",
             f"memory  rank 0: {4 * local / mib:,.1f} MiB of training state (fp32 parameters {local / mib:,.1f}, gradients "
             f"{local / mib:,.1f}, Adam {2 * local / mib:,.1f}) + about {(activations[mode] + activations['logits']) / mib:,.1f} MiB "
