@@ -57,6 +57,13 @@ def _check_device(job) -> None:
         raise ConfigError("launcher.backend=nccl needs CUDA GPUs and this run is on the CPU (run.device); use launcher.backend=gloo or auto")
 
 
+def _warn(job) -> None:
+    """Allowed, but worth a line (after every check passed: an error stays the only line)."""
+    if job.optim.warmup_steps > job.train.steps:
+        print(f"warning: optim.warmup_steps={job.optim.warmup_steps} is more than train.steps={job.train.steps}: "
+              "the learning rate never reaches optim.lr in this run", file=sys.stderr)
+
+
 def _validate_layout(job):
     """Check the mesh against the model before any worker exists; returns (dims, hf_config)."""
     from distrain.launch import world_size_for
@@ -69,9 +76,6 @@ def _validate_layout(job):
         raise ConfigError(f"train.seq_len={job.train.seq_len} is longer than the model's max_position_embeddings={max_positions}; "
                           f"use train.seq_len<={max_positions} (or raise model.config.max_position_embeddings where the model's "
                           "positions extrapolate)")
-    if job.optim.warmup_steps > job.train.steps:
-        print(f"warning: optim.warmup_steps={job.optim.warmup_steps} is more than train.steps={job.train.steps}: "
-              "the learning rate never reaches optim.lr in this run", file=sys.stderr)
     dims = ParallelDims.resolve(job.parallel, world_size_for(job), hf_config, job.train)
     if dims.cpu_offload and not _on_cuda(job):
         raise ConfigError(
@@ -149,6 +153,7 @@ def validate_train(job) -> None:
     _, hf_config = _validate_layout(job)
     _check_document_masking(job, hf_config)
     _validate_run(job, hf_config)
+    _warn(job)
 
 
 def _check_document_masking(job, hf_config) -> None:
@@ -204,6 +209,7 @@ def cmd_plan(args) -> int:
 
     job = _load(args.overrides)
     dims, hf_config = _validate_layout(job)
+    _warn(job)
     text, _ = describe_plan(job, dims, hf_config, args.device_memory_gib * 2**30 if args.device_memory_gib else None)
     print(text)
     return 0
