@@ -65,7 +65,8 @@ def _warn(job) -> None:
 
 
 def _validate_layout(job):
-    """Check the mesh against the model before any worker exists; returns (dims, hf_config)."""
+    """Check the mesh against the model before any worker exists; returns (dims, hf_config, the
+    model on the meta device)."""
     from distrain.launch import world_size_for
     from distrain.models import build_config
     from distrain.parallel.mesh import ParallelDims
@@ -99,13 +100,13 @@ def _validate_layout(job):
             f"moe.bias_update_rate={job.moe.bias_update_rate}: {type(model).__name__}'s routers carry no e_score_correction_bias "
             "to update (auxiliary-loss-free balancing is DeepSeek-V3's); use moe.bias_update_rate=null or moe.aux_loss_coef"
         )
-    return dims, hf_config
+    return dims, hf_config, model
 
 
-def _check_weights(model_cfg, hf_config) -> None:
+def _check_weights(model_cfg, meta) -> None:
     """Pretrained safetensors (a hub model's downloaded into the hub cache here, before any worker
     starts, so no rank waits for a download inside a collective) must hold every tensor of the model."""
-    from distrain.models import build_meta_model, has_pretrained_weights
+    from distrain.models import has_pretrained_weights
 
     if not has_pretrained_weights(model_cfg):
         return
@@ -117,10 +118,10 @@ def _check_weights(model_cfg, hf_config) -> None:
         raise ConfigError(f"model.name_or_path={model_cfg.name_or_path}: could not fetch its weights from the hub "
                           f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); check the id and the network") from None
     if folder is not None:  # safetensors (else .bin, loaded whole by from_pretrained)
-        check_keys(build_meta_model(model_cfg, hf_config)[0], folder)
+        check_keys(meta, folder)
 
 
-def _validate_run(job, hf_config) -> None:
+def _validate_run(job, hf_config, meta) -> None:
     """Data, run directory and resume, before any worker starts: the tokenized cache is built
     here (no rank waits for it inside a collective), and its vocabulary must fit the model."""
     import os
@@ -130,7 +131,7 @@ def _validate_run(job, hf_config) -> None:
     from distrain.launch.run_dir import check_run
 
     _, fingerprint, vocab_size = prepare_corpus(job.data)
-    _check_weights(job.model, hf_config)
+    _check_weights(job.model, meta)
     if vocab_size > hf_config.vocab_size:
         raise ConfigError(
             f"model.config.vocab_size={hf_config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "
@@ -150,9 +151,9 @@ def validate_train(job) -> None:
     """Everything `distrain train` checks before any worker starts (the in-process test ranks
     check the same)."""
     _check_device(job)
-    _, hf_config = _validate_layout(job)
+    _, hf_config, meta = _validate_layout(job)
     _check_document_masking(job, hf_config)
-    _validate_run(job, hf_config)
+    _validate_run(job, hf_config, meta)
     _warn(job)
 
 
@@ -208,7 +209,7 @@ def cmd_plan(args) -> int:
     from distrain.parallel.plan import describe_plan
 
     job = _load(args.overrides)
-    dims, hf_config = _validate_layout(job)
+    dims, hf_config, _ = _validate_layout(job)
     _warn(job)
     text, _ = describe_plan(job, dims, hf_config, args.device_memory_gib * 2**30 if args.device_memory_gib else None)
     print(text)

@@ -29,21 +29,26 @@ import torch.distributed.checkpoint as dcp
 
 from distrain import faults
 from distrain.checkpoint.dcp import check_complete, read_train_state
-from distrain.config import ConfigError
-from distrain.config.schema import parse_size
 from distrain.checkpoint.hf_import import DTYPES
+from distrain.config import ConfigError
 from distrain.config.load import read_config_yaml
+from distrain.config.schema import parse_size
 from distrain.models import build_config, init_non_persistent_buffers, meta_model, to_empty
 
 MARKER = "distrain_export.json"
 
 
-def load_full_model(checkpoint_dir: Path):
-    """The whole model of a checkpoint, in one process on the CPU (whatever layout saved it)."""
+def _checkpoint_job(checkpoint_dir: Path):
+    """The config a complete checkpoint was written with, or ConfigError."""
     problem = check_complete(checkpoint_dir)
     if problem is not None:
         raise ConfigError(f"{checkpoint_dir}: not a complete distrain checkpoint ({problem}); pass a run.dir/checkpoints/step_NNNNNNNN folder")
-    job = read_config_yaml(checkpoint_dir / "config.yaml")
+    return read_config_yaml(checkpoint_dir / "config.yaml")
+
+
+def load_full_model(checkpoint_dir: Path):
+    """The whole model of a checkpoint, in one process on the CPU (whatever layout saved it)."""
+    job = _checkpoint_job(checkpoint_dir)
     model = meta_model(build_config(job.model))
     to_empty(model, torch.device("cpu"))
     init_non_persistent_buffers(model)  # rotary frequencies and the like: in no checkpoint
@@ -81,10 +86,7 @@ def export_checkpoint(
         shard_bytes = parse_size(max_shard_size)
     except ValueError as error:
         raise ConfigError(f"export shard size: {error}") from None
-    problem = check_complete(checkpoint_dir)
-    if problem is not None:
-        raise ConfigError(f"{checkpoint_dir}: not a complete distrain checkpoint ({problem}); pass a run.dir/checkpoints/step_NNNNNNNN folder")
-    job = read_config_yaml(checkpoint_dir / "config.yaml")
+    job = _checkpoint_job(checkpoint_dir)
     model = meta_model(build_config(job.model))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -201,8 +203,6 @@ class _ShardWriter:
             weight_map.update(dict.fromkeys(keys, name))
         index = {"metadata": {"total_parameters": total_parameters, "total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
 
 
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in DTYPES.items()}

@@ -102,10 +102,11 @@ class _Reader:
 def load_sharded(model: nn.Module, folder: Path) -> None:
     """Fill every parameter and persistent buffer of `model` (already sharded and allocated) with its
     local part of the checkpoint in `folder`."""
-    targets, renamed, converted, missing = _plan(model, folder)
+    key_files = _key_files(folder)
+    targets, renamed, converted, missing = _plan(model, key_files)
     if missing:
         raise ValueError(_missing_message(folder, missing))
-    reader = _Reader(_key_files(folder))
+    reader = _Reader(key_files)
     for name, key in renamed.items():
         if name in targets:
             _fill_box(targets[name], reader, key)
@@ -123,7 +124,7 @@ def check_keys(model: nn.Module, folder: Path) -> None:
     checkpoint's keys, or ConfigError naming what is missing."""
     from distrain.config import ConfigError
 
-    missing = _plan(model, folder)[3]
+    missing = _plan(model, _key_files(folder))[3]
     if missing:
         raise ConfigError(_missing_message(folder, missing))
 
@@ -133,7 +134,7 @@ def _missing_message(folder: Path, missing: list[str]) -> str:
             f"(e.g. {', '.join(missing[:3])}); is it a checkpoint of this architecture and size (model.config overrides)?")
 
 
-def _plan(model: nn.Module, folder: Path):
+def _plan(model: nn.Module, key_files: dict[str, Path]):
     """(targets, renamed: in-memory name -> hub key, converted: first target name -> (converter,
     [(hub key, source pattern)]), missing target names), from the keys alone."""
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -147,7 +148,7 @@ def _plan(model: nn.Module, folder: Path):
     # every name a checkpoint key may map to, tied ones too (not `state_dict()`: FSDP's hooks run there)
     known = dict.fromkeys([name for name, _ in model.named_parameters(remove_duplicate=False)] + list(targets), True)
     renamed, converted = {}, {}
-    for key in _key_files(folder):
+    for key in key_files:
         name, pattern = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None), known)
         if name not in known:
             continue  # a key the model does not hold (e.g. a tied lm_head, rotary caches)

@@ -71,8 +71,8 @@ def _spawn_local(job: JobConfig) -> int:
     import shutil
     import signal
     import tempfile
-    from pathlib import Path
     import threading
+    from pathlib import Path
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run as elastic_run

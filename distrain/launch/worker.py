@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import datetime
 import os
 import signal
@@ -148,8 +147,8 @@ def _run(job: JobConfig, log) -> int:
     try:
         job, resume_from = agree(job, log)
         trainer = Trainer(job, device, [Path(p) for p in resume_from])
-        for line in trainer.startup_lines():
-            trainer.say(line)
+        if trainer.is_main:
+            print("\n".join(trainer.startup_lines()), flush=True)
         status = trainer.train()
         dist.barrier()
     finally:

@@ -62,7 +62,7 @@ class Trainer:
         # data first: the tokenizer decides the vocabulary the model must cover
         corpus = load_corpus(job.data)
         assert corpus.train.vocab_size <= hf_config.vocab_size, "checked before spawn (distrain.cli)"
-        self.hf_config, self.train_tokens = hf_config, corpus.train.tokens.numel()
+        self.hf_config = hf_config
         self.tokenizer_dir = corpus.tokenizer_dir
         self.train_loader = GlobalBatchLoader(
             PackedDataset(corpus.train, job.train.seq_len, job.data.document_masking),
@@ -268,10 +268,11 @@ class Trainer:
         total = sum(p.numel() for p in self.model.parameters())
         source = f"from {job.model.name_or_path}" if has_pretrained_weights(job.model) else f"random init (run.seed={job.run.seed})"
         layers = getattr(self.hf_config, "num_hidden_layers", "?")
-        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in self.model.parameters())
+        local = _local_bytes(self.model.parameters())
         mode = dims.activation_checkpointing
         activations = activation_bytes(job, dims, self.spec, self.hf_config)
-        samples = len(self.train_loader.dataset)
+        dataset = self.train_loader.dataset
+        samples = len(dataset)
         consumed = job.train.steps * job.train.global_batch_size
         checkpoints = (f"every {job.checkpoint.interval} steps" if job.checkpoint.interval else "at the end") + f" in {self.run_dir / 'checkpoints'}"
         return [
@@ -281,7 +282,7 @@ class Trainer:
             f"memory  rank 0: {4 * local / mib:,.1f} MiB of training state (fp32 parameters {local / mib:,.1f}, gradients "
             f"{local / mib:,.1f}, Adam {2 * local / mib:,.1f}) + about {(activations[mode] + activations['logits']) / mib:,.1f} MiB "
             f"of activations per micro-batch (activation_checkpointing={mode}; `distrain plan` for details)",
-            f"data    {job.data.source}: {self.train_tokens:,} training tokens, {samples:,} samples of {job.train.seq_len}; "
+            f"data    {job.data.source}: {dataset.num_tokens:,} training tokens, {samples:,} samples of {job.train.seq_len}; "
             f"{job.train.steps} steps x {job.train.global_batch_size} samples = {consumed / max(samples, 1):.2f} epochs",
             f"outputs checkpoints {checkpoints}; " + (f"export to {self.run_dir / 'export'}; " if job.checkpoint.export else "")
             + f"log in {self.run_dir / 'train.log'}",
