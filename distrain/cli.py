@@ -62,6 +62,8 @@ def _warn(job) -> None:
     if job.optim.warmup_steps > job.train.steps:
         print(f"warning: optim.warmup_steps={job.optim.warmup_steps} is more than train.steps={job.train.steps}: "
               "the learning rate never reaches optim.lr in this run", file=sys.stderr)
+    if job.profile.steps and job.profile.steps[0] > job.train.steps:
+        print(f"warning: profile.steps={job.profile.steps} starts after train.steps={job.train.steps}: no trace is written", file=sys.stderr)
 
 
 def _validate_layout(job):

@@ -52,6 +52,14 @@ LAYOUTS = {
     "tp=2 sp x ep=2": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true", "parallel.ep=2"],
     "dp_shard=2 x tp=2 sp x ep=4": ["launcher.nproc_per_node=4", "parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true", "parallel.ep=4"],
     "dp_replicate=2 x dp_shard=2 x ep=2": ["launcher.nproc_per_node=4", "parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"],
+    # gradient accumulation: the replicas' all-reduce once per step; grad_sync=step: FSDP reduces once per step
+    "dp_replicate=2 x dp_shard=2 accumulating": ["launcher.nproc_per_node=4", "parallel.dp_replicate=2", "parallel.dp_shard=2", "train.micro_batch_size=1", "eval.batches=6"],
+    "dp_shard=2 x tp=2 sp grad_sync=step": [
+        "launcher.nproc_per_node=4", "parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true", "train.micro_batch_size=1", "eval.batches=6", "parallel.grad_sync=step",
+    ],
+    "dp_replicate=2 x dp_shard=2 x ep=2 grad_sync=step": [
+        "launcher.nproc_per_node=4", "parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2", "train.micro_batch_size=1", "eval.batches=6", "parallel.grad_sync=step",
+    ],
 }
 FSDP_ONLY = ["dp_shard=4", "dp_replicate=2 x dp_shard=2"]
 CASES = [
@@ -62,7 +70,8 @@ CASES = [
     ("qwen3_moe", [*FSDP_ONLY, "tp=2", "dp_shard=2 x tp=2 sp", "tp=2 selective AC"]),  # expert-TP: packed gate_up
     # experts split, all-to-all dispatch; HSDP of the experts (ep=4 and tp=2 x ep=2: with the aux loss on,
     # in test_aux_loss_layouts_match_single_process; "ep=2" is dp_shard=2 x ep=2 on 2 ranks)
-    ("qwen3_moe EP", ["ep=2", "dp_shard=4 x ep=2", "tp=2 sp x ep=2", "dp_replicate=2 x dp_shard=2 x ep=2", "dp_shard=2 x tp=2 sp x ep=4"]),
+    ("qwen3_moe EP", ["ep=2", "dp_shard=4 x ep=2", "tp=2 sp x ep=2", "dp_replicate=2 x dp_shard=2 x ep=2", "dp_shard=2 x tp=2 sp x ep=4",
+                      "dp_replicate=2 x dp_shard=2 x ep=2 grad_sync=step"]),
     ("mixtral", [*FSDP_ONLY, "tp=2 sp"]),
     ("mixtral EP", ["ep=2", "ep=4", "dp_shard=4 x ep=2", "tp=2 x ep=2", "tp=2 sp x ep=2", "dp_replicate=2 x dp_shard=2 x ep=2"]),
     ("phi3", [*FSDP_ONLY, "tp=2 sp"]),  # fused qkv / gate_up: gathered output, split input
@@ -294,7 +303,55 @@ def test_counted_bytes_meet_the_layout_minimum(tmp_path, ranks, tiny_dense, reci
     assert not row["uncounted_ops"], row
 
 
+def test_profile_writes_a_trace_per_rank(tmp_path, ranks, tiny_dense):
+    """profile.steps=[2,3] on dp_shard=2: each rank writes a Chrome trace holding steps 2 and 3
+    (not 1), FSDP's all-gathers and reduce-scatters and the gloo collectives; the overlap summary
+    reads it."""
+    import json
+
+    from distrain.metrics.profile import comm_overlap
+
+    run_dir = tmp_path / "run"
+    ranks.train([
+        "recipe=llama_debug", *tiny_dense, "launcher.nproc_per_node=2", "parallel.dp_shard=2", "train.steps=3", "eval.interval=0",
+        "checkpoint.export=false", "profile.steps=[2,3]", "profile.memory=true", f"run.dir={run_dir}",
+    ])
+    assert sorted(p.name for p in (run_dir / "profile").iterdir()) == ["trace_rank0.json", "trace_rank1.json"]
+    for rank in range(2):
+        trace = json.loads((run_dir / "profile" / f"trace_rank{rank}.json").read_text())
+        names = [e.get("name", "") for e in trace["traceEvents"] if e.get("ph") == "X"]
+        assert {"step 2", "step 3"} <= set(names) and "step 1" not in names
+        assert any(n.startswith("FSDP::all_gather") for n in names) and any(n.startswith("FSDP::post_backward_reduce") for n in names)
+        assert "gloo:all_gather" in names and any(e.get("name") == "[memory]" for e in trace["traceEvents"])
+        comm, overlapped = comm_overlap(trace)
+        assert comm > 0 and 0 <= overlapped <= comm
+
+
 @pytest.mark.slow
+def test_grad_sync_step_reduces_gradients_once_per_step(tmp_path, ranks, tiny_dense):
+    """Two micro-batches per rank on HSDP x EP: with parallel.grad_sync=micro_batch FSDP reduce-
+    scatters after each (and all-reduces over the replicas once), with =step once per step, as
+    one micro-batch does; both at their minimum."""
+    from conftest import MOE_TINY
+
+    layout = ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"]
+    rows = {}
+    for name, micro, sync in (("one", 2, "micro_batch"), ("micro_batch", 1, "micro_batch"), ("step", 1, "step")):
+        overrides = [*tiny_dense, *MOE_TINY, f"run.dir={tmp_path / name}", f"train.micro_batch_size={micro}", "train.global_batch_size=8",
+                     f"parallel.grad_sync={sync}", *layout]
+        rows[name] = ranks.call(4, "layouts:measure", "qwen3_moe_debug", overrides, 0)[0]
+        assert 1.0 <= rows[name]["comm_ratio"] <= 1.05, (name, rows[name])
+    one, each, once = (rows[k]["comm_bus_bytes"] for k in ("one", "micro_batch", "step"))
+    calls = {k: rows[k]["comm_calls"] for k in rows}
+    assert calls["micro_batch"]["reduce_scatter"] == 2 * calls["one"]["reduce_scatter"], calls
+    assert calls["step"]["reduce_scatter"] == calls["one"]["reduce_scatter"], calls
+    assert each["reduce_scatter"] == pytest.approx(2 * one["reduce_scatter"], rel=1e-12)
+    assert once["reduce_scatter"] == pytest.approx(one["reduce_scatter"], rel=1e-12)
+    # the replicas' all-reduce of the gradient shards: once per step in both modes
+    grad_all_reduce = {k: rows[k]["comm_calls"]["all_reduce"] for k in rows}
+    assert grad_all_reduce["micro_batch"] == grad_all_reduce["step"], grad_all_reduce
+
+
 @pytest.mark.slow
 def test_selective_checkpointing_keeps_grouped_gemms_and_all_to_alls(tmp_path, ranks, tiny):
     """Under EP, selective activation checkpointing recomputes neither the grouped GEMMs nor the

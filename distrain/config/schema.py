@@ -61,6 +61,12 @@ class ParallelConfig:
     # FSDP: free each block's gathered parameters after its forward (gather again for backward)
     reshard_after_forward: bool = True
     cpu_offload: bool = False  # FSDP keeps sharded parameters, gradients and optimizer on the host
+    # With gradient accumulation, when FSDP reduces gradients: micro_batch (reduce-scatter after each
+    # micro-batch's backward: gradients stay sharded; with dp_replicate > 1 the all-reduce over the
+    # replicas still happens once per step), or step (after the last micro-batch only: 1/m of the
+    # reduce-scatter bytes for m micro-batches, but every rank holds the whole model's fp32
+    # gradients unsharded from the first micro-batch to the last)
+    grad_sync: Literal["micro_batch", "step"] = "micro_batch"
     # Recompute activations in backward: none, full (whole blocks), or selective (keep the
     # outputs of matmuls and attention, recompute the cheap element-wise ops)
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
@@ -73,6 +79,11 @@ class ParallelConfig:
         _require(
             self.dp_shard == -1 or self.dp_shard >= 1,
             f"parallel.dp_shard={self.dp_shard}: must be >= 1, or -1 to fill the rest of the world",
+        )
+        _require(
+            not (self.cpu_offload and self.grad_sync == "step"),
+            "parallel.grad_sync=step holds every gradient unsharded on the device between micro-batches, which "
+            "parallel.cpu_offload=true exists to avoid; use parallel.grad_sync=micro_batch",
         )
 
 
@@ -267,6 +278,24 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ProfileConfig:
+    # [a, b]: a torch.profiler trace of steps a..b (inclusive, counted like train.steps) into
+    # run.dir/profile/trace_rank<r>.json on every rank (Chrome trace: open in ui.perfetto.dev or
+    # chrome://tracing); empty: no profiling.
+    steps: list[int] = field(default_factory=list)
+    # Also record memory over those steps: allocations in the trace, and on CUDA a snapshot of the
+    # caching allocator (run.dir/profile/memory_rank<r>.pickle: drag onto pytorch.org/memory_viz).
+    memory: bool = False
+
+    def validate(self) -> None:
+        _require(
+            self.steps == [] or (len(self.steps) == 2 and 1 <= self.steps[0] <= self.steps[1]),
+            f"profile.steps={self.steps}: must be [first, last] with 1 <= first <= last (e.g. profile.steps=[5,6]), or [] for none",
+        )
+        _require(not self.memory or self.steps != [], "profile.memory=true records over profile.steps: set them too (e.g. profile.steps=[5,6])")
+
+
+@dataclass(frozen=True)
 class LauncherConfig:
     nproc_per_node: int = 1
     backend: Literal["auto", "gloo", "nccl"] = "auto"
@@ -291,6 +320,7 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 

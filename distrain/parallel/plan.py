@@ -8,6 +8,7 @@ shown is the one `parallelize` actually applies, and the bytes are those of rank
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import torch
@@ -50,10 +51,15 @@ def describe_plan(job: JobConfig, dims: ParallelDims, hf_config, device_memory: 
         # activation checkpointing and compile change no placement or byte; leave them out here
         partial = set(parallelize(model, spec, dataclasses.replace(dims, activation_checkpointing="none", compile=False), mesh, bf16=False))
         rows: dict[str, tuple] = {}
-        param_bytes = 0
+        param_bytes = unsharded_bytes = 0
         for name, param in model.named_parameters():
             local = param.to_local() if isinstance(param, DTensor) else param
             param_bytes += local.numel() * local.element_size()
+            fsdp_ranks = math.prod(
+                param.device_mesh.size(i) for i, (axis, p) in enumerate(zip(param.device_mesh.mesh_dim_names, param.placements))
+                if p.is_shard() and axis not in ("tp", "ep")
+            ) if isinstance(param, DTensor) else 1
+            unsharded_bytes += local.numel() * fsdp_ranks * 4  # fp32 (the reduce dtype)
             layout = ", ".join(
                 f"{axis}: {placement}" for axis, placement in zip(param.device_mesh.mesh_dim_names, param.placements)
             ) if isinstance(param, DTensor) else "replicated"
@@ -84,13 +90,18 @@ def describe_plan(job: JobConfig, dims: ParallelDims, hf_config, device_memory: 
     lines += ["", "per-rank bytes (rank 0; fp32 weights, fp32 gradients, Adam exp_avg + exp_avg_sq):"]
     for key, value in bytes_per_rank.items():
         lines.append(f"  {key:<11} {value:>14,d} B  {value / 2**20:10.2f} MiB")
+    accumulating = job.train.global_batch_size > job.train.micro_batch_size * dims.dp
+    held_gradients = unsharded_bytes if job.parallel.grad_sync == "step" and accumulating and dims.fsdp else 0
+    if held_gradients:
+        lines.append(f"  + {held_gradients:,d} B ({held_gradients / 2**20:.2f} MiB) of unsharded gradients between micro-batches "
+                     "(parallel.grad_sync=step)")
     if device_memory is None and torch.cuda.is_available():
         device_memory = torch.cuda.get_device_properties(0).total_memory
     tokens = job.train.micro_batch_size * job.train.seq_len
     lines += ["", f"activations per rank (estimate: one micro-batch of {tokens} tokens in flight, plus the loss's logits, "
                   f"{activations['logits'] / 2**30:.2f} GiB):"]
     for mode in ("none", "selective", "full"):
-        peak = bytes_per_rank["total"] + activations[mode] + activations["logits"]
+        peak = bytes_per_rank["total"] + held_gradients + activations[mode] + activations["logits"]
         verdict = "" if device_memory is None else (" fits" if peak <= device_memory else " does NOT fit")
         chosen = "  <- parallel.activation_checkpointing" if mode == dims.activation_checkpointing else ""
         lines.append(f"  {mode:<10} {activations[mode] / 2**30:8.2f} GiB ({activations[mode]:,} B); with state {peak / 2**30:8.2f} GiB{verdict}{chosen}")

@@ -28,6 +28,7 @@ from distrain.data.corpus import load_corpus
 from distrain.data.loader import GlobalBatchLoader, eval_batches
 from distrain.data.packing import IGNORE_INDEX, PackedDataset
 from distrain.metrics.flops import flops_per_token, peak_flops
+from distrain.metrics.profile import StepProfiler
 from distrain.metrics.sinks import MetricsLogger, rewind_metrics
 from distrain.models import build_config, build_meta_model, has_pretrained_weights, pretrained_state_dict
 from distrain.parallel.grads import clip_grad_norm
@@ -153,6 +154,7 @@ class Trainer:
         self.peak_flops = peak_flops(device, job.logging.peak_flops)
         self.state_bytes = None  # this rank's bytes of parameters, gradients, optimizer states
         self.metrics = MetricsLogger(job, self.run_dir, to_dict(job), self.step) if self.is_main else None
+        self.profiler = StepProfiler(job.profile, self.run_dir, self.rank, device)
 
     def autocast(self):
         if self.bf16 and not self.dims.fsdp:  # with FSDP, its mixed-precision policy casts instead
@@ -208,7 +210,8 @@ class Trainer:
         if faults.active("nan", "loss", self.step + 1):
             scale = float("nan")
         loss_total = torch.zeros((), device=self.device)
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
+            self._grad_sync(last=i + 1 == len(micro_batches))
             with self.router_stats.recording() if self.router_stats else contextlib.nullcontext():
                 loss = self._loss_sum(mb) * scale
             loss_total += _local(loss.detach())
@@ -220,6 +223,17 @@ class Trainer:
         if self.dims.tp > 1:
             sync_tp_grads(self.model, self.partial_grads, self.mesh.tp.get_group())
         return self._dp_sum(loss_total).item()
+
+    def _grad_sync(self, last: bool) -> None:
+        """Whether FSDP reduces this micro-batch's gradients (`parallel.grad_sync`). Over HSDP
+        replicas they are all-reduced once per step either way: the reduce-scattered shards
+        accumulate at no memory cost."""
+        if not self.dims.fsdp:
+            return
+        if self.job.parallel.grad_sync == "step":
+            self.model.set_requires_gradient_sync(last)
+        elif self.dims.dp_replicate > 1:
+            self.model.set_requires_all_reduce(last)
 
     def agree(self, nonfinite: bool) -> list[int]:
         """One all-reduce (max) over every rank of [this step is not finite, *stop signals
@@ -298,14 +312,22 @@ class Trainer:
         if self.step >= job.train.steps:
             self.say(f"the checkpoint is at step {self.step}, train.steps={job.train.steps}: nothing to train")
         try:
+            return self._train()
+        finally:
+            self.profiler.close()  # a run that stops inside the profiled steps still writes them
+
+    def _train(self) -> int:
+        job = self.job
+        try:
             while self.step < job.train.steps:
                 faults.fire("step", self.step + 1)
                 lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
-                start = time.perf_counter()
-                loss, grad_norm, flags = self.train_step(self.train_loader.next_batch())
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                step_time = time.perf_counter() - start
+                with self.profiler.step(self.step + 1):
+                    start = time.perf_counter()
+                    loss, grad_norm, flags = self.train_step(self.train_loader.next_batch())
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    step_time = time.perf_counter() - start
                 self.step += 1
                 self.checkpointer.poll()
                 nonfinite, stop_flags = flags[0], flags[1:]

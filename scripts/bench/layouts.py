@@ -10,15 +10,23 @@ and reports from rank 0 (state bytes: the largest over the ranks):
   4 x full fp32 parameter bytes / (world size / dp_replicate): HSDP replicas hold copies by
   design, every other rank holds only its share. Goal: 1.000x.
 - comm_ratio: bus bytes of every collective of one step (counted at the process-group level by
-  `distrain.metrics.comm.CommCounter`) against the layout's analytic minimum. Goal: <= 1.05x.
-  The minimum, per rank, for dp_replicate r x dp_shard d x tp t (ring algorithms, s = (k-1)/k
-  for a group of k ranks):
-    FSDP   s_d * (2 * P_blocks + P_root + P)        all-gather blocks in forward and backward,
-                                                    the root once; reduce-scatter every gradient
-    HSDP   + 2 s_r * P / d                          all-reduce of the gradient shards
+  `distrain.metrics.comm.CommCounter`) against the layout's minimum. Goal: <= 1.05x.
+  The minimum is what any correct implementation of the layout's contract must move, whatever
+  its code: parameters are held sharded except while a block computes (so every block's weights
+  must arrive for its forward and, with reshard_after_forward, again for its backward), gradients
+  leave each micro-batch sharded (parallel.grad_sync=micro_batch) or the step (=step), and under
+  TP each rank holds only its slice of every sharded weight, so each sub-layer's partial output
+  must be summed across TP in forward and its input gradient in backward (Megatron's bound for
+  1-D TP). Ring algorithms reach the lower bound on bytes per rank for these sums and gathers:
+  s = (k-1)/k of the payload for a group of k ranks (twice that for an all-reduce). Per rank, per
+  step of m micro-batches, for dp_replicate r x dp_shard d x tp t (g = 2 all-gathers per block
+  and micro-batch with reshard_after_forward, else 1; n = m reduce-scatters, or 1 with
+  grad_sync=step):
+    FSDP   s_d * (m * (g * P_blocks + P_root) + n * P)    the root gathered once per micro-batch
+    HSDP   + 2 s_r * P / d                          all-reduce of the gradient shards, once per step
     with TP, parameters TP leaves whole (norms, routers, W bytes) are FSDP-sharded over d x t
     ranks, and kept gathered from forward to backward (they are tiny):
-           s_dt * 2 W (+ 2 s_r * W / (d t))         all-gather once, reduce-scatter
+           s_dt * (m + n) * W (+ 2 s_r * W / (d t))
     TP     per micro-batch, with A = micro-batch x seq_len x hidden x 4 bytes:
            2 s_t * A * (4 L + 2)                    per layer 2 sub-layers x (forward + backward)
                                                     all-reduce (or SP's all-gather + reduce-
@@ -34,7 +42,7 @@ and reports from rank 0 (state bytes: the largest over the ranks):
   without TP), split into decoder blocks and the rest (root), and P_partial the bytes of
   parameters whose partial gradients are left to an explicit all-reduce over TP (none today).
     EP     experts (X bytes per EP rank: 1/ep of them) are FSDP-sharded over e = dp_shard x tp / ep
-           ranks instead of d: 3 s_e * X (+ 2 s_r * X / e)
+           ranks instead of d: s_e * (m * g + n) * X (+ 2 s_r * X / e)
            + 2 * R * hidden * 4                     R: the routed rows this rank sends to other
                                                     ranks plus those it receives from them
                                                     (counted from the routing); each crosses
@@ -195,6 +203,8 @@ def measure(recipe: str, overrides: list[str], steps: int) -> dict | None:
             "min_comm_MiB": minimum / 2**20,
             "comm_ratio": measured_bus / minimum if minimum else 1.0,
             "comm_by_kind_MiB": {k: round(v / 2**20, 4) for k, v in sorted(comm.bus.items())},
+            "comm_calls": dict(sorted(comm.calls.items())),
+            "comm_bus_bytes": dict(sorted(comm.bus.items())),
             "tokens_per_s": steps * job.train.global_batch_size * job.train.seq_len / elapsed,
             "uncounted_ops": sorted(comm.unknown),
         }
@@ -224,11 +234,13 @@ def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
         if name in partial:
             p_partial += nbytes
     share = lambda k: (k - 1) / k  # noqa: E731
-    total = share(d) * (2 * p_blocks + p_root + (p_blocks + p_root))
-    total += 2 * share(r) * (p_blocks + p_root) / d
-    total += share(d * t) * 2 * p_whole + 2 * share(r) * p_whole / (d * t)
     config, micro, seq = model.config, job.train.micro_batch_size, job.train.seq_len
     num_micro = job.train.global_batch_size // (micro * dims.dp)
+    reductions = 1 if job.parallel.grad_sync == "step" else num_micro  # reduce-scatters per step
+    gathers = 2 if dims.reshard_after_forward else 1  # each block's all-gathers per micro-batch
+    total = share(d) * (num_micro * (gathers * p_blocks + p_root) + reductions * (p_blocks + p_root))
+    total += 2 * share(r) * (p_blocks + p_root) / d
+    total += share(d * t) * (num_micro + reductions) * p_whole + 2 * share(r) * p_whole / (d * t)
     if t > 1:
         activation = micro * seq * config.hidden_size * 4
         per_micro = 2 * share(t) * activation * (4 * config.num_hidden_layers + 2)
@@ -238,7 +250,7 @@ def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
     layers, num_experts = len(spec.moe_blocks), spec.num_experts
     if dims.ep > 1:
         e = dims.efsdp
-        total += 3 * share(e) * p_experts + 2 * share(r) * p_experts / e
+        total += share(e) * (num_micro * gathers + reductions) * p_experts + 2 * share(r) * p_experts / e
         total += 2 * remote_rows * config.hidden_size * 4
         total += num_micro * layers * num_experts * 8 * share(dims.ep)
     if layers:
