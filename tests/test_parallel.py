@@ -39,10 +39,11 @@ LAYOUTS = {
     "tp=2": ["launcher.nproc_per_node=2", "parallel.tp=2"],
     "tp=2 sp": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true"],
     "dp_shard=2 x tp=2": ["launcher.nproc_per_node=4", "parallel.dp_shard=2", "parallel.tp=2"],
-    "dp_shard=2 x tp=2 sp": ["launcher.nproc_per_node=4", "parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true"],
+    # (the test models are small enough to make one FSDP unit of all blocks; fsdp_unit_mb=0: one per block)
+    "dp_shard=2 x tp=2 sp": ["launcher.nproc_per_node=4", "parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true", "parallel.fsdp_unit_mb=0"],
     "tp=4 sp": ["launcher.nproc_per_node=4", "parallel.tp=4", "parallel.sp=true"],
-    "dp_shard=2 full AC": ["launcher.nproc_per_node=2", "parallel.dp_shard=2", "parallel.activation_checkpointing=full"],
-    "tp=2 sp selective AC": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true", "parallel.activation_checkpointing=selective"],
+    "dp_shard=2 full AC": ["launcher.nproc_per_node=2", "parallel.dp_shard=2", "parallel.activation_checkpointing=full", "parallel.fsdp_unit_mb=0"],
+    "tp=2 sp selective AC": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true", "parallel.activation_checkpointing=selective", "parallel.fsdp_unit_mb=0"],
     "tp=2 selective AC": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.activation_checkpointing=selective"],
     "dp_shard=2 no reshard": ["launcher.nproc_per_node=2", "parallel.dp_shard=2", "parallel.reshard_after_forward=false"],
     "ep=2": ["launcher.nproc_per_node=2", "parallel.ep=2"],
@@ -51,7 +52,7 @@ LAYOUTS = {
     "tp=2 x ep=2": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.ep=2"],
     "tp=2 sp x ep=2": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true", "parallel.ep=2"],
     "dp_shard=2 x tp=2 sp x ep=4": ["launcher.nproc_per_node=4", "parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true", "parallel.ep=4"],
-    "dp_replicate=2 x dp_shard=2 x ep=2": ["launcher.nproc_per_node=4", "parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"],
+    "dp_replicate=2 x dp_shard=2 x ep=2": ["launcher.nproc_per_node=4", "parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2", "parallel.fsdp_unit_mb=0"],
     # gradient accumulation: the replicas' all-reduce once per step; grad_sync=step: FSDP reduces once per step
     "dp_replicate=2 x dp_shard=2 accumulating": ["launcher.nproc_per_node=4", "parallel.dp_replicate=2", "parallel.dp_shard=2", "train.micro_batch_size=1", "eval.batches=6"],
     "dp_shard=2 x tp=2 sp grad_sync=step": [
@@ -286,8 +287,10 @@ def test_plan_reports_the_bytes_the_shards_hold(tmp_path, ranks, saved_models, d
         ("qwen3_moe_debug", 2, ["parallel.tp=2", "parallel.sp=true"], 1.0),  # expert-TP
         ("qwen3_moe_debug", 2, ["parallel.ep=2"], 1.0),  # all-to-all bytes: exactly the rows routed to the other rank
         ("qwen3_moe_debug", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"], 1.0),
+        ("qwen3_moe_debug", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2", "parallel.fsdp_unit_mb=0"], 1.0),
         ("llama_debug", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], 1.0),
         ("llama_debug", 4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true"], 1.0),
+        ("llama_debug", 4, ["parallel.dp_shard=4", "parallel.fsdp_unit_mb=0"], 1.0),
     ],
 )
 def test_counted_bytes_meet_the_layout_minimum(tmp_path, ranks, tiny_dense, recipe, world, layout, max_state_ratio):

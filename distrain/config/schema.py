@@ -60,6 +60,11 @@ class ParallelConfig:
     ep: int = 1
     # FSDP: free each block's gathered parameters after its forward (gather again for backward)
     reshard_after_forward: bool = True
+    # FSDP units: consecutive decoder blocks are grouped into one unit until it holds at least this
+    # many MB of parameters (fp32, whole): each unit is one all-gather and one reduce-scatter, so
+    # small blocks share collectives (latency-bound) instead of paying one each; blocks of that
+    # size or more get a unit each. 0: one unit per block.
+    fsdp_unit_mb: float = 25.0
     cpu_offload: bool = False  # FSDP keeps sharded parameters, gradients and optimizer on the host
     # With gradient accumulation, when FSDP reduces gradients: micro_batch (reduce-scatter after each
     # micro-batch's backward: gradients stay sharded; with dp_replicate > 1 the all-reduce over the
@@ -80,6 +85,7 @@ class ParallelConfig:
             self.dp_shard == -1 or self.dp_shard >= 1,
             f"parallel.dp_shard={self.dp_shard}: must be >= 1, or -1 to fill the rest of the world",
         )
+        _require(0 <= self.fsdp_unit_mb < float("inf"), f"parallel.fsdp_unit_mb={self.fsdp_unit_mb}: must be a number >= 0 (0: one FSDP unit per block)")
         _require(
             not (self.cpu_offload and self.grad_sync == "step"),
             "parallel.grad_sync=step holds every gradient unsharded on the device between micro-batches, which "

@@ -48,13 +48,19 @@ class GlobalBatchLoader:
         return int(self._order[offset])
 
     def next_batch(self) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches of the next global batch; advances the global position."""
+        """This rank's micro-batches of the next global batch; advances the global position.
+        Each carries `global_targets`, the number of targets in the whole global batch (every
+        rank counts it from the document offsets: the loss is normalized by it without a
+        collective)."""
         per_rank = self.global_batch_size // self.dp_size
         begin = self.position + self.dp_rank * per_rank
         samples = [self.dataset[self._sample_index(p)] for p in range(begin, begin + per_rank)]
+        global_targets = torch.tensor(sum(
+            self.dataset.num_targets(self._sample_index(p)) for p in range(self.position, self.position + self.global_batch_size)
+        ))
         self.position += self.global_batch_size
         mb = self.micro_batch_size
-        return [collate(samples[i : i + mb]) for i in range(0, per_rank, mb)]
+        return [dict(collate(samples[i : i + mb]), global_targets=global_targets) for i in range(0, per_rank, mb)]
 
     def state_dict(self) -> dict[str, Any]:
         # NOTE: seed, seq_len and fingerprint define the stream that `position` indexes; a resume

@@ -5,7 +5,8 @@ Hooks on each MoE layer's router (its logits, [tokens, experts]) and experts (th
 ids) record one entry per layer while the trainer runs a micro-batch's forward (`recording`);
 recomputation under activation checkpointing and evaluation record nothing. After the forward,
 `aux_loss` all-reduces the counts of every layer over the data-parallel ranks at once (one
-collective of layers x experts integers) and returns this rank's share of the loss
+collective of layers x experts integers; with the loss off they are only statistics, and ride on
+the trainer's one all-reduce of the step instead) and returns this rank's share of the loss
 
     coef x mean over layers of  E x sum_e f_e x P_e,
 
@@ -43,6 +44,7 @@ class RouterStats:
         self.step_load = torch.zeros(len(moe_blocks), self.num_experts, dtype=torch.float64, device=device)  # this step's
         self.aux_sum = torch.zeros((), dtype=torch.float64, device=device)  # this rank's shares, since the last summary
         self.micro_batches = 0
+        self.pending: torch.Tensor | None = None  # counts awaiting the step's all-reduce (aux loss off)
         for layer, block in enumerate(moe_blocks):
             block.router.register_forward_hook(self._keep_logits(layer))
             block.experts.register_forward_pre_hook(self._keep_indices(layer), with_kwargs=True)
@@ -89,14 +91,15 @@ class RouterStats:
             torch.cat([torch.bincount(self.indices[i].reshape(-1), minlength=self.num_experts), self.dropped.get(i, self.indices[i].new_zeros(())).reshape(1)])
             for i in layers
         ]).to(torch.float64)
-        if self.dp_size > 1:
-            dist.all_reduce(counts, group=self.dp_group)
-        self.load += counts
-        counts = counts[:, :-1]
-        self.step_load += counts
         self.micro_batches += 1
         aux = None
-        if self.coef > 0:
+        if self.coef == 0:  # the counts are only statistics: summed over the ranks once per step
+            self.pending = counts if self.pending is None else self.pending + counts
+        else:
+            if self.dp_size > 1:
+                dist.all_reduce(counts, group=self.dp_group)
+            self.add_global(counts)
+            counts = counts[:, :-1]
             routed = counts.sum(dim=1, keepdim=True)  # (token, expert) pairs of the global micro-batch
             tokens = routed / self.indices[0].shape[-1]
             terms = []
@@ -110,6 +113,17 @@ class RouterStats:
         self.indices.clear()
         self.dropped.clear()
         return aux
+
+    def take_pending(self) -> torch.Tensor | None:
+        """This rank's counts of the step not yet summed over the ranks (with the aux loss off),
+        for the trainer's one all-reduce of the step; `add_global` takes the sum back."""
+        pending, self.pending = self.pending, None
+        return pending
+
+    def add_global(self, counts: torch.Tensor) -> None:
+        """Global counts, [layers, experts + dropped], into the statistics and the step's load."""
+        self.load += counts
+        self.step_load += counts[:, :-1]
 
     @torch.no_grad()
     def update_biases(self, rate: float, applied: bool) -> None:
@@ -127,7 +141,7 @@ class RouterStats:
         """Statistics since the last summary (collective: every rank calls it): per layer the
         global tokens per expert and max / mean load, and the mean aux loss per micro-batch."""
         aux = self.aux_sum.clone()
-        if self.dp_size > 1:
+        if self.coef > 0 and self.dp_size > 1:
             dist.all_reduce(aux, group=self.dp_group)
         load, dropped = self.load[:, :-1], self.load[:, -1]
         max_mean = (load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)).tolist()

@@ -1,8 +1,11 @@
 """Gradient norm and clipping over every mesh axis, in one place.
 
-Each gradient contributes the squares of its local entries, summed over the mesh dimensions on
-which it is sharded and not over those on which it is replicated: a parameter replicated over
-the TP ranks (a norm under FSDP x TP) is counted once, a sharded one once per shard.
+Each rank adds the squares of the gradient entries it owns: a gradient sharded on a mesh axis is
+owned by every rank of that axis (each its own shard), one replicated on an axis only by the rank
+at coordinate 0 there (HSDP replicas, the TP ranks of a parameter TP leaves whole), and a plain
+tensor on a multi-rank job (replicated everywhere) only by rank 0. Summed over the whole world,
+these count every entry exactly once: the trainer adds this sum to the one all-reduce of its step
+(`Trainer.train_step`) rather than spending a collective on it.
 """
 
 from __future__ import annotations
@@ -15,34 +18,36 @@ from torch.distributed.tensor import DTensor
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    """Scale gradients so that their global L2 norm is at most `max_norm`; return the norm
-    before clipping (identical on every rank)."""
-    squares: dict[tuple, torch.Tensor] = {}
-    meshes: dict[tuple, object] = {}
-    locals_ = []
+def owned_square_sum(parameters) -> torch.Tensor:
+    """This rank's share of the squared global gradient norm (fp64; see the module docstring)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    owned = []
     for param in parameters:
         grad = param.grad
         if grad is None:
             continue
         if isinstance(grad, DTensor):
-            assert not any(p.is_partial() for p in grad.placements), "gradients must be reduced before clipping"
-            key = (id(grad.device_mesh), tuple(i for i, p in enumerate(grad.placements) if not p.is_replicate()))
-            meshes[key] = grad.device_mesh
-            local = grad.to_local()
-        else:
-            key, local = (), grad
-        locals_.append(local)
-        square = local.float().pow(2).sum()
-        squares[key] = squares[key] + square if key in squares else square
-    total = torch.zeros((), device=locals_[0].device if locals_ else "cpu")
-    for key, square in squares.items():
-        for mesh_dim in key[1] if key else ():
-            dist.all_reduce(square, group=meshes[key].get_group(mesh_dim))
-        total += square
-    norm = total.sqrt()
-    if math.isfinite(max_norm):
-        coef = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+            assert not any(p.is_partial() for p in grad.placements), "gradients must be reduced before the norm"
+            mesh = grad.device_mesh
+            assert mesh.size() == world, f"a gradient on a mesh of {mesh.size()} of {world} ranks: its owners are ambiguous"
+            if all(mesh.get_local_rank(i) == 0 for i, p in enumerate(grad.placements) if p.is_replicate()):
+                owned.append(grad.to_local())
+        elif not dist.is_initialized() or dist.get_rank() == 0:
+            owned.append(grad)
+    if not owned:
+        return torch.zeros((), dtype=torch.float64)
+    norms = torch._foreach_norm(owned, 2.0)  # one pass per tensor, no squared copies
+    return torch.stack([n.double() for n in norms]).pow(2).sum()
+
+
+@torch.no_grad()
+def clip_(parameters, norm: float, max_norm: float) -> None:
+    """Scale the gradients so that their global norm `norm` becomes at most `max_norm`."""
+    if math.isfinite(max_norm) and math.isfinite(norm):
+        coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
-            torch._foreach_mul_(locals_, coef)
-    return norm
+            torch._foreach_mul_([_local(p.grad) for p in parameters if p.grad is not None], coef)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

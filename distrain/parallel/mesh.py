@@ -40,6 +40,7 @@ class ParallelDims:
     cpu_offload: bool = False
     activation_checkpointing: str = "none"
     compile: bool = False
+    fsdp_unit_mb: float = 0.0
 
     @property
     def dp(self) -> int:
@@ -93,7 +94,7 @@ class ParallelDims:
             raise ConfigError("parallel.sp=true shards the sequence over the TP ranks and needs parallel.tp>1; e.g. parallel.tp=2")
         return cls(
             cfg.dp_replicate, dp_shard, cfg.tp, cfg.sp, cfg.ep, world_size,
-            cfg.reshard_after_forward, cfg.cpu_offload, cfg.activation_checkpointing, cfg.compile,
+            cfg.reshard_after_forward, cfg.cpu_offload, cfg.activation_checkpointing, cfg.compile, cfg.fsdp_unit_mb,
         )
 
     def describe(self) -> str:

@@ -75,8 +75,8 @@ def apply_activation_checkpointing(spec: ModelSpec, selective: bool) -> None:
 
 def apply_fsdp(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: MeshViews, bf16: bool, partial_grads: list[str]) -> list[str]:
     """fully_shard each block, then the root, over the data-parallel ranks. With TP, the
-    parameters TP leaves whole (norms) get FSDP units of their own over the data-parallel and TP
-    ranks together, so no rank holds more than its share of any parameter; the reduce-scatter
+    parameters TP leaves whole (norms) of all blocks get two FSDP units of their own over the
+    data-parallel and TP ranks together, so no rank holds more than its share of any parameter; the reduce-scatter
     then also sums their partial gradients over TP. With EP, each experts module is a unit of its
     own over the expert-FSDP mesh (its gradients summed there; the all-to-all already summed
     them over the EP ranks). Returns the partial-gradient FQNs still left
@@ -89,31 +89,37 @@ def apply_fsdp(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: Mesh
     units = []
     left_partial = list(partial_grads)
     if dims.tp > 1:
-        whole_mesh = mesh.dp_shard_tp
         partial = set(partial_grads)
         names = {module: name for name, module in model.named_modules()}
+        summed, averaged = [], []
         for group in (*spec.blocks, model):
-            summed, averaged = [], []
             for module in _modules_with_only_whole_params(group, stop_at=spec.blocks if group is model else ()):
                 own = [f"{names[module]}.{n}" if names[module] else n for n, _ in module.named_parameters()]
                 (summed if all(n in partial for n in own) else averaged).append(module)
                 left_partial = [n for n in left_partial if n not in own]
-            # NOTE: gradients partial over TP (per-head norms; every norm under SP) must be summed
-            #       over TP, gradients TP already made whole must be averaged: separate units.
-            for modules, divide in ((summed, 1.0), (averaged, float(dims.tp))):
-                if modules:
-                    # NOTE: kept unsharded between forward and backward: these units are tiny (norms,
-                    #       routers), and resharding them breaks selective checkpointing of MoE blocks
-                    #       (their all-gather replayed inside the recompute is missing from its cache)
-                    fully_shard(modules, mesh=whole_mesh, reshard_after_forward=False, **common)
-                    units.append((modules[0], divide))
-    if dims.ep > 1:
-        for moe in spec.moe_blocks:
-            fully_shard(moe.experts, mesh=mesh.efsdp, reshard_after_forward=dims.reshard_after_forward, **common)
-            units.append((moe.experts, 1.0))
-    for block in spec.blocks:
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=dims.reshard_after_forward, **common)
-        units.append((block, 1.0))
+        # NOTE: gradients partial over TP (per-head norms; every norm under SP) must be summed over
+        #       TP, gradients TP already made whole must be averaged: two units, each holding those
+        #       parameters of every block (one all-gather when the first is used, one reduce-scatter
+        #       when backward has passed it: not two tiny collectives of each kind per block).
+        #       Kept unsharded between forward and backward: they are tiny (norms, routers), and
+        #       resharding them breaks selective checkpointing of MoE blocks (their all-gather
+        #       replayed inside the recompute is missing from its cache).
+        for modules, divide in ((summed, 1.0), (averaged, float(dims.tp))):
+            if modules:
+                fully_shard(modules, mesh=mesh.dp_shard_tp, reshard_after_forward=False, **common)
+                units.append((modules[0], divide))
+    groups = block_groups(spec, dims.fsdp_unit_mb)
+    experts_of = {id(moe.experts): moe.experts for moe in spec.moe_blocks} if dims.ep > 1 else {}
+    for i, group in enumerate(groups):
+        # NOTE: the last unit is never resharded after its forward: backward starts with it, right
+        #       after the loss, so resharding it would only all-gather the same bytes again
+        reshard = dims.reshard_after_forward and i + 1 < len(groups)
+        experts = [m for block in group for m in block.modules() if id(m) in experts_of]
+        if experts:
+            fully_shard(experts, mesh=mesh.efsdp, reshard_after_forward=reshard, **common)
+            units.append((experts[0], 1.0))
+        fully_shard(group, mesh=dp_mesh, reshard_after_forward=reshard, **common)
+        units.append((group[0], 1.0))
     fully_shard(model, mesh=dp_mesh, **common)
     units.append((model, 1.0))
     # NOTE: the loss is already divided by the global number of target tokens, so gradients are
@@ -122,6 +128,19 @@ def apply_fsdp(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: Mesh
         unit.set_gradient_divide_factor(divide)
         unit.set_force_sum_reduction_for_comms(True)
     return left_partial
+
+
+def block_groups(spec: ModelSpec, unit_mb: float) -> list[list[nn.Module]]:
+    """Consecutive decoder blocks, grouped until a group holds at least `unit_mb` MB of
+    parameters (fp32, whole; counted on the meta model, before any sharding): the FSDP units."""
+    groups, size = [], 0.0
+    for block in spec.blocks:
+        if not groups or size >= unit_mb * 1e6:
+            groups.append([])
+            size = 0.0
+        groups[-1].append(block)
+        size += sum(p.numel() for p in block.parameters()) * 4
+    return groups
 
 
 def reshard(model: nn.Module) -> None:

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from distrain.config.schema import JobConfig
 from distrain.models import build_meta_model
 from distrain.parallel.mesh import ParallelDims
-from distrain.parallel.parallelize import parallelize
+from distrain.parallel.parallelize import block_groups, parallelize
 
 
 def _block_plan(model, spec, tp: int) -> list[str]:
@@ -42,6 +42,7 @@ def describe_plan(job: JobConfig, dims: ParallelDims, hf_config, device_memory: 
         model, spec = build_meta_model(job.model, hf_config)
         activations = activation_bytes(job, dims, spec, hf_config)
         tp_plan = _block_plan(model, spec, dims.tp) if dims.tp > 1 else []
+        units = block_groups(spec, dims.fsdp_unit_mb)
         model_name = type(model).__name__  # fully_shard renames the class
         names = {module: name for name, module in model.named_modules()}
         structure = (
@@ -75,7 +76,8 @@ def describe_plan(job: JobConfig, dims: ParallelDims, hf_config, device_memory: 
     lines = [
         f"world size {dims.world_size}: dp_replicate={dims.dp_replicate} dp_shard={dims.dp_shard} tp={dims.tp} "
         f"sp={str(dims.sp).lower()} ep={dims.ep}; activation_checkpointing={dims.activation_checkpointing} "
-        f"compile={str(dims.compile).lower()} reshard_after_forward={str(dims.reshard_after_forward).lower()}",
+        f"compile={str(dims.compile).lower()} reshard_after_forward={str(dims.reshard_after_forward).lower()}"
+        + (f"; FSDP units of blocks (parallel.fsdp_unit_mb={dims.fsdp_unit_mb:g}): {'+'.join(str(len(g)) for g in units)}" if dims.fsdp else ""),
         f"model {model_name}: {num_params:,} parameters, {len(spec.blocks)} x {spec.block_class}"
         + (f", {spec.num_experts} experts (top-{spec.experts_per_token})" if spec.num_experts else ""),
         structure,

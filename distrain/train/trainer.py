@@ -31,7 +31,7 @@ from distrain.metrics.flops import flops_per_token, peak_flops
 from distrain.metrics.profile import StepProfiler
 from distrain.metrics.sinks import MetricsLogger, rewind_metrics
 from distrain.models import build_config, build_meta_model, has_pretrained_weights, pretrained_state_dict
-from distrain.parallel.grads import clip_grad_norm
+from distrain.parallel.grads import clip_, owned_square_sum
 from distrain.moe.balance import RouterStats
 from distrain.moe.experts import configure, resolve_kernel
 from distrain.parallel.mesh import ParallelDims
@@ -181,13 +181,13 @@ class Trainer:
         return value
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, list[int]]:
-        """Forward, backward and (unless the ranks agree the step is not finite) the update.
-        Returns the loss, the gradient norm and the agreed flags (`agree`)."""
-        loss = self.forward_backward(micro_batches)
+        """Forward, backward and (unless the step is not finite) the update. Returns the loss,
+        the gradient norm and the flags every rank agreed on: [not finite, *stop signals]."""
+        loss_sum = self.forward_backward(micro_batches)
+        loss, grad_norm, flags = self.reduce_step(loss_sum)
         max_norm = self.job.train.grad_clip if self.job.train.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm(self.model.parameters(), max_norm).item()
-        flags = self.agree(nonfinite=not (math.isfinite(loss) and math.isfinite(grad_norm)))
         if not flags[0]:
+            clip_(self.model.parameters(), grad_norm, max_norm)
             self.optimizer.step()
             if faults.active("nan", "weights", self.step + 1):
                 _poison(self.model)
@@ -203,10 +203,38 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm, flags
 
-    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
-        """Accumulate the gradients of one global batch; return its loss (mean per target token)."""
-        num_targets = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches).to(self.device, torch.float32)
-        scale = 1.0 / self._dp_sum(num_targets).clamp(min=1).item()
+    def reduce_step(self, loss_sum: torch.Tensor) -> tuple[float, float, list[int]]:
+        """One all-reduce (sum) over every rank, and one host sync, for all a step must agree on:
+        the loss, the squared gradient norm (each rank adding the entries it owns), the stop
+        signals received, and the router counts when they are only statistics. Values held alike
+        by the TP ranks are added by TP rank 0 alone. Every rank gets the same sums, so every
+        rank skips the same steps and stops after the same step."""
+        tp_first = float(self.mesh.tp.get_local_rank() == 0)
+        parts = [(loss_sum.double() * tp_first).reshape(1), owned_square_sum(self.model.parameters()).to(self.device).reshape(1),
+                 torch.tensor(stop.received(), dtype=torch.float64, device=self.device)]
+        pending = self.router_stats.take_pending() if self.router_stats else None
+        if pending is not None:
+            # under TP x EP each TP rank routes its own slice of the sequence: every rank's counts
+            parts.append(pending.reshape(-1) * (1.0 if self.dims.tp > 1 and self.dims.ep > 1 else tp_first))
+        values = torch.cat(parts)
+        if self.world_size > 1:
+            dist.all_reduce(values)
+        if pending is not None:
+            self.router_stats.add_global(values[len(values) - pending.numel():].reshape(pending.shape))
+        loss, norm_sq, *signals = values[: len(values) - (pending.numel() if pending is not None else 0)].tolist()
+        grad_norm = math.sqrt(norm_sq) if norm_sq >= 0 else float("nan")
+        nonfinite = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        return loss, grad_norm, [int(nonfinite), *(int(s > 0) for s in signals)]
+
+    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Accumulate the gradients of one global batch; return this rank's part of its loss
+        (the sum over the data-parallel ranks is the mean per target token), not yet reduced."""
+        if "global_targets" in micro_batches[0]:  # counted by every rank's loader alike
+            num_targets = float(micro_batches[0]["global_targets"])
+        else:  # batches made by hand (benchmarks): counted here, over the data-parallel ranks
+            local = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches).to(self.device, torch.float32)
+            num_targets = self._dp_sum(local).item()
+        scale = 1.0 / max(num_targets, 1.0)
         if faults.active("nan", "loss", self.step + 1):
             scale = float("nan")
         loss_total = torch.zeros((), device=self.device)
@@ -222,7 +250,7 @@ class Trainer:
                 loss.backward()
         if self.dims.tp > 1:
             sync_tp_grads(self.model, self.partial_grads, self.mesh.tp.get_group())
-        return self._dp_sum(loss_total).item()
+        return loss_total
 
     def _grad_sync(self, last: bool) -> None:
         """Whether FSDP reduces this micro-batch's gradients (`parallel.grad_sync`). Over HSDP
@@ -234,13 +262,6 @@ class Trainer:
             self.model.set_requires_gradient_sync(last)
         elif self.dims.dp_replicate > 1:
             self.model.set_requires_all_reduce(last)
-
-    def agree(self, nonfinite: bool) -> list[int]:
-        """One all-reduce (max) over every rank of [this step is not finite, *stop signals
-        received]: every rank skips the same steps and stops after the same step."""
-        flags = torch.tensor([int(nonfinite), *stop.received()], device=self.device, dtype=torch.int32)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return flags.tolist()
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -19,10 +19,11 @@ and reports from rank 0 (state bytes: the largest over the ranks):
   must be summed across TP in forward and its input gradient in backward (Megatron's bound for
   1-D TP). Ring algorithms reach the lower bound on bytes per rank for these sums and gathers:
   s = (k-1)/k of the payload for a group of k ranks (twice that for an all-reduce). Per rank, per
-  step of m micro-batches, for dp_replicate r x dp_shard d x tp t (g = 2 all-gathers per block
-  and micro-batch with reshard_after_forward, else 1; n = m reduce-scatters, or 1 with
+  step of m micro-batches, for dp_replicate r x dp_shard d x tp t (g = 2 all-gathers per FSDP
+  unit of blocks and micro-batch with reshard_after_forward, else 1, but 1 for the last unit
+  (P_last), whose backward follows its forward at once; n = m reduce-scatters, or 1 with
   grad_sync=step):
-    FSDP   s_d * (m * (g * P_blocks + P_root) + n * P)    the root gathered once per micro-batch
+    FSDP   s_d * (m * (g * P_blocks - (g-1) P_last + P_root) + n * P)   the root gathered once
     HSDP   + 2 s_r * P / d                          all-reduce of the gradient shards, once per step
     with TP, parameters TP leaves whole (norms, routers, W bytes) are FSDP-sharded over d x t
     ranks, and kept gathered from forward to backward (they are tiny):
@@ -42,15 +43,16 @@ and reports from rank 0 (state bytes: the largest over the ranks):
   without TP), split into decoder blocks and the rest (root), and P_partial the bytes of
   parameters whose partial gradients are left to an explicit all-reduce over TP (none today).
     EP     experts (X bytes per EP rank: 1/ep of them) are FSDP-sharded over e = dp_shard x tp / ep
-           ranks instead of d: s_e * (m * g + n) * X (+ 2 s_r * X / e)
+           ranks instead of d: s_e * (m * (g X - (g-1) X_last) + n X) (+ 2 s_r * X / e)
            + 2 * R * hidden * 4                     R: the routed rows this rank sends to other
                                                     ranks plus those it receives from them
                                                     (counted from the routing); each crosses
                                                     twice (out, and back), in forward and backward
            + L * E * 8 * s_ep per micro-batch       the per-expert counts exchanged per MoE layer
-    MoE    + 2 s_g * L * E * 8 per micro-batch      router statistics: each layer's counts per
+    MoE    + 2 s_g * L * E * 8 per micro-batch      with the aux loss on: each layer's counts per
                                                     expert all-reduced over the data-parallel ranks
-  Scalar all-reduces (loss, token counts, grad norm) are left out of the minimum.
+  The step's one all-reduce of scalars (loss, squared gradient norm, stop signals, and the router
+  counts when the aux loss is off) is left out of the minimum.
 - tokens_per_s: global tokens per second of the timed steps. On a 2-core CPU box, layouts with
   more ranks than cores share them, so compare tokens/s only between layouts of one world size.
 """
@@ -218,17 +220,24 @@ def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
     d, r, t = dims.dp_shard, dims.dp_replicate, dims.tp
     block_prefix = next(n for n, m in model.named_modules() if m is spec.blocks) + "."
     partial, experts = set(trainer.partial_grads), set(spec.expert_param_names) if dims.ep > 1 else set()
+    from distrain.parallel.parallelize import block_groups
+
+    last_unit = block_groups(spec, dims.fsdp_unit_mb)[-1]
+    last_prefixes = tuple(f"{block_prefix}{len(spec.blocks) - len(last_unit) + i}." for i in range(len(last_unit)))
     p_blocks = p_root = p_whole = p_partial = p_experts = 0.0
+    last_blocks = last_experts = 0.0  # the last FSDP unit's bytes: gathered once (never resharded after forward)
     for name, param in model.named_parameters():
         names = param.device_mesh.mesh_dim_names or () if isinstance(param, DTensor) else ()
         tp_sharded = "tp" in names and not param.placements[names.index("tp")].is_replicate()
         nbytes = param.numel() * param.element_size() / (t if tp_sharded else 1)
         if name in experts:
             p_experts += nbytes / dims.ep
+            last_experts += nbytes / dims.ep if name.startswith(last_prefixes) else 0.0
         elif t > 1 and not tp_sharded:
             p_whole += nbytes
         elif name.startswith(block_prefix):
             p_blocks += nbytes
+            last_blocks += nbytes if name.startswith(last_prefixes) else 0.0
         else:
             p_root += nbytes
         if name in partial:
@@ -238,7 +247,7 @@ def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
     num_micro = job.train.global_batch_size // (micro * dims.dp)
     reductions = 1 if job.parallel.grad_sync == "step" else num_micro  # reduce-scatters per step
     gathers = 2 if dims.reshard_after_forward else 1  # each block's all-gathers per micro-batch
-    total = share(d) * (num_micro * (gathers * p_blocks + p_root) + reductions * (p_blocks + p_root))
+    total = share(d) * (num_micro * (gathers * p_blocks - (gathers - 1) * last_blocks + p_root) + reductions * (p_blocks + p_root))
     total += 2 * share(r) * (p_blocks + p_root) / d
     total += share(d * t) * (num_micro + reductions) * p_whole + 2 * share(r) * p_whole / (d * t)
     if t > 1:
@@ -250,10 +259,11 @@ def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
     layers, num_experts = len(spec.moe_blocks), spec.num_experts
     if dims.ep > 1:
         e = dims.efsdp
-        total += share(e) * (num_micro * gathers + reductions) * p_experts + 2 * share(r) * p_experts / e
+        total += share(e) * (num_micro * (gathers * p_experts - (gathers - 1) * last_experts) + reductions * p_experts)
+        total += 2 * share(r) * p_experts / e
         total += 2 * remote_rows * config.hidden_size * 4
         total += num_micro * layers * num_experts * 8 * share(dims.ep)
-    if layers:
+    if layers and trainer.router_stats.coef > 0:  # else they ride on the step's one scalar all-reduce
         stats_ranks = dims.world_size if (t > 1 and dims.ep > 1) else dims.dp
         total += num_micro * 2 * share(stats_ranks) * layers * num_experts * 8
     return total

@@ -1,0 +1,226 @@
+"""distrain against transformers' own distributed training, side by side, on every layout both have.
+
+    pip install -e '.[bench]'      # accelerate: transformers' distributed loading needs it
+    python scripts/bench/vs_transformers.py [--rounds 3] [--steps 20] [--layouts fsdp4,tp2_fsdp2] [--out results/bench]
+
+The peer is what a transformers user would write: `from_pretrained(..., distributed_config=
+DistributedConfig(...))` (transformers' FSDP2 / TP / EP, its own plans), then a plain loop:
+forward with `labels` (the model shifts them and takes the mean), backward, AdamW (foreach), at
+world size 1 without `distributed_config` (the plain PyTorch loop). distrain runs its own `Trainer`
+step (`Trainer.train_step`: forward, backward, gradient norm, the ranks' agreement, AdamW, the
+schedule) on the same layout.
+
+Both start from one model saved once (a tiny Qwen3-MoE: vocab 512, hidden 128, 4 layers, 8 experts
+top-2; the router's aux loss off), take the same global batch (4 x 128 random tokens; each data-
+parallel rank its slice), fp32, AdamW(lr 1e-3, betas (0.9, 0.999), weight decay 0.01, constant lr),
+no clipping (distrain still computes the norm). Each run is its own `torchrun` job; a round runs
+every layout once for each system, in alternating order, so that the box's noise hits both alike.
+Rows `*_sp` and `*_unit_per_block` are distrain variants (sequence parallelism; one FSDP unit per
+block, as transformers has) set against the same transformers runs. Reported: the median over rounds of each run's median step time (steps 4..steps), tokens/s, the
+ratio distrain / transformers in tokens/s, and the first steps' losses of both (they must agree: the
+same model, data and update).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+GLOBAL_BATCH, SEQ_LEN, VOCAB = 4, 128, 512
+MODEL = dict(
+    vocab_size=VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+    max_position_embeddings=512, tie_word_embeddings=False, output_router_logits=False, router_aux_loss_coef=0.0,
+)
+# name -> (world size, distrain overrides, transformers DistributedConfig kwargs; None: no distributed_config)
+LAYOUTS = {
+    "single": (1, [], None),
+    "fsdp4": (4, ["parallel.dp_shard=4"], dict(fsdp_size=4)),
+    "hsdp2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], dict(dp_replicate_size=2, fsdp_size=2)),
+    "tp2_fsdp2": (4, ["parallel.dp_shard=2", "parallel.tp=2"], dict(tp_size=2, fsdp_size=2)),
+    "tp2_fsdp2_sp": (4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true"], dict(tp_size=2, fsdp_size=2)),
+    "fsdp4_ep2": (4, ["parallel.dp_shard=4", "parallel.ep=2"], dict(fsdp_size=4, ep_size=2)),
+    "fsdp4_ep4": (4, ["parallel.dp_shard=4", "parallel.ep=4"], dict(fsdp_size=4, ep_size=4)),
+    # distrain with one FSDP unit per block, as transformers has: what the grouping of blocks gives
+    "fsdp4_unit_per_block": (4, ["parallel.dp_shard=4", "parallel.fsdp_unit_mb=0"], dict(fsdp_size=4)),
+    "tp2_fsdp2_unit_per_block": (4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.fsdp_unit_mb=0"], dict(tp_size=2, fsdp_size=2)),
+}
+# variants of distrain's side compare with the transformers runs of the layout named here
+PEER = {"tp2_fsdp2_sp": "tp2_fsdp2", "fsdp4_unit_per_block": "fsdp4", "tp2_fsdp2_unit_per_block": "tp2_fsdp2"}
+LR, BETAS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 0.01
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--worker", nargs=3, metavar=("SYSTEM", "ARGS_JSON", "RESULT"))
+    args = parser.parse_args()
+    if args.worker:
+        system, spec, result = args.worker
+        row = (distrain_worker if system == "distrain" else transformers_worker)(**json.loads(spec))
+        if row is not None:
+            Path(result).write_text(json.dumps(row))
+        sys.stdout.flush()
+        os._exit(0)  # gloo sometimes aborts in its destructors at interpreter exit (ENV.md)
+    from _report import report
+
+    names = args.layouts.split(",")
+    runs: dict[tuple[str, str], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        make_model(model_dir)
+        for round_ in range(args.rounds):
+            for name in names:
+                systems = ("distrain", "transformers") if round_ % 2 == 0 else ("transformers", "distrain")
+                for system in systems:
+                    if system == "transformers" and PEER.get(name) in names:
+                        continue  # measured once, under the layout it is the peer of
+                    runs.setdefault((name, system), []).append(launch(system, name, model_dir, Path(tmp), args.steps))
+            print(f"round {round_ + 1}/{args.rounds} done", flush=True)
+    rows = []
+    for name in names:
+        peer = PEER.get(name) if PEER.get(name) in names else name
+        ours, theirs = runs[(name, "distrain")], runs[(peer, "transformers")]
+        step = {"distrain": statistics.median(r["median_step_s"] for r in ours),
+                "transformers": statistics.median(r["median_step_s"] for r in theirs)}
+        rows.append({
+            "layout": name,
+            "world": LAYOUTS[name][0],
+            "distrain_overrides": " ".join(LAYOUTS[name][1]),
+            "transformers_step_s": step["transformers"],
+            "distrain_step_s": step["distrain"],
+            "transformers_tokens_per_s": GLOBAL_BATCH * SEQ_LEN / step["transformers"],
+            "distrain_tokens_per_s": GLOBAL_BATCH * SEQ_LEN / step["distrain"],
+            "ratio": step["transformers"] / step["distrain"],
+            "loss_1_to_3": " / ".join(f"{a:.4f}|{b:.4f}" for a, b in zip(ours[0]["losses"][:3], theirs[0]["losses"][:3])),
+            "max_loss_diff_20": max(abs(a - b) for a, b in zip(ours[0]["losses"], theirs[0]["losses"])),
+            "rounds_ratio": [round(t["median_step_s"] / d["median_step_s"], 3) for d, t in zip(ours, theirs)],
+        })
+    report("vs_transformers", rows, args.out, {
+        "model": MODEL, "global_batch": [GLOBAL_BATCH, SEQ_LEN], "steps": args.steps, "rounds": args.rounds,
+        "ratio": "distrain tokens/s over transformers tokens/s (median over rounds of each run's median step, steps 4..)",
+        "goal": ">= 1.3 on every layout",
+    })
+
+
+def make_model(folder: Path) -> None:
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(Qwen3MoeConfig(**MODEL)).save_pretrained(folder)
+
+
+def launch(system: str, name: str, model_dir: Path, tmp: Path, steps: int) -> dict:
+    world = LAYOUTS[name][0]
+    result = tmp / f"{system}-{name}-{time.monotonic_ns()}.json"
+    spec = json.dumps({"layout": name, "model_dir": str(model_dir), "steps": steps, "tmp": str(tmp)})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               __file__, "--worker", system, spec, str(result)]
+    threads = str(max(1, (os.cpu_count() or 1) // world))
+    proc = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": threads}, capture_output=True, text=True)
+    if proc.returncode != 0 or not result.exists():
+        raise SystemExit(f"{system} {name} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(result.read_text())
+
+
+def global_batch():
+    """The same global batch every step (the loss falls: the updates are compared too)."""
+    import torch
+
+    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(1234))
+
+
+def timed_steps(step, steps: int) -> dict:
+    losses, times = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - start)
+    return {"losses": losses, "median_step_s": statistics.median(times[3:]), "step_s": times}
+
+
+def distrain_worker(layout: str, model_dir: str, steps: int, tmp: str) -> dict | None:
+    import torch
+    import torch.distributed as dist
+    from layouts import trainer_in_own_group
+
+    from distrain.data.packing import IGNORE_INDEX
+
+    world, overrides, _ = LAYOUTS[layout]
+    dp = world // (2 if "parallel.tp=2" in overrides else 1)
+    overrides = [
+        "model=pretrained", f"model.name_or_path={model_dir}", "data.vocab_size=512", "data.max_bytes=300000",
+        f"data.cache_dir={tmp}/cache", f"run.dir={tmp}/run-{os.environ.get('TORCHELASTIC_RUN_ID', 'x')}-{time.monotonic_ns()}",
+        f"train.seq_len={SEQ_LEN}", f"train.global_batch_size={GLOBAL_BATCH}", f"train.micro_batch_size={GLOBAL_BATCH // dp}",
+        "train.grad_clip=0", "train.mixed_precision=fp32", f"optim.lr={LR}", f"optim.beta1={BETAS[0]}", f"optim.beta2={BETAS[1]}",
+        f"optim.weight_decay={WEIGHT_DECAY}", "optim.schedule=constant", "optim.warmup_steps=0", "moe.aux_loss_coef=0",
+        "checkpoint.export=false", f"launcher.nproc_per_node={world}", *overrides,
+    ]
+    with trainer_in_own_group("qwen3_moe_debug", overrides) as trainer:
+        ids = global_batch()
+        per_rank = GLOBAL_BATCH // trainer.dp_size
+        mine = ids[trainer.dp_rank * per_rank:(trainer.dp_rank + 1) * per_rank]
+        labels = torch.cat([mine[:, 1:], torch.full((per_rank, 1), IGNORE_INDEX)], dim=1)
+        batch = {"input_ids": mine, "position_ids": torch.arange(SEQ_LEN).expand(per_rank, -1), "labels": labels,
+                 "global_targets": torch.tensor(GLOBAL_BATCH * (SEQ_LEN - 1))}  # as distrain's loader counts them
+        row = timed_steps(lambda: trainer.train_step([batch])[0], steps)
+        return row if dist.get_rank() == 0 else None
+
+
+def transformers_worker(layout: str, model_dir: str, steps: int, tmp: str) -> dict | None:
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    world, _, config = LAYOUTS[layout]
+    kwargs = dict(dtype=torch.float32, attn_implementation="sdpa")
+    if config is not None:
+        dist.init_process_group("gloo")
+        kwargs["distributed_config"] = DistributedConfig(**config)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model.train()
+    dp_rank, dp_size = (0, 1) if config is None else (lambda m: (m.get_local_rank(), m.size()))(model._mesh_manager.get_mesh("fsdp"))
+    if config is not None and config.get("dp_replicate_size", 1) > 1:
+        replicate = model._mesh_manager.get_mesh("dp_replicate")
+        dp_rank, dp_size = replicate.get_local_rank() * dp_size + dp_rank, dp_size * replicate.size()
+    per_rank = GLOBAL_BATCH // dp_size
+    ids = global_batch()[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, foreach=True)
+
+    def step() -> float:
+        # equal target counts on every rank: the mean per rank, averaged over the data-parallel
+        # ranks by FSDP, is the global batch's mean
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    row = timed_steps(step, steps)
+    if config is None:
+        return row
+    # the global mean (outside the timed steps): ranks of one TP group hold the same value
+    losses = torch.tensor(row["losses"], dtype=torch.float64)
+    dist.all_reduce(losses)
+    row["losses"] = (losses / world).tolist()
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    return row if rank == 0 else None
+
+
+if __name__ == "__main__":
+    main()
