@@ -27,8 +27,8 @@ module of a block, the linear projections that read the module's input are colwi
 one, which writes the hidden size back, rowwise; attribute head counts are set to the local ones.
 
 The embedding is sharded on the vocabulary (rowwise); the lm_head on the vocabulary too
-(colwise), and its logits stay sharded: cross-entropy runs under `loss_parallel` without ever
-gathering the full vocabulary.
+(colwise), and its logits stay sharded: cross-entropy runs on the shards without ever gathering
+the full vocabulary, in one collective (`vocab_parallel_cross_entropy`).
 
 Sequence parallelism (SP). Between blocks the residual stream is this rank's slice of the
 sequence, [B, S/tp, D], as a plain tensor: norms and residual adds run on it locally. The
@@ -449,3 +449,51 @@ def sync_tp_grads(model: nn.Module, partial_names: list[str], tp_group) -> None:
     for g in local:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def vocab_parallel_cross_entropy(logits: DTensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Summed cross-entropy of logits sharded on the vocabulary over the TP ranks (the lm_head's
+    output, `Shard(-1)`), never gathering the vocabulary, in one collective: each rank all-gathers
+    its per-token [max, sum of exp(logit - max), target logit or 0] (3 floats per token), and
+    every rank combines them into the global log-sum-exp (rescaling each rank's sum to the global
+    max). torch's `loss_parallel` spends three all-reduces on the same (max, sum-exp, target).
+    Backward needs no collective: softmax(x) - onehot on the local shard. Returns a plain tensor,
+    the same on every TP rank."""
+    (placement,) = logits.placements
+    assert placement.is_shard() and placement.dim in (-1, logits.dim() - 1), f"logits sharded as {logits.placements}"
+    mesh = logits.device_mesh
+    local = logits.to_local()
+    vocab_start = local.shape[-1] * mesh.get_local_rank()  # Shard: equal shards (the vocab divides by tp)
+    return _VocabParallelCE.apply(local.flatten(0, -2).float(), labels.flatten(), vocab_start, ignore_index, mesh.get_group())
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local, labels, vocab_start: int, ignore_index: int, group):
+        import torch.distributed as dist
+
+        local_vocab = local.shape[-1]
+        local_max = local.max(dim=-1).values
+        sum_exp = (local - local_max[:, None]).exp().sum(dim=-1)
+        offset = labels - vocab_start
+        here = (offset >= 0) & (offset < local_vocab)
+        target = torch.where(here, local.gather(-1, offset.clamp(0, local_vocab - 1)[:, None]).squeeze(-1), 0.0)
+        stats = torch.stack([local_max, sum_exp, target])
+        gathered = torch.empty((dist.get_world_size(group) * 3, stats.shape[1]), dtype=stats.dtype, device=stats.device)
+        dist.all_gather_single(gathered, stats, group=group)
+        gathered = gathered.view(-1, 3, stats.shape[1])
+        global_max = gathered[:, 0].max(dim=0).values
+        total = (gathered[:, 1] * (gathered[:, 0] - global_max).exp()).sum(dim=0)
+        log_sum_exp = total.log() + global_max
+        valid = labels != ignore_index
+        ctx.save_for_backward(local, log_sum_exp, offset, here & valid, valid)
+        return torch.where(valid, log_sum_exp - gathered[:, 2].sum(dim=0), 0.0).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        local, log_sum_exp, offset, target_here, valid = ctx.saved_tensors
+        grad_local = (local - log_sum_exp[:, None]).exp()  # this shard's softmax
+        rows = target_here.nonzero().squeeze(-1)
+        grad_local[rows, offset[rows]] -= 1.0
+        grad_local *= (valid.to(grad_local.dtype) * grad)[:, None]
+        return grad_local, None, None, None, None

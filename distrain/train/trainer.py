@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import loss_parallel
 
 from distrain import faults
 from distrain.checkpoint.dcp import Checkpointer, CheckpointLoadError, all_finite, checkpoint_name, load_checkpoint, read_train_state
@@ -35,7 +34,7 @@ from distrain.parallel.grads import clip_, owned_square_sum
 from distrain.moe.balance import RouterStats
 from distrain.moe.experts import configure, resolve_kernel
 from distrain.parallel.mesh import ParallelDims
-from distrain.parallel.tensor_parallel import sync_tp_grads
+from distrain.parallel.tensor_parallel import sync_tp_grads, vocab_parallel_cross_entropy
 from distrain.checkpoint.hf_import import load_sharded, safetensors_folder
 from distrain.parallel.parallelize import fill_from_rank0, fill_seeded, materialize, parallelize, reshard
 from distrain.train import stop
@@ -161,19 +160,13 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def loss_context(self):
-        # with TP the logits stay sharded on the vocabulary: cross-entropy (and its backward) runs
-        # on the shards under loss_parallel
-        return loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext()
-
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with self.autocast():
             logits = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        with self.loss_context():
-            return F.cross_entropy(
-                logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
+        if isinstance(logits, DTensor):  # TP: sharded on the vocabulary
+            return vocab_parallel_cross_entropy(logits, batch["labels"], IGNORE_INDEX)
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
     def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.dp_size > 1:
@@ -242,12 +235,11 @@ class Trainer:
             self._grad_sync(last=i + 1 == len(micro_batches))
             with self.router_stats.recording() if self.router_stats else contextlib.nullcontext():
                 loss = self._loss_sum(mb) * scale
-            loss_total += _local(loss.detach())
+            loss_total += loss.detach()
             aux = self.router_stats.aux_loss() if self.router_stats else None
             if aux is not None:
-                loss = _local(loss) + aux / len(micro_batches)  # a replicated DTensor under TP
-            with self.loss_context():
-                loss.backward()
+                loss = loss + aux / len(micro_batches)
+            loss.backward()
         if self.dims.tp > 1:
             sync_tp_grads(self.model, self.partial_grads, self.mesh.tp.get_group())
         return loss_total
@@ -270,7 +262,7 @@ class Trainer:
         batches = eval_batches(self.eval_set, num_samples, self.job.train.micro_batch_size, self.dp_rank, self.dp_size)
         totals = torch.zeros(2, device=self.device)
         for batch in batches:
-            totals[0] += _local(self._loss_sum(batch))
+            totals[0] += self._loss_sum(batch)
             totals[1] += (batch["labels"] != IGNORE_INDEX).sum()
         reshard(self.model)
         self.model.train()
@@ -433,7 +425,7 @@ def _local_bytes(tensors) -> int:
 
 
 def _local(value: torch.Tensor) -> torch.Tensor:
-    """A loss from loss_parallel is a replicated DTensor: every TP rank holds the whole value."""
+    """A parameter's or gradient's local shard (a plain tensor is its own)."""
     return value.to_local() if isinstance(value, DTensor) else value
 
 

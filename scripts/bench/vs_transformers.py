@@ -17,8 +17,9 @@ no clipping (distrain still computes the norm). Each run is its own `torchrun` j
 every layout once for each system, in alternating order, so that the box's noise hits both alike.
 Rows `*_sp` and `*_unit_per_block` are distrain variants (sequence parallelism; one FSDP unit per
 block, as transformers has) set against the same transformers runs. Reported: the median over rounds of each run's median step time (steps 4..steps), tokens/s, the
-ratio distrain / transformers in tokens/s, and the first steps' losses of both (they must agree: the
-same model, data and update).
+ratio distrain / transformers in tokens/s, rank 0's collectives and bus bytes in one step
+(transformers / distrain, counted by `distrain.metrics.comm.CommCounter`), and the first steps'
+losses of both (they must agree: the same model, data and update).
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ def main() -> None:
             "transformers_tokens_per_s": GLOBAL_BATCH * SEQ_LEN / step["transformers"],
             "distrain_tokens_per_s": GLOBAL_BATCH * SEQ_LEN / step["distrain"],
             "ratio": step["transformers"] / step["distrain"],
+            "collectives_per_step": f"{theirs[0]['collectives']} / {ours[0]['collectives']}",
+            "comm_MiB_per_step": f"{theirs[0]['comm_MiB']:.2f} / {ours[0]['comm_MiB']:.2f}",
             "loss_1_to_3": " / ".join(f"{a:.4f}|{b:.4f}" for a, b in zip(ours[0]["losses"][:3], theirs[0]["losses"][:3])),
             "max_loss_diff_20": max(abs(a - b) for a, b in zip(ours[0]["losses"], theirs[0]["losses"])),
             "rounds_ratio": [round(t["median_step_s"] / d["median_step_s"], 3) for d, t in zip(ours, theirs)],
@@ -144,12 +147,20 @@ def global_batch():
 
 
 def timed_steps(step, steps: int) -> dict:
-    losses, times = [], []
-    for _ in range(steps):
-        start = time.perf_counter()
-        losses.append(step())
-        times.append(time.perf_counter() - start)
-    return {"losses": losses, "median_step_s": statistics.median(times[3:]), "step_s": times}
+    """Run `steps` steps; the second one under distrain's collective counter (exact calls and bus
+    bytes per step, on this rank), outside the steps whose times count (4..)."""
+    import contextlib
+
+    from distrain.metrics.comm import CommCounter
+
+    losses, times, comm = [], [], CommCounter()
+    for i in range(steps):
+        with comm if i == 1 else contextlib.nullcontext():
+            start = time.perf_counter()
+            losses.append(step())
+            times.append(time.perf_counter() - start)
+    return {"losses": losses, "median_step_s": statistics.median(times[3:]), "step_s": times,
+            "collectives": sum(comm.calls.values()), "comm_MiB": sum(comm.bus.values()) / 2**20, "calls": dict(comm.calls)}
 
 
 def distrain_worker(layout: str, model_dir: str, steps: int, tmp: str) -> dict | None:
