@@ -4,11 +4,12 @@
 # checkpoints, resume, export, a stop signal with async checkpoints, a non-finite step, FSDP CPU
 # offload, and the checkpoint benchmark with the state on the GPU.
 #
-#   bash scripts/device_check.sh [checkpoints|kernels]   # logs and benchmark JSON under $OUT (default /tmp/distrain-device)
+#   bash scripts/device_check.sh [checkpoints|kernels|vs]   # logs and benchmark JSON under $OUT (default /tmp/distrain-device)
 #
 # `checkpoints`: only the async-save runs (a stop, a resume, exact losses) and the checkpoint benchmark.
 # `kernels`: the MoE kernel benchmark (scripts/bench/moe_kernels.py) and 20 steps of a GPU-sized
 # qwen3_moe_debug with moe.kernel=triton against moe.kernel=torch (losses, tokens/s).
+# `vs`: scripts/bench/vs_transformers.py on one GPU (a ~1B MoE, bf16): tokens/s and MFU against transformers.
 set -uo pipefail
 OUT=${OUT:-/tmp/distrain-device}
 mkdir -p "$OUT"
@@ -93,3 +94,10 @@ python3 scripts/bench/checkpoint.py --rounds 3 --steps 16 --interval 4 --out "$O
     ++model.config.hidden_size=2048 ++model.config.intermediate_size=5632 ++model.config.num_hidden_layers=8 \
     ++model.config.num_attention_heads=16 ++model.config.num_key_value_heads=8 train.global_batch_size=8 train.micro_batch_size=8 \
     data.cache_dir=/tmp/distrain-cache 2>&1 | grep -v Writing | tee "$OUT/bench.log"
+
+if [ "$PART" = vs ]; then
+    # issue 12 on one GPU: distrain's train step against transformers' plain loop on a ~1B MoE, bf16
+    # (tokens/s, MFU with the same FLOPs per token); the same losses on both sides
+    timeout "${BENCH_TIMEOUT:-480}" python3 scripts/bench/vs_transformers.py --device cuda --size 1b --layouts single \
+        --rounds "${ROUNDS:-2}" --steps 15 --out "$OUT" 2>&1 | grep -v -i "warn\|Writing" | tee "$OUT/vs_transformers.log"
+fi
