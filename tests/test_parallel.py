@@ -291,6 +291,9 @@ def test_plan_reports_the_bytes_the_shards_hold(tmp_path, ranks, saved_models, d
         ("llama_debug", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], 1.0),
         ("llama_debug", 4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true"], 1.0),
         ("llama_debug", 4, ["parallel.dp_shard=4", "parallel.fsdp_unit_mb=0"], 1.0),
+        # selective checkpointing keeps the collectives' outputs: the recompute moves nothing again
+        ("llama_debug", 2, ["parallel.tp=2", "parallel.sp=true", "parallel.activation_checkpointing=selective"], 1.0),
+        ("qwen3_moe_debug", 2, ["parallel.tp=2", "parallel.activation_checkpointing=selective"], 1.0),
     ],
 )
 def test_counted_bytes_meet_the_layout_minimum(tmp_path, ranks, tiny_dense, recipe, world, layout, max_state_ratio):

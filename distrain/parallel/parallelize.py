@@ -34,14 +34,18 @@ def parallelize(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: Mes
 
 
 # Ops whose outputs selective checkpointing keeps: the matmuls, attention, the experts' grouped
-# GEMMs and the expert-parallel all-to-alls; everything else (norms, activations, rotary, residual
-# adds, routing) is recomputed in backward.
+# GEMMs and every collective in a block (the expert-parallel all-to-alls, TP's all-reduces, SP's
+# all-gathers and reduce-scatters: recomputing them would move their bytes again); everything else
+# (norms, activations, rotary, residual adds, routing) is recomputed in backward.
 _SAVED_OPS = {
     torch.ops.aten.mm.default,
     torch.ops.aten.addmm.default,
     torch.ops.aten.bmm.default,
     torch.ops.aten._grouped_mm.default,
     torch.ops._c10d_functional.all_to_all_single.default,
+    torch.ops._c10d_functional.all_reduce.default,
+    torch.ops._c10d_functional.all_gather_into_tensor.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
