@@ -31,6 +31,9 @@ ARCHITECTURES = {
     "stablelm": dict(SMALL),  # declares no TP plan: the structural one
     "qwen2_moe": dict(SMALL, **MOE, shared_expert_intermediate_size=64),  # a shared expert inside the MoE block
     "bloom": dict(hidden_size=64, n_layer=2, n_head=4),  # no TP plan and a fused query_key_value
+    # (model type without the 4) 4 layers of about 0.16 MB: parallel.fsdp_unit_mb=0.2 makes two FSDP units of 2 blocks
+    "llama4": dict(SMALL, num_key_value_heads=4, num_hidden_layers=4),
+    "qwen3_moe4": dict(SMALL, head_dim=16, **MOE, num_hidden_layers=4),
 }
 
 LAYOUTS = {
@@ -45,7 +48,13 @@ LAYOUTS = {
     "dp_shard=2 full AC": ["launcher.nproc_per_node=2", "parallel.dp_shard=2", "parallel.activation_checkpointing=full", "parallel.fsdp_unit_mb=0"],
     "tp=2 sp selective AC": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true", "parallel.activation_checkpointing=selective", "parallel.fsdp_unit_mb=0"],
     "tp=2 selective AC": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.activation_checkpointing=selective"],
-    "dp_shard=2 no reshard": ["launcher.nproc_per_node=2", "parallel.dp_shard=2", "parallel.reshard_after_forward=false"],
+    "dp_shard=2 no reshard": ["launcher.nproc_per_node=2", "parallel.dp_shard=2", "parallel.reshard_after_forward=false", "parallel.fsdp_unit_mb=0"],
+    # units of 2 blocks (4-layer models): the first resharded after forward, the last not
+    "dp_shard=2 units of 2 full AC": ["launcher.nproc_per_node=2", "parallel.dp_shard=2", "parallel.fsdp_unit_mb=0.2", "parallel.activation_checkpointing=full"],
+    "dp_replicate=2 x dp_shard=2 x ep=2 units of 2 selective AC": [
+        "launcher.nproc_per_node=4", "parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2", "parallel.fsdp_unit_mb=0.2",
+        "parallel.activation_checkpointing=selective",
+    ],
     "ep=2": ["launcher.nproc_per_node=2", "parallel.ep=2"],
     "ep=4": ["launcher.nproc_per_node=4", "parallel.ep=4"],
     "dp_shard=4 x ep=2": ["launcher.nproc_per_node=4", "parallel.dp_shard=4", "parallel.ep=2"],
@@ -64,7 +73,9 @@ LAYOUTS = {
 }
 FSDP_ONLY = ["dp_shard=4", "dp_replicate=2 x dp_shard=2"]
 CASES = [
-    ("llama", [name for name in LAYOUTS if name not in ("tp=2", "tp=2 selective AC") and "ep=" not in name]),
+    ("llama", [name for name in LAYOUTS if name not in ("tp=2", "tp=2 selective AC") and "ep=" not in name and "units of 2" not in name]),
+    ("llama4", ["dp_shard=2 units of 2 full AC"]),
+    ("qwen3_moe4", ["dp_replicate=2 x dp_shard=2 x ep=2 units of 2 selective AC"]),
     ("qwen3", ["tp=2", "dp_shard=2 x tp=2 sp"]),
     ("mistral", ["dp_shard=2 x tp=2"]),
     ("gemma", [*FSDP_ONLY, "tp=2 sp"]),  # tied embedding and lm_head: one vocab-sharded tensor
@@ -88,7 +99,7 @@ def saved_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     folders = {}
     for architecture, sizes in ARCHITECTURES.items():
-        config = AutoConfig.for_model(architecture, vocab_size=1024, max_position_embeddings=256, **{"tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **sizes})
+        config = AutoConfig.for_model(architecture.rstrip("4"), vocab_size=1024, max_position_embeddings=256, **{"tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **sizes})
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config).save_pretrained(root / architecture)
         folders[architecture] = root / architecture

@@ -60,10 +60,11 @@ class ParallelConfig:
     ep: int = 1
     # FSDP: free each block's gathered parameters after its forward (gather again for backward)
     reshard_after_forward: bool = True
-    # FSDP units: consecutive decoder blocks are grouped into one unit until it holds at least this
-    # many MB of parameters (fp32, whole): each unit is one all-gather and one reduce-scatter, so
-    # small blocks share collectives (latency-bound) instead of paying one each; blocks of that
-    # size or more get a unit each. 0: one unit per block.
+    # FSDP units: consecutive decoder blocks join one unit until it holds at least this many MB of
+    # parameters (fp32, whole, experts included): each unit is one all-gather and one reduce-scatter,
+    # so small blocks share collectives (latency-bound) instead of paying one each; blocks of that
+    # size or more get a unit each. The last unit stays gathered from its forward to its backward
+    # (which follows at once). 0: one unit per block.
     fsdp_unit_mb: float = 25.0
     cpu_offload: bool = False  # FSDP keeps sharded parameters, gradients and optimizer on the host
     # With gradient accumulation, when FSDP reduces gradients: micro_batch (reduce-scatter after each

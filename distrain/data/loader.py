@@ -47,6 +47,18 @@ class GlobalBatchLoader:
             self._epoch, self._order = epoch, torch.randperm(len(self.dataset), generator=generator)
         return int(self._order[offset])
 
+    def _sample_indices(self, position: int, count: int) -> torch.Tensor:
+        """`_sample_index` of positions [position, position + count), without a Python loop
+        within an epoch."""
+        parts = []
+        while count > 0:
+            epoch, offset = divmod(position, len(self.dataset))
+            self._sample_index(position)  # draws the epoch's order
+            take = min(count, len(self.dataset) - offset)
+            parts.append(self._order[offset : offset + take])
+            position, count = position + take, count - take
+        return torch.cat(parts)
+
     def next_batch(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the next global batch; advances the global position.
         Each carries `global_targets`, the number of targets in the whole global batch (every
@@ -55,9 +67,7 @@ class GlobalBatchLoader:
         per_rank = self.global_batch_size // self.dp_size
         begin = self.position + self.dp_rank * per_rank
         samples = [self.dataset[self._sample_index(p)] for p in range(begin, begin + per_rank)]
-        global_targets = torch.tensor(sum(
-            self.dataset.num_targets(self._sample_index(p)) for p in range(self.position, self.position + self.global_batch_size)
-        ))
+        global_targets = torch.tensor(self.dataset.num_targets(self._sample_indices(self.position, self.global_batch_size)))
         self.position += self.global_batch_size
         mb = self.micro_batch_size
         return [dict(collate(samples[i : i + mb]), global_targets=global_targets) for i in range(0, per_rank, mb)]

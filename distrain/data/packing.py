@@ -56,14 +56,16 @@ class PackedDataset:
         return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
 
 
-    def num_targets(self, index: int) -> int:
-        """How many labels of sample `index` are targets, from the document offsets alone (no
-        token is read): every real token but the last, less the document starts after the first."""
-        begin, end = index * self.seq_len, min((index + 1) * self.seq_len, self.num_tokens)
-        after_begin = torch.searchsorted(self.corpus.doc_starts, torch.tensor([begin]), right=True)
-        before_end = torch.searchsorted(self.corpus.doc_starts, torch.tensor([end]), right=False)
-        starts_inside = int(before_end - after_begin)  # documents starting in (begin, end)
-        return max(end - begin - 1 - starts_inside, 0)
+    def num_targets(self, indices: torch.Tensor) -> int:
+        """How many labels of the samples `indices` are targets, from the document offsets alone
+        (no token is read): every real token but the last, less the document starts after the
+        first, per sample; two binary searches for all of them."""
+        begin = indices.to(torch.int64) * self.seq_len
+        end = torch.clamp(begin + self.seq_len, max=self.num_tokens)
+        after_begin = torch.searchsorted(self.corpus.doc_starts, begin, right=True)
+        before_end = torch.searchsorted(self.corpus.doc_starts, end, right=False)
+        starts_inside = before_end - after_begin  # documents starting in (begin, end)
+        return int(torch.clamp(end - begin - 1 - starts_inside, min=0).sum())
 
 
 def _positions_from_starts(is_start: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ def owned_square_sum(parameters) -> torch.Tensor:
         if isinstance(grad, DTensor):
             assert not any(p.is_partial() for p in grad.placements), "gradients must be reduced before the norm"
             mesh = grad.device_mesh
-            assert mesh.size() == world, f"a gradient on a mesh of {mesh.size()} of {world} ranks: its owners are ambiguous"
+            if mesh.size() != world:  # refused when the model is sharded (parallelize._check_spans_world)
+                raise RuntimeError(f"a gradient on a mesh of {mesh.size()} of {world} ranks: its owners are ambiguous")
             if all(mesh.get_local_rank(i) == 0 for i, p in enumerate(grad.placements) if p.is_replicate()):
                 owned.append(grad.to_local())
         elif not dist.is_initialized() or dist.get_rank() == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from distrain.config.schema import ConfigError
 from distrain.models import ModelSpec, init_non_persistent_buffers, meta_model, to_empty
 from distrain.parallel.mesh import MeshViews, ParallelDims
 from distrain.moe.dispatch import apply_expert_parallel
@@ -30,7 +31,21 @@ def parallelize(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: Mes
             block.compile()
     if dims.fsdp:
         partial_grads = apply_fsdp(model, spec, dims, mesh, bf16, partial_grads)
+    _check_spans_world(model, dims.world_size)
     return partial_grads
+
+
+def _check_spans_world(model: nn.Module, world_size: int) -> None:
+    """Every sharded parameter is laid out over all ranks (sharded or replicated on each mesh
+    axis): what the gradient norm's ownership (`distrain.parallel.grads`) and the state ratio rely on."""
+    from torch.distributed.tensor import DTensor
+
+    for name, param in model.named_parameters():
+        if isinstance(param, DTensor) and param.device_mesh.size() != world_size:
+            raise ConfigError(
+                f"{name} is laid out over {param.device_mesh.size()} of {world_size} ranks: its module holds parameters TP "
+                "leaves whole beside TP-sharded submodules, which distrain does not shard over the TP ranks yet; use parallel.tp=1"
+            )
 
 
 # Ops whose outputs selective checkpointing keeps: the matmuls, attention, the experts' grouped
@@ -135,8 +150,10 @@ def apply_fsdp(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: Mesh
 
 
 def block_groups(spec: ModelSpec, unit_mb: float) -> list[list[nn.Module]]:
-    """Consecutive decoder blocks, grouped until a group holds at least `unit_mb` MB of
-    parameters (fp32, whole; counted on the meta model, before any sharding): the FSDP units."""
+    """Consecutive decoder blocks: a block joins the open group until that holds at least
+    `unit_mb` MB of parameters (fp32, whole, experts included), then the next one opens a new
+    group: the FSDP units (blocks of `unit_mb` or more each get their own unit, unless they follow
+    smaller blocks still below it)."""
     groups, size = [], 0.0
     for block in spec.blocks:
         if not groups or size >= unit_mb * 1e6:

@@ -454,11 +454,10 @@ def sync_tp_grads(model: nn.Module, partial_names: list[str], tp_group) -> None:
 def vocab_parallel_cross_entropy(logits: DTensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Summed cross-entropy of logits sharded on the vocabulary over the TP ranks (the lm_head's
     output, `Shard(-1)`), never gathering the vocabulary, in one collective: each rank all-gathers
-    its per-token [max, sum of exp(logit - max), target logit or 0] (3 floats per token), and
-    every rank combines them into the global log-sum-exp (rescaling each rank's sum to the global
-    max). torch's `loss_parallel` spends three all-reduces on the same (max, sum-exp, target).
-    Backward needs no collective: softmax(x) - onehot on the local shard. Returns a plain tensor,
-    the same on every TP rank."""
+    its per-token [log-sum-exp of its shard, target logit or 0] (2 floats per token), and every
+    rank combines them (the log-sum-exp over ranks of the shards' ones). torch's `loss_parallel`
+    spends three all-reduces on (max, sum-exp, target). Backward needs no collective:
+    softmax(x) - onehot on the local shard. Returns a plain tensor, the same on every TP rank."""
     (placement,) = logits.placements
     assert placement.is_shard() and placement.dim in (-1, logits.dim() - 1), f"logits sharded as {logits.placements}"
     mesh = logits.device_mesh
@@ -473,27 +472,23 @@ class _VocabParallelCE(torch.autograd.Function):
         import torch.distributed as dist
 
         local_vocab = local.shape[-1]
-        local_max = local.max(dim=-1).values
-        sum_exp = (local - local_max[:, None]).exp().sum(dim=-1)
         offset = labels - vocab_start
         here = (offset >= 0) & (offset < local_vocab)
-        target = torch.where(here, local.gather(-1, offset.clamp(0, local_vocab - 1)[:, None]).squeeze(-1), 0.0)
-        stats = torch.stack([local_max, sum_exp, target])
-        gathered = torch.empty((dist.get_world_size(group) * 3, stats.shape[1]), dtype=stats.dtype, device=stats.device)
+        index = offset.clamp(0, local_vocab - 1)[:, None]
+        target = torch.where(here, local.gather(-1, index).squeeze(-1), 0.0)
+        stats = torch.stack([torch.logsumexp(local, dim=-1), target])
+        gathered = torch.empty((dist.get_world_size(group) * 2, stats.shape[1]), dtype=stats.dtype, device=stats.device)
         dist.all_gather_single(gathered, stats, group=group)
-        gathered = gathered.view(-1, 3, stats.shape[1])
-        global_max = gathered[:, 0].max(dim=0).values
-        total = (gathered[:, 1] * (gathered[:, 0] - global_max).exp()).sum(dim=0)
-        log_sum_exp = total.log() + global_max
+        gathered = gathered.view(-1, 2, stats.shape[1])
+        log_sum_exp = torch.logsumexp(gathered[:, 0], dim=0)
         valid = labels != ignore_index
-        ctx.save_for_backward(local, log_sum_exp, offset, here & valid, valid)
-        return torch.where(valid, log_sum_exp - gathered[:, 2].sum(dim=0), 0.0).sum()
+        ctx.save_for_backward(local, log_sum_exp, index, here & valid, valid)
+        return torch.where(valid, log_sum_exp - gathered[:, 1].sum(dim=0), 0.0).sum()
 
     @staticmethod
     def backward(ctx, grad):
-        local, log_sum_exp, offset, target_here, valid = ctx.saved_tensors
-        grad_local = (local - log_sum_exp[:, None]).exp()  # this shard's softmax
-        rows = target_here.nonzero().squeeze(-1)
-        grad_local[rows, offset[rows]] -= 1.0
-        grad_local *= (valid.to(grad_local.dtype) * grad)[:, None]
+        local, log_sum_exp, index, target_here, valid = ctx.saved_tensors
+        grad_local = local.sub(log_sum_exp[:, None]).exp_()  # this shard's softmax (one buffer)
+        grad_local.scatter_add_(-1, index, -target_here[:, None].to(grad_local.dtype))  # - onehot, no host sync
+        grad_local.mul_((valid.to(grad_local.dtype) * grad)[:, None])
         return grad_local, None, None, None, None

@@ -327,7 +327,10 @@ class Trainer:
         try:
             return self._train()
         finally:
-            self.profiler.close()  # a run that stops inside the profiled steps still writes them
+            try:
+                self.profiler.close()  # a run that stops inside the profiled steps still writes them
+            except Exception as error:  # noqa: BLE001 - never mask how the run ended
+                self.say(f"warning: the profile trace could not be written: {error}")
 
     def _train(self) -> int:
         job = self.job

@@ -36,10 +36,12 @@ and reports from rank 0 (state bytes: the largest over the ranks):
                                                     is one such sub-layer: its router and
                                                     experts share one entry and one exit
            + s_t * A                                SP only: all-gather of the first block's grad
-           + (t-1) * 3 * micro-batch x seq_len x 4  vocab-parallel loss: one all-gather of each
-                                                    rank's (max, sum-exp, target logit) per token
-                                                    (the fewest calls; three all-reduces would
-                                                    move as much at t=2, less beyond)
+           + min(2 (t-1), 6 s_t) * micro-batch x seq_len x 4
+                                                    vocab-parallel loss: each token's log-sum-exp
+                                                    and target logit combined over TP, by one
+                                                    all-gather of 2 floats per rank (distrain: one
+                                                    call; the fewest bytes up to t=3) or two
+                                                    all-reduces (max; sum-exp and target)
            + 2 s_t * P_partial / d                  gradients partial over TP (norms), summed on
                                                     their FSDP shards
   where P is the bytes of TP-sharded parameters one TP rank holds before FSDP (all parameters
@@ -257,7 +259,8 @@ def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
         activation = micro * seq * config.hidden_size * 4
         per_micro = 2 * share(t) * activation * (4 * config.num_hidden_layers + 2)
         per_micro += share(t) * activation if dims.sp else 0
-        per_micro += (t - 1) * 3 * micro * seq * 4
+        # the loss: the cheaper of one all-gather of 2 floats per token and two all-reduces of 3
+        per_micro += min((t - 1) * 2, 2 * share(t) * 3) * micro * seq * 4
         total += num_micro * per_micro + 2 * share(t) * p_partial / d
     layers, num_experts = len(spec.moe_blocks), spec.num_experts
     if dims.ep > 1:
