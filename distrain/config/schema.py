@@ -74,7 +74,7 @@ class ParallelConfig:
     # gradients unsharded from the first micro-batch to the last)
     grad_sync: Literal["micro_batch", "step"] = "micro_batch"
     # Recompute activations in backward: none, full (whole blocks), or selective (keep the
-    # outputs of matmuls and attention, recompute the cheap element-wise ops)
+    # outputs of matmuls, attention and collectives, recompute the cheap element-wise ops)
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     compile: bool = False  # torch.compile each decoder block
 

@@ -40,22 +40,20 @@ class GlobalBatchLoader:
     def grad_accum_steps(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.dp_size)
 
-    def _sample_index(self, position: int) -> int:
-        epoch, offset = divmod(position, len(self.dataset))
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """The order in which epoch `epoch` visits the samples (drawn once per epoch)."""
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._order = epoch, torch.randperm(len(self.dataset), generator=generator)
-        return int(self._order[offset])
+        return self._order
 
     def _sample_indices(self, position: int, count: int) -> torch.Tensor:
-        """`_sample_index` of positions [position, position + count), without a Python loop
-        within an epoch."""
+        """The sample indices at stream positions [position, position + count)."""
         parts = []
         while count > 0:
             epoch, offset = divmod(position, len(self.dataset))
-            self._sample_index(position)  # draws the epoch's order
             take = min(count, len(self.dataset) - offset)
-            parts.append(self._order[offset : offset + take])
+            parts.append(self._epoch_order(epoch)[offset : offset + take])
             position, count = position + take, count - take
         return torch.cat(parts)
 
@@ -65,9 +63,9 @@ class GlobalBatchLoader:
         rank counts it from the document offsets: the loss is normalized by it without a
         collective)."""
         per_rank = self.global_batch_size // self.dp_size
-        begin = self.position + self.dp_rank * per_rank
-        samples = [self.dataset[self._sample_index(p)] for p in range(begin, begin + per_rank)]
-        global_targets = torch.tensor(self.dataset.num_targets(self._sample_indices(self.position, self.global_batch_size)))
+        indices = self._sample_indices(self.position, self.global_batch_size)
+        samples = [self.dataset[int(i)] for i in indices[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]]
+        global_targets = torch.tensor(self.dataset.num_targets(indices))
         self.position += self.global_batch_size
         mb = self.micro_batch_size
         return [dict(collate(samples[i : i + mb]), global_targets=global_targets) for i in range(0, per_rank, mb)]

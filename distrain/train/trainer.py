@@ -206,6 +206,7 @@ class Trainer:
         parts = [(loss_sum.double() * tp_first).reshape(1), owned_square_sum(self.model.parameters()).to(self.device).reshape(1),
                  torch.tensor(stop.received(), dtype=torch.float64, device=self.device)]
         pending = self.router_stats.take_pending() if self.router_stats else None
+        agreed = sum(p.numel() for p in parts)  # loss, norm, signals: read on the host
         if pending is not None:
             # under TP x EP each TP rank routes its own slice of the sequence: every rank's counts
             parts.append(pending.reshape(-1) * (1.0 if self.dims.tp > 1 and self.dims.ep > 1 else tp_first))
@@ -213,8 +214,8 @@ class Trainer:
         if self.world_size > 1:
             dist.all_reduce(values)
         if pending is not None:
-            self.router_stats.add_global(values[len(values) - pending.numel():].reshape(pending.shape))
-        loss, norm_sq, *signals = values[: len(values) - (pending.numel() if pending is not None else 0)].tolist()
+            self.router_stats.add_global(values[agreed:].reshape(pending.shape))
+        loss, norm_sq, *signals = values[:agreed].tolist()
         grad_norm = math.sqrt(norm_sq) if norm_sq >= 0 else float("nan")
         nonfinite = not (math.isfinite(loss) and math.isfinite(grad_norm))
         return loss, grad_norm, [int(nonfinite), *(int(s > 0) for s in signals)]
