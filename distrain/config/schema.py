@@ -64,7 +64,7 @@ class ParallelConfig:
     # parameters (fp32, whole, experts included): each unit is one all-gather and one reduce-scatter,
     # so small blocks share collectives (latency-bound) instead of paying one each; blocks of that
     # size or more get a unit each. The last unit stays gathered from its forward to its backward
-    # (which follows at once). 0: one unit per block.
+    # (which follows at once). A model smaller than this is one unit. 0: one unit per block.
     fsdp_unit_mb: float = 25.0
     cpu_offload: bool = False  # FSDP keeps sharded parameters, gradients and optimizer on the host
     # With gradient accumulation, when FSDP reduces gradients: micro_batch (reduce-scatter after each

@@ -13,15 +13,14 @@ from distrain.config.schema import ConfigError
 from distrain.models import ModelSpec, init_non_persistent_buffers, meta_model, to_empty
 from distrain.parallel.mesh import MeshViews, ParallelDims
 from distrain.moe.dispatch import apply_expert_parallel
-from distrain.parallel.tensor_parallel import apply_tensor_parallel, is_packed
+from distrain.parallel.tensor_parallel import TPGrads, apply_tensor_parallel, is_packed
 
 
-def parallelize(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: MeshViews, bf16: bool) -> list[str]:
-    """Apply every parallelism in order; return the FQNs of parameters whose gradients are
-    partial over the TP ranks (summed by `sync_tp_grads` after backward)."""
-    partial_grads = []
+def parallelize(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: MeshViews, bf16: bool) -> TPGrads:
+    """Apply every parallelism in order; return what TP leaves to do to the gradients after backward."""
+    tp_grads = TPGrads([], [])
     if dims.tp > 1:
-        partial_grads = apply_tensor_parallel(model, spec, mesh.tp, dims.sp, ep=dims.ep > 1)  # TP + SP
+        tp_grads = TPGrads(apply_tensor_parallel(model, spec, mesh.tp, dims.sp, ep=dims.ep > 1), [])  # TP + SP
     if dims.ep > 1:
         apply_expert_parallel(spec.moe_blocks, mesh.ep)
     if dims.activation_checkpointing != "none":
@@ -30,9 +29,9 @@ def parallelize(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: Mes
         for block in spec.blocks:
             block.compile()
     if dims.fsdp:
-        partial_grads = apply_fsdp(model, spec, dims, mesh, bf16, partial_grads)
+        tp_grads = apply_fsdp(model, spec, dims, mesh, bf16, tp_grads)
     _check_spans_world(model, dims.world_size)
-    return partial_grads
+    return tp_grads
 
 
 def _check_spans_world(model: nn.Module, world_size: int) -> None:
@@ -92,42 +91,47 @@ def apply_activation_checkpointing(spec: ModelSpec, selective: bool) -> None:
         block.forward = checkpointed
 
 
-def apply_fsdp(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: MeshViews, bf16: bool, partial_grads: list[str]) -> list[str]:
-    """fully_shard each block, then the root, over the data-parallel ranks. With TP, the
-    parameters TP leaves whole (norms) of all blocks get two FSDP units of their own over the
-    data-parallel and TP ranks together, so no rank holds more than its share of any parameter; the reduce-scatter
-    then also sums their partial gradients over TP. With EP, each experts module is a unit of its
-    own over the expert-FSDP mesh (its gradients summed there; the all-to-all already summed
-    them over the EP ranks). Returns the partial-gradient FQNs still left
-    for `sync_tp_grads`."""
+def apply_fsdp(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: MeshViews, bf16: bool, tp_grads: TPGrads) -> TPGrads:
+    """fully_shard each group of blocks (`block_groups`), then the root, over the data-parallel
+    ranks; a model smaller than one unit is one unit, the root's. With TP, the parameters TP
+    leaves whole (norms, routers) of the whole model get one FSDP unit of their own over the
+    data-parallel and TP ranks together, so no rank holds more than its share of any parameter;
+    the reduce-scatter then also sums their partial gradients over TP. With EP, the experts of
+    each group are a unit of their own over the expert-FSDP mesh (their gradients summed there;
+    the all-to-all already summed them over the EP ranks). Returns what is left for
+    `sync_tp_grads`."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     dp_mesh = mesh.dp
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     common = dict(mp_policy=policy, offload_policy=CPUOffloadPolicy() if dims.cpu_offload else OffloadPolicy())
     units = []
-    left_partial = list(partial_grads)
+    left_partial, copies = list(tp_grads.partial), []
     if dims.tp > 1:
-        partial = set(partial_grads)
+        partial = set(tp_grads.partial)
         names = {module: name for name, module in model.named_modules()}
-        summed, averaged = [], []
+        whole = []
         for group in (*spec.blocks, model):
             for module in _modules_with_only_whole_params(group, stop_at=spec.blocks if group is model else ()):
                 own = [f"{names[module]}.{n}" if names[module] else n for n, _ in module.named_parameters()]
-                (summed if all(n in partial for n in own) else averaged).append(module)
+                whole.append(module)
+                copies += [n for n in own if n not in partial]
                 left_partial = [n for n in left_partial if n not in own]
-        # NOTE: gradients partial over TP (per-head norms; every norm under SP) must be summed over
-        #       TP, gradients TP already made whole must be averaged: two units, each holding those
-        #       parameters of every block (one all-gather when the first is used, one reduce-scatter
-        #       when backward has passed it: not two tiny collectives of each kind per block).
+        # NOTE: one unit holding those parameters of every block: one all-gather when the first
+        #       is used, one reduce-scatter when backward has passed them (not two tiny
+        #       collectives of each kind per block). Its reduce-scatter sums over TP both the
+        #       partial gradients (per-head norms; every norm under SP: what they need) and the
+        #       copies of gradients TP already made whole (tp times what they need: `sync_tp_grads`
+        #       divides those shards by tp after backward, a local op, instead of a second unit).
         #       Kept unsharded between forward and backward: they are tiny (norms, routers), and
         #       resharding them breaks selective checkpointing of MoE blocks (their all-gather
         #       replayed inside the recompute is missing from its cache).
-        for modules, divide in ((summed, 1.0), (averaged, float(dims.tp))):
-            if modules:
-                fully_shard(modules, mesh=mesh.dp_shard_tp, reshard_after_forward=False, **common)
-                units.append((modules[0], divide))
+        if whole:
+            fully_shard(whole, mesh=mesh.dp_shard_tp, reshard_after_forward=False, **common)
+            units.append(whole[0])
     groups = block_groups(spec, dims.fsdp_unit_mb)
+    # a model smaller than one unit is one unit (the root's: never resharded after forward)
+    one_unit = len(groups) == 1 and sum(p.numel() for p in model.parameters()) * 4 < dims.fsdp_unit_mb * 1e6
     experts_of = {id(moe.experts): moe.experts for moe in spec.moe_blocks} if dims.ep > 1 else {}
     for i, group in enumerate(groups):
         # NOTE: the last unit is never resharded after its forward: backward starts with it, right
@@ -136,17 +140,18 @@ def apply_fsdp(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: Mesh
         experts = [m for block in group for m in block.modules() if id(m) in experts_of]
         if experts:
             fully_shard(experts, mesh=mesh.efsdp, reshard_after_forward=reshard, **common)
-            units.append((experts[0], 1.0))
-        fully_shard(group, mesh=dp_mesh, reshard_after_forward=reshard, **common)
-        units.append((group[0], 1.0))
+            units.append(experts[0])
+        if not one_unit:
+            fully_shard(group, mesh=dp_mesh, reshard_after_forward=reshard, **common)
+            units.append(group[0])
     fully_shard(model, mesh=dp_mesh, **common)
-    units.append((model, 1.0))
+    units.append(model)
     # NOTE: the loss is already divided by the global number of target tokens, so gradients are
     #       summed over data-parallel ranks, not averaged (this also avoids AVG, which gloo lacks).
-    for unit, divide in units:
-        unit.set_gradient_divide_factor(divide)
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)
-    return left_partial
+    return TPGrads(left_partial, copies)
 
 
 def block_groups(spec: ModelSpec, unit_mb: float) -> list[list[nn.Module]]:

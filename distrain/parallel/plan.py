@@ -50,7 +50,7 @@ def describe_plan(job: JobConfig, dims: ParallelDims, hf_config, device_memory: 
             f"final norm {names.get(spec.final_norm, 'none')}; block roles: " + ", ".join(f"{n}={r}" for n, r in spec.roles.items())
         )
         # activation checkpointing and compile change no placement or byte; leave them out here
-        partial = set(parallelize(model, spec, dataclasses.replace(dims, activation_checkpointing="none", compile=False), mesh, bf16=False))
+        partial = set(parallelize(model, spec, dataclasses.replace(dims, activation_checkpointing="none", compile=False), mesh, bf16=False).partial)
         rows: dict[str, tuple] = {}
         param_bytes = unsharded_bytes = 0
         for name, param in model.named_parameters():

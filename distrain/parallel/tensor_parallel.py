@@ -44,6 +44,7 @@ over the TP ranks, like q_norm/k_norm's.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -431,16 +432,32 @@ class _LeaveRegion:
         return (reduced, *output[1:]) if isinstance(output, tuple) else reduced
 
 
-def sync_tp_grads(model: nn.Module, partial_names: list[str], tp_group) -> None:
+class TPGrads(NamedTuple):
+    """What `sync_tp_grads` does to gradients after backward (names of parameters): `partial` ones
+    (computed by each TP rank from only its heads or its slice of the sequence) are summed over the
+    TP ranks; `copies` (parameters TP leaves whole whose gradients TP made whole: every TP rank
+    holds the same) were summed over the TP ranks by FSDP's reduce-scatter with the partial
+    ones, and are divided by the TP size."""
+
+    partial: list[str]
+    copies: list[str]
+
+
+def sync_tp_grads(model: nn.Module, grads: TPGrads, tp_group) -> None:
     """After backward: sum over the TP ranks the gradients that each rank computed from only its
-    heads or its slice of the sequence, and give every sharded gradient its parameter's placement
-    (the vocab-sharded embedding's gradient comes back replicated: a local slice, no traffic)."""
+    heads or its slice of the sequence, divide by the TP size those FSDP summed over identical
+    copies (`TPGrads`), and give every sharded gradient its parameter's placement (the
+    vocab-sharded embedding's gradient comes back replicated: a local slice, no traffic)."""
     params = dict(model.named_parameters())
     for param in params.values():
         if isinstance(param.grad, DTensor) and param.grad.placements != param.placements:
             param.grad = param.grad.redistribute(placements=param.placements)
-    grads = [params[n].grad for n in partial_names if params[n].grad is not None]
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    size = torch.distributed.get_world_size(tp_group)
+    for name in grads.copies:
+        grad = params[name].grad
+        if grad is not None:
+            (grad.to_local() if isinstance(grad, DTensor) else grad).div_(size)
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in (params[n].grad for n in grads.partial) if g is not None]
     if not local:
         return
     flat = torch.cat([g.reshape(-1) for g in local])

@@ -79,7 +79,7 @@ class Trainer:
         self.dims.check_experts(self.spec.num_experts)  # checked before spawn too (distrain.cli)
         configure(self.spec.moe_blocks, job.moe.capacity_factor, resolve_kernel(job.moe.kernel, device.type))
         self.flops_per_token = flops_per_token(model, self.spec, job.train.seq_len)
-        self.partial_grads = parallelize(model, self.spec, self.dims, self.mesh, self.bf16)
+        self.tp_grads = parallelize(model, self.spec, self.dims, self.mesh, self.bf16)
         self.model = model
         materialize(self.model, device, self.dims.cpu_offload)
         if not has_pretrained_weights(job.model):
@@ -242,7 +242,7 @@ class Trainer:
                 loss = loss + aux / len(micro_batches)
             loss.backward()
         if self.dims.tp > 1:
-            sync_tp_grads(self.model, self.partial_grads, self.mesh.tp.get_group())
+            sync_tp_grads(self.model, self.tp_grads, self.mesh.tp.get_group())
         return loss_total
 
     def _grad_sync(self, last: bool) -> None:

@@ -224,7 +224,7 @@ def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
     dims, model, spec = trainer.dims, trainer.model, trainer.spec
     d, r, t = dims.dp_shard, dims.dp_replicate, dims.tp
     block_prefix = next(n for n, m in model.named_modules() if m is spec.blocks) + "."
-    partial, experts = set(trainer.partial_grads), set(spec.expert_param_names) if dims.ep > 1 else set()
+    partial, experts = set(trainer.tp_grads.partial), set(spec.expert_param_names) if dims.ep > 1 else set()
     from distrain.parallel.parallelize import block_groups
 
     last_unit = block_groups(spec, dims.fsdp_unit_mb)[-1]
