@@ -48,7 +48,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -252,9 +252,11 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool, 
         if name not in modules:
             continue  # experts' parameters: sharded with their module below
         if style in ("colwise", "colwise_gather_output"):
-            styles[name] = ColwiseParallel(output_layouts=Replicate() if style == "colwise_gather_output" else Shard(-1))
+            _shard_linear(modules[name], style, tp_mesh, sp)
             gather_points.add(parent)
-        elif style in ("rowwise", "rowwise_split_input"):
+        elif style in ("rowwise", "rowwise_split_input") and modules[name].bias is None:
+            _shard_linear(modules[name], style, tp_mesh, sp)
+        elif style in ("rowwise", "rowwise_split_input"):  # a bias added once, after the reduction: DTensor's
             styles[name] = RowwiseParallel(input_layouts=Replicate() if style == "rowwise_split_input" else Shard(-1), output_layouts=output)
         elif style == "replicated_with_grad_allreduce":
             partial_modules.append(name)
@@ -278,7 +280,7 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool, 
     for name in gather_points:
         modules[name].register_forward_pre_hook(_ReplicateInput(tp_mesh, sp), with_kwargs=True)
     for name in regions:
-        modules[name].register_forward_pre_hook(_EnterRegion(tp_mesh, sp), with_kwargs=True)
+        modules[name].register_forward_pre_hook(_ReplicateInput(tp_mesh, sp), with_kwargs=True)
         modules[name].register_forward_hook(_LeaveRegion(tp_mesh, sp))
         partial_modules.append(name)
     # NOTE: with EP the experts' weights (sharded over EP next) get their gradients whole from the
@@ -313,6 +315,28 @@ def _shard_experts(experts: nn.Module, name: str, plan: dict[str, str], tp_mesh)
         else:  # colwise, or packed with gate and up interleaved row by row: contiguous pairs
             placement = Shard(out_dim)
         _distribute_parameter(experts, param_name, placement, tp_mesh)
+
+
+def _shard_linear(linear: nn.Linear, style: str, tp_mesh, sp: bool) -> None:
+    """Megatron's column / row parallel linear on plain tensors: the parameters are DTensors
+    (for FSDP, checkpoints and the plan), the forward runs `F.linear` on their local shards, and
+    the collectives are explicit (`_Move`), which spares the DTensor dispatch of every op.
+    colwise: weight and bias sharded on the output features; the input comes replicated (entered
+    once per module by `_ReplicateInput`); "colwise_gather_output" all-gathers the features.
+    rowwise (no bias): weight sharded on the input features; its partial output is all-reduced,
+    or reduce-scattered onto the sequence under SP; "rowwise_split_input" first takes this
+    rank's slice of a replicated input."""
+    colwise = style.startswith("colwise")
+    for param_name, _ in list(linear.named_parameters(recurse=False)):
+        _distribute_parameter(linear, param_name, Shard(0) if colwise else Shard(1), tp_mesh)
+    _run_on_local_shards(linear)
+    if style == "colwise_gather_output":
+        linear.register_forward_hook(lambda module, args, out: _move(out, "all_gather", "slice", -1, tp_mesh))
+    if style == "rowwise_split_input":
+        linear.register_forward_pre_hook(lambda module, args: (_move(args[0], "slice", "all_gather", -1, tp_mesh), *args[1:]))
+    if not colwise:
+        leave = ("reduce_scatter", "all_gather", 1) if sp else ("all_reduce", "identity", 1)
+        linear.register_forward_hook(lambda module, args, out: _move(out, *leave, tp_mesh))
 
 
 def _distribute_parameter(module: nn.Module, name: str, placement, tp_mesh) -> None:
@@ -361,75 +385,94 @@ def _first_tensor(args, kwargs):
     return kwargs["hidden_states"], lambda x: (args, {**kwargs, "hidden_states": x})
 
 
-class _SplitSequence:
+def _collective(kind: str, x: torch.Tensor, dim: int, mesh) -> torch.Tensor:
+    """One TP collective (or its local counterpart) on dimension `dim` of a plain tensor, as a
+    functional collective (what DTensor issues: the op counters and selective checkpointing see it)."""
+    if kind == "identity":
+        return x
+    ops, group = torch.ops._c10d_functional, mesh.get_group()
+    size, name = group.size(), group.group_name
+    if kind == "slice":
+        return x.chunk(size, dim)[mesh.get_local_rank()].contiguous()
+    if kind == "all_reduce":
+        return ops.wait_tensor(ops.all_reduce(x.contiguous(), "sum", name))
+    front = x.movedim(dim, 0).contiguous()  # the collectives gather and scatter dimension 0
+    if kind == "all_gather":
+        out = ops.wait_tensor(ops.all_gather_into_tensor(front, size, name))
+    else:
+        out = ops.wait_tensor(ops.reduce_scatter_tensor(front, "sum", size, name))
+    return out.movedim(0, dim).contiguous()
+
+
+class _Move(torch.autograd.Function):
+    """A tensor's move between TP layouts: `forward` in forward, `backward` on its gradient
+    (each a `_collective` kind: the pairs are adjoint, e.g. all-reduce / identity)."""
+
+    @staticmethod
+    def forward(ctx, x, forward: str, backward: str, dim: int, mesh):
+        ctx.backward_kind, ctx.dim, ctx.mesh = backward, dim, mesh
+        return _collective(forward, x, dim, mesh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _collective(ctx.backward_kind, grad, ctx.dim, ctx.mesh), None, None, None, None
+
+
+def _move(x: torch.Tensor, forward: str, backward: str, dim: int, mesh) -> torch.Tensor:
+    return _Move.apply(x, forward, backward, dim, mesh)
+
+
+class _FirstTensorHook:
+    """A hook moving a module's first input (pre-hook) or output (forward hook) between TP
+    layouts on the sequence dimension (1)."""
+
+    def __init__(self, mesh, forward: str, backward: str):
+        self.mesh, self.kinds = mesh, (forward, backward)
+
+    def move(self, x):
+        return _move(x, *self.kinds, 1, self.mesh)
+
+
+class _SplitSequence(_FirstTensorHook):
     """Enter the SP region: keep this rank's slice of the sequence (gradient: all-gather)."""
 
     def __init__(self, mesh):
-        self.mesh = mesh
+        super().__init__(mesh, "slice", "all_gather")
 
     def __call__(self, module, args, kwargs):
         x, rebuild = _first_tensor(args, kwargs)
-        local = DTensor.from_local(x, self.mesh, [Replicate()], run_check=False).redistribute(placements=[Shard(1)]).to_local()
-        return rebuild(local)
+        return rebuild(self.move(x))
 
 
-class _GatherSequence:
+class _GatherSequence(_FirstTensorHook):
     """Leave a module that ran on this rank's slice of the sequence: all-gather its output
     (gradient: this rank's slice of the replicated gradient)."""
 
     def __init__(self, mesh):
-        self.mesh = mesh
+        super().__init__(mesh, "all_gather", "slice")
 
     def __call__(self, module, args, output):
         first = output[0] if isinstance(output, tuple) else output
-        full = DTensor.from_local(first, self.mesh, [Shard(1)], run_check=False).redistribute(placements=[Replicate()]).to_local()
-        return (full, *output[1:]) if isinstance(output, tuple) else full
+        return (self.move(first), *output[1:]) if isinstance(output, tuple) else self.move(first)
 
 
-class _ReplicateInput:
-    """Hand a module whose colwise projections share one input (q/k/v, gate/up) that input as a
-    replicated DTensor: with SP, all-gathered from the sequence slices. Its gradient comes back
-    partial from every projection, is summed locally, and is reduced once: reduce-scattered onto
-    the sequence with SP, all-reduced without."""
-
-    def __init__(self, mesh, sp: bool):
-        self.mesh, self.sp = mesh, sp
-
-    def __call__(self, module, args, kwargs):
-        x, rebuild = _first_tensor(args, kwargs)
-        if self.sp:
-            full = DTensor.from_local(x, self.mesh, [Shard(1)], run_check=False).redistribute(placements=[Replicate()])
-        else:
-            full = DTensor.from_local(x, self.mesh, [Replicate()], run_check=False)
-        return rebuild(full)
-
-
-class _EnterRegion:
-    """Enter an expert-TP MoE block: every rank routes and computes every token (all-gathered
-    from the sequence slices under SP). The gradient there is partial, each rank's experts and
-    router seeing only their share, and is summed once: reduce-scattered onto the sequence with
-    SP, all-reduced without."""
+class _ReplicateInput(_SplitSequence):
+    """Enter a module whose colwise projections share one input (q/k/v, gate/up; or an expert-TP
+    MoE block, whose router and experts all read it): every rank gets the whole input
+    (all-gathered from the sequence slices with SP). Its gradient comes back partial from every
+    projection (each rank's heads or experts), is summed locally, and is reduced once:
+    reduce-scattered onto the sequence with SP, all-reduced without."""
 
     def __init__(self, mesh, sp: bool):
-        self.mesh, self.source = mesh, [Shard(1)] if sp else [Replicate()]
-
-    def __call__(self, module, args, kwargs):
-        x, rebuild = _first_tensor(args, kwargs)
-        full = DTensor.from_local(x, self.mesh, self.source, run_check=False).redistribute(placements=[Replicate()])
-        return rebuild(full.to_local(grad_placements=[Partial()]))
+        _FirstTensorHook.__init__(self, mesh, *(("all_gather", "reduce_scatter") if sp else ("identity", "all_reduce")))
 
 
-class _LeaveRegion:
+class _LeaveRegion(_GatherSequence):
     """Leave an expert-TP MoE block: its partial output is all-reduced, or reduce-scattered onto
     the sequence under SP (gradient: replicated, all-gathered under SP)."""
 
     def __init__(self, mesh, sp: bool):
-        self.mesh, self.target = mesh, [Shard(1)] if sp else [Replicate()]
-
-    def __call__(self, module, args, output):
-        first = output[0] if isinstance(output, tuple) else output
-        reduced = DTensor.from_local(first, self.mesh, [Partial()], run_check=False).redistribute(placements=self.target).to_local()
-        return (reduced, *output[1:]) if isinstance(output, tuple) else reduced
+        _FirstTensorHook.__init__(self, mesh, *(("reduce_scatter", "all_gather") if sp else ("all_reduce", "identity")))
 
 
 class TPGrads(NamedTuple):
