@@ -31,6 +31,7 @@ ARCHITECTURES = {
     "stablelm": dict(SMALL),  # declares no TP plan: the structural one
     "qwen2_moe": dict(SMALL, **MOE, shared_expert_intermediate_size=64),  # a shared expert inside the MoE block
     "bloom": dict(hidden_size=64, n_layer=2, n_head=4),  # no TP plan and a fused query_key_value
+    "phi": dict(SMALL),  # rowwise projections with a bias (DTensor's style beside the local-shard ones)
     # (model type without the 4) 4 layers of about 0.16 MB: parallel.fsdp_unit_mb=0.2 makes two FSDP units of 2 blocks
     "llama4": dict(SMALL, num_key_value_heads=4, num_hidden_layers=4),
     "qwen3_moe4": dict(SMALL, head_dim=16, **MOE, num_hidden_layers=4),
@@ -89,6 +90,7 @@ CASES = [
     ("phi3", [*FSDP_ONLY, "tp=2 sp"]),  # fused qkv / gate_up: gathered output, split input
     ("stablelm", ["tp=2 sp"]),
     ("qwen2_moe", ["tp=2 sp", "dp_shard=2 x tp=2", "ep=2"]),  # a shared expert and its gate inside the MoE block
+    ("phi", ["tp=2 sp", "dp_shard=2 x tp=2"]),
 ]
 
 
