@@ -34,7 +34,7 @@ def _routing(counts: list[int], top_k: int, seed: int):
     return slots, torch.cumsum(torch.tensor(counts), 0).to(torch.int32), tokens
 
 
-def _check(fused: bool, counts, k: int, n: int, dtype, seed: int = 0):
+def _check(mode: str, counts, k: int, n: int, dtype, seed: int = 0):
     from distrain.kernels.grouped_gemm import grouped_mm, reference_grouped_mm
 
     top_k = 2
@@ -42,11 +42,13 @@ def _check(fused: bool, counts, k: int, n: int, dtype, seed: int = 0):
     rows = slots.numel()
     generator = torch.Generator().manual_seed(seed + 1)
     # fused: gather the token rows by slot // k, scale, scatter to the slots (the layer's two GEMMs
-    # in one); plain: rows already in expert order, weights stored transposed (a strided view)
+    # in one), and with "sum" also sum each token's k slots (the down GEMM's gradient rows then read
+    # by slot // k); plain: rows already in expert order, weights stored transposed (a strided view)
+    fused = mode != "plain"
     a = torch.randn(tokens if fused else rows, k, generator=generator).to(dtype).requires_grad_()
     b_storage = torch.randn(len(counts), n, k, generator=generator).to(dtype).requires_grad_()
     scale = torch.rand(rows, generator=generator).to(dtype).requires_grad_() if fused else None
-    args = (slots, top_k, slots, scale, tokens * top_k) if fused else (None, 1, None, None, rows)
+    args = (slots, top_k, slots, scale, tokens * top_k, top_k if mode == "sum" else 1) if fused else (None, 1, None, None, rows)
     out = grouped_mm(a, b_storage.transpose(1, 2), offsets, *args)
     expected = reference_grouped_mm(a, b_storage.transpose(1, 2), offsets, *args)
     torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
@@ -61,11 +63,11 @@ def _check(fused: bool, counts, k: int, n: int, dtype, seed: int = 0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "gather-scale-scatter"])
+@pytest.mark.parametrize("mode", ["plain", "fused", "sum"], ids=["plain", "gather-scale-scatter", "gather-scale-scatter-sum"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_kernels_match_the_torch_twin(case, fused, dtype):
+def test_kernels_match_the_torch_twin(case, mode, dtype):
     counts, k, n = CASES[case]
-    _check(fused, counts, k, n, dtype)
+    _check(mode, counts, k, n, dtype)
 
 
 def test_the_builds_for_sm80_and_sm90_use_tensor_cores(tmp_path):

@@ -5,14 +5,18 @@ computed once per layer call) belong to expert e, whose weight is `b[e]`. Empty 
 nothing and get exact zero gradients.
 
     forward / dX   C[scatter[i]] = scale[i] * A[gather[i] // gather_div] @ B[e(i)]
+                   (then, with sum_k > 1, the sum of each sum_k consecutive rows of C)
     dW             C[e] = sum over rows i of e: A[rowA(i)]^T @ (scale[i] * G[rowG(i)])
 
 Every index is optional (identity). The MoE layer (`distrain.moe.experts`) uses them to fuse its
 permutations into the GEMMs: the `gate_up` GEMM gathers the token rows in expert order inside its
 loads (`gather` = the (token, k) slot of each sorted row, `gather_div` = k), so no permuted copy of
-the hidden states exists; the `down` GEMM multiplies by the routing weight and scatters each row
-to its (token, k) slot inside its stores; the backward passes run the same kernels with gather and
-scatter swapped. Index arithmetic is int64 (rows x features passes 2^31 at real sizes).
+the hidden states exists; the `down` GEMM multiplies by the routing weight, scatters each row to its
+(token, k) slot inside its stores and sums each token's k slots (`sum_k` = k: a fixed order, no
+atomics). Its backward then reads the token's gradient row for every slot by index (`scatter[i] //
+k`), never materializing the k copies autograd's sum would expand it to. The backward passes run
+the same kernels with gather and scatter swapped. Index arithmetic is int64 (rows x features passes
+2^31 at real sizes).
 
 Each kernel is a `torch.library.custom_op` with a fake implementation and autograd, so
 `torch.compile`, selective activation checkpointing and the op counters see ops, not Python.
@@ -225,17 +229,20 @@ def _launch_dw(a, g, offsets, a_index, a_div: int, g_index, scale, like) -> torc
 @torch.library.custom_op("distrain::grouped_mm", mutates_args=())
 def grouped_mm(
     a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, gather: Optional[torch.Tensor], gather_div: int,
-    scatter: Optional[torch.Tensor], scale: Optional[torch.Tensor], out_rows: int,
+    scatter: Optional[torch.Tensor], scale: Optional[torch.Tensor], out_rows: int, sum_k: int = 1,
 ) -> torch.Tensor:
-    """C [out_rows, N]: row i of the expert-sorted order (expert e(i) by `offsets`) is
-    `scale[i] * a[gather[i] // gather_div] @ b[e(i)]`, written to row `scatter[i]` (rows no
-    index names stay zero). b: [E, K, N], any strides. `gather` / `scatter` entries are distinct."""
-    return _launch_mm(a, b, offsets, gather, gather_div, scatter, scale, out_rows)
+    """C [out_rows / sum_k, N]: row i of the expert-sorted order (expert e(i) by `offsets`) is
+    `scale[i] * a[gather[i] // gather_div] @ b[e(i)]`, written to row `scatter[i]` of
+    [out_rows, N] (rows no index names stay zero), whose groups of `sum_k` consecutive rows are
+    then summed (the MoE layer's sum over each token's k slots). b: [E, K, N], any strides.
+    `gather` / `scatter` entries are distinct."""
+    out = _launch_mm(a, b, offsets, gather, gather_div, scatter, scale, out_rows)
+    return out if sum_k == 1 else out.view(out_rows // sum_k, sum_k, -1).sum(1)
 
 
 @grouped_mm.register_fake
-def _(a, b, offsets, gather, gather_div, scatter, scale, out_rows):
-    return a.new_empty(out_rows, b.shape[-1])
+def _(a, b, offsets, gather, gather_div, scatter, scale, out_rows, sum_k=1):
+    return a.new_empty(out_rows // sum_k, b.shape[-1])
 
 
 @torch.library.custom_op("distrain::grouped_mm_dw", mutates_args=())
@@ -254,14 +261,14 @@ def _(a, g, offsets, a_index, a_div, g_index, scale, like):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    a, b, offsets, gather, gather_div, scatter, scale, out_rows = inputs
+    a, b, offsets, gather, gather_div, scatter, scale, out_rows, sum_k = inputs
     ctx.save_for_backward(a, b, offsets, gather, scatter, scale)
-    ctx.gather_div = gather_div
+    ctx.gather_div, ctx.sum_k = gather_div, sum_k
 
 
 def _backward(ctx, grad):
     a, b, offsets, gather, scatter, scale = ctx.saved_tensors
-    div = ctx.gather_div
+    div, sum_k = ctx.gather_div, ctx.sum_k  # the gradient of slot scatter[i] is grad[scatter[i] // sum_k]
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_scale = scale is not None and ctx.needs_input_grad[6]
     rows = gather.numel() if gather is not None else a.shape[0]
@@ -269,7 +276,7 @@ def _backward(ctx, grad):
     da = db = dscale = None
     if need_scale:
         # d scale[i] = <a_row(i), (g_i @ b^T)>: the unscaled dX rows in sorted order, then a row dot
-        unscaled = grouped_mm(grad, b_t, offsets, scatter, 1, None, None, rows)
+        unscaled = grouped_mm(grad, b_t, offsets, scatter, sum_k, None, None, rows)
         a_rows = a if gather is None else a[gather // div]
         # a batch of row dots (fp32 accumulation, no fp32 copies of the rows)
         dscale = torch.bmm(a_rows.unsqueeze(1), unscaled.to(a_rows.dtype).unsqueeze(2)).view(-1).to(scale.dtype)
@@ -278,20 +285,26 @@ def _backward(ctx, grad):
             da = sorted_rows if gather is None else _sum_slots(sorted_rows, gather, a.shape[0], div)
     elif need_a:
         if gather is None:
-            da = grouped_mm(grad, b_t, offsets, scatter, 1, None, scale, rows)
+            da = grouped_mm(grad, b_t, offsets, scatter, sum_k, None, scale, rows)
         else:  # each row to its (token, k) slot, then the sum over k: no atomics, a fixed order
-            da = grouped_mm(grad, b_t, offsets, scatter, 1, gather, scale, a.shape[0] * div).view(a.shape[0], div, -1).sum(1)
+            da = grouped_mm(grad, b_t, offsets, scatter, sum_k, gather, scale, a.shape[0] * div, div)
     if need_b:
         # dW reads its operands' rows in expert order from copies: an indexed load inside the
         # contraction loop stops Triton's software pipeliner (sm90 build: one buffer whatever
         # num_stages), which halved dW's speed on an H100 (scripts/bench/moe_kernels.py); a copy of the
         # rows costs one pass over them
         a_sorted = a if gather is None else a[gather // div]
-        g_sorted = grad if scatter is None else grad[scatter]
-        if scale is not None:  # scaled in the copy too: a scale inside the loop routes the tile through registers
-            g_sorted = g_sorted * scale.unsqueeze(-1).to(g_sorted.dtype)
+        g_sorted = grad if scatter is None else grad[scatter // sum_k]
+        if scale is not None:
+            # a_i^T (s_i g_i) = (s_i a_i)^T g_i: the scale goes into the narrower operand's rows
+            # (the down GEMM's: intermediate, not hidden), in a copy: a scale inside the loop
+            # routes the tile through registers
+            if a_sorted.shape[1] <= g_sorted.shape[1]:
+                a_sorted = a_sorted * scale.unsqueeze(-1).to(a_sorted.dtype)
+            else:
+                g_sorted = g_sorted * scale.unsqueeze(-1).to(g_sorted.dtype)
         db = grouped_mm_dw(a_sorted, g_sorted, offsets, None, 1, None, None, b)
-    return da, db, None, None, None, None, dscale, None
+    return da, db, None, None, None, None, dscale, None, None
 
 
 def _sum_slots(sorted_rows: torch.Tensor, slots: torch.Tensor, tokens: int, div: int) -> torch.Tensor:
@@ -302,7 +315,7 @@ def _sum_slots(sorted_rows: torch.Tensor, slots: torch.Tensor, tokens: int, div:
 grouped_mm.register_autograd(_backward, setup_context=_setup_context)
 
 
-def reference_grouped_mm(a, b, offsets, gather=None, gather_div: int = 1, scatter=None, scale=None, out_rows: int | None = None) -> torch.Tensor:
+def reference_grouped_mm(a, b, offsets, gather=None, gather_div: int = 1, scatter=None, scale=None, out_rows: int | None = None, sum_k: int = 1) -> torch.Tensor:
     """The torch twin of `grouped_mm` (one matmul per expert), for the tests."""
     rows = a if gather is None else a[gather // gather_div]
     pieces, start = [], 0
@@ -312,6 +325,6 @@ def reference_grouped_mm(a, b, offsets, gather=None, gather_div: int = 1, scatte
     out = torch.cat(pieces)
     if scale is not None:
         out = out * scale.unsqueeze(-1).to(out.dtype)
-    if scatter is None:
-        return out
-    return out.new_zeros(out_rows, out.shape[-1]).index_copy(0, scatter, out)
+    if scatter is not None:
+        out = out.new_zeros(out_rows, out.shape[-1]).index_copy(0, scatter, out)
+    return out if sum_k == 1 else out.view(-1, sum_k, out.shape[-1]).sum(1)

@@ -108,7 +108,7 @@ def _kernel(self) -> str:
 def _fused_experts(self, hidden_states, order, counts, top_k_weights) -> torch.Tensor:
     """The Triton path with the permutations inside the GEMMs: `gate_up` reads the token rows in
     expert order by index (no permuted copy), `down` scales each row by its routing weight and
-    writes it to its (token, k) slot (dropped pairs stay zero); then the sum over k."""
+    writes it to its (token, k) slot (dropped pairs stay zero) and sums each token's slots."""
     from distrain.kernels.grouped_gemm import grouped_mm as triton_grouped_mm
 
     num_tokens, top_k = top_k_weights.shape
@@ -119,8 +119,7 @@ def _fused_experts(self, hidden_states, order, counts, top_k_weights) -> torch.T
     out = self._apply_gate(out) if self.has_gate else self.act_fn(out)
     down = _as_in_out(self, _local(self.down_proj)).to(dtype)
     weights = top_k_weights.reshape(-1)[order].to(dtype)
-    out = triton_grouped_mm(out.to(dtype), down, offsets, None, 1, order, weights, num_tokens * top_k)
-    return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+    return triton_grouped_mm(out.to(dtype), down, offsets, None, 1, order, weights, num_tokens * top_k, top_k).to(hidden_states.dtype)
 
 
 def _as_in_out(self, weight: torch.Tensor) -> torch.Tensor:

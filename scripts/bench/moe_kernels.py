@@ -126,11 +126,10 @@ def _layer(gemm, x, w_gate_up, w_down, weights, order, offsets, fused: bool):
         gate_up = gemm(x[order // TOP_K], w_gate_up.transpose(1, 2), offs=offsets)
     gate, up = gate_up.chunk(2, dim=-1)
     h = F.silu(gate) * up
-    if fused:
-        out = grouped_mm(h, w_down.transpose(1, 2), offsets, None, 1, order, weights[order], tokens * TOP_K)
-    else:
-        out = gemm(h, w_down.transpose(1, 2), offs=offsets) * weights[order].unsqueeze(-1)
-        out = torch.empty_like(out).index_copy_(0, order, out)
+    if fused:  # scaled, scattered to the (token, k) slots and summed over k inside the op
+        return grouped_mm(h, w_down.transpose(1, 2), offsets, None, 1, order, weights[order], tokens * TOP_K, TOP_K)
+    out = gemm(h, w_down.transpose(1, 2), offs=offsets) * weights[order].unsqueeze(-1)
+    out = torch.empty_like(out).index_copy_(0, order, out)
     return out.view(tokens, TOP_K, -1).sum(1)
 
 
@@ -215,8 +214,8 @@ def per_gemm(tokens: int, skewed: bool) -> list[dict]:
     xs = x[order // TOP_K]
     h = torch.randn(rows, I, device=device, dtype=dtype)
     g_gu = torch.randn(rows, 2 * I, device=device, dtype=dtype)
-    g_out = torch.randn(rows, H, device=device, dtype=dtype)
-    g_sorted = g_out[order]
+    g_out = torch.randn(tokens, H, device=device, dtype=dtype)  # the layer output's gradient: one row per token
+    g_sorted = g_out[order // TOP_K]
     scale = torch.rand(rows, device=device, dtype=dtype)
     gemms = {  # name: (FLOPs, distrain, torch)
         "fwd gate_up": (2 * rows * H * 2 * I, lambda: grouped_mm(x, w_gu.transpose(1, 2), offsets, order, TOP_K, None, None, rows),
@@ -225,16 +224,16 @@ def per_gemm(tokens: int, skewed: bool) -> list[dict]:
                      lambda: tg(h, w_d.transpose(1, 2), offs=offsets)),
         "dX gate_up": (2 * rows * 2 * I * H, lambda: grouped_mm(g_gu, w_gu, offsets, None, 1, order, None, rows),
                        lambda: tg(g_gu, w_gu, offs=offsets)),
-        "dX down": (2 * rows * H * I, lambda: grouped_mm(g_out, w_d, offsets, order, 1, None, None, rows),
+        "dX down": (2 * rows * H * I, lambda: grouped_mm(g_out, w_d, offsets, order, TOP_K, None, None, rows),
                     lambda: tg(g_sorted, w_d, offs=offsets)),
         "dW gate_up": (2 * rows * H * 2 * I, lambda: grouped_mm_dw(x, g_gu, offsets, order, TOP_K, None, None, w_gu.transpose(1, 2)),
                        lambda: tg(xs.T, g_gu, offs=offsets)),
-        "dW down": (2 * rows * I * H, lambda: grouped_mm_dw(h, g_out, offsets, None, 1, order, scale, w_d.transpose(1, 2)),
+        "dW down": (2 * rows * I * H, lambda: grouped_mm_dw(h, g_out, offsets, None, 1, order // TOP_K, scale, w_d.transpose(1, 2)),
                     lambda: tg(h.T, g_sorted, offs=offsets)),
         # as the backward runs them: the rows copied into expert order first (the copy timed too)
         "dW gate_up, rows copied": (2 * rows * H * 2 * I, lambda: grouped_mm_dw(x[order // TOP_K], g_gu, offsets, None, 1, None, None, w_gu.transpose(1, 2)),
                                     lambda: tg(xs.T, g_gu, offs=offsets)),
-        "dW down, rows copied and scaled": (2 * rows * I * H, lambda: grouped_mm_dw(h, g_out[order] * scale.unsqueeze(-1), offsets, None, 1, None, None, w_d.transpose(1, 2)),
+        "dW down, rows copied and scaled": (2 * rows * I * H, lambda: grouped_mm_dw(h * scale.unsqueeze(-1), g_out[order // TOP_K], offsets, None, 1, None, None, w_d.transpose(1, 2)),
                                  lambda: tg(h.T, g_sorted, offs=offsets)),
     }
     table = []
