@@ -207,7 +207,6 @@ def test_capacity_layouts_match_single_process(tmp_path, ranks, saved_models, da
         (["launcher.nproc_per_node=2", "parallel.ep=2", "model=llama_debug"], "parallel.ep"),
         (["launcher.nproc_per_node=2", "parallel.tp=2", "++model.config.vocab_size=4097"], "vocab_size"),
         (["launcher.nproc_per_node=2", "parallel.tp=2", "++model.config.moe_intermediate_size=33"], "gate_up_proj"),
-        (["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.compile=true"], "parallel.compile"),
         (["launcher.nproc_per_node=2", "parallel.sp=true"], "parallel.sp"),
         (["launcher.nproc_per_node=4", "parallel.dp_shard=4", "train.micro_batch_size=4"], "train.global_batch_size"),
         (["launcher.nproc_per_node=2", "parallel.cpu_offload=true", "run.device=cpu"], "parallel.cpu_offload"),
@@ -435,13 +434,15 @@ def test_checkpoints_resume_across_ep_layouts(tmp_path, ranks, saved_models, dat
 
 
 @pytest.mark.slow
-def test_compiled_blocks_under_fsdp_match_eager(tmp_path, tiny):
-    """parallel.compile=true (torch.compile per block, inductor on the CPU here) under FSDP."""
+@pytest.mark.parametrize("layout", [["parallel.dp_shard=2"], ["parallel.tp=2", "parallel.sp=true"]], ids=["fsdp", "tp sp"])
+def test_compiled_blocks_match_eager(tmp_path, tiny, layout):
+    """parallel.compile=true (torch.compile per block, inductor on the CPU here) under FSDP, and
+    under TP + SP (the vocab-parallel embedding's gradient crosses into the compiled first block)."""
     # (the load-balancing loss is off: its balance groups are micro_batch_size x data-parallel ranks)
     common = ["train", "recipe=qwen3_moe_debug", *tiny, "train.steps=3", "eval.interval=0", "checkpoint.interval=0", "checkpoint.export=false",
               "moe.aux_loss_coef=0"]
     check_ok(run_cli([*common, f"run.dir={tmp_path / 'eager'}"], tmp_path))
-    check_ok(run_cli([*common, f"run.dir={tmp_path / 'compiled'}", "launcher.nproc_per_node=2", "parallel.dp_shard=2", "parallel.compile=true"],
+    check_ok(run_cli([*common, f"run.dir={tmp_path / 'compiled'}", "launcher.nproc_per_node=2", *layout, "parallel.compile=true"],
                      tmp_path, env=MULTI, timeout=600))
     for a, b in zip(read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled"), strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (a, b)

@@ -85,11 +85,6 @@ class ParallelDims:
                 f"train.global_batch_size={train.global_batch_size} must be a multiple of train.micro_batch_size="
                 f"{train.micro_batch_size} x data-parallel ranks {dp} (dp_replicate x dp_shard); e.g. {' or '.join(fixes)}"
             )
-        if cfg.compile and cfg.tp > 1:
-            raise ConfigError(
-                "parallel.compile=true with parallel.tp>1: with torch 2.13 the compiled TP blocks lose the vocab-parallel embedding's gradient "
-                "; use parallel.compile=false or parallel.tp=1"
-            )
         if cfg.sp and cfg.tp == 1:
             raise ConfigError("parallel.sp=true shards the sequence over the TP ranks and needs parallel.tp>1; e.g. parallel.tp=2")
         return cls(

@@ -4,8 +4,8 @@ The plan's keys (module patterns relative to the base model) and styles are read
 mapped onto shardings of the parameters (DTensors on the TP mesh: FSDP, checkpoints and the plan
 read their placements). The linear projections compute on their local shards with explicit
 functional collectives where the layout changes (`_Move`), as Megatron does: DTensor's dispatch of
-every op cost about 20% of a small TP step. The embedding, the lm_head and rowwise projections
-with a bias keep torch's DTensor styles.
+every op cost about 20% of a small TP step. The lm_head (its DTensor logits feed the loss) and
+rowwise projections with a bias keep torch's DTensor styles.
 
 - "colwise": weight (and bias) sharded on the output features; input replicated.
 - "rowwise": weight sharded on the input features; output all-reduced to replicated, or with SP
@@ -273,12 +273,12 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool, 
                 _distribute_parameter(linear, param_name, Shard(0) if style == "colwise_partial" else Shard(1), tp_mesh)
             _run_on_local_shards(linear)
     names = {module: name for name, module in modules.items()}
-    embed_name, head_name = names[spec.embeddings], names[spec.lm_head]
-    styles[embed_name] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    head_name = names[spec.lm_head]
     styles[head_name] = ColwiseParallel(input_layouts=output, output_layouts=Shard(-1), use_local_output=False)
-    # NOTE: a tied embedding / lm_head weight is sharded the same way by both styles (vocab on
-    #       dim 0); the second distribute wraps it in a new Parameter, so the tie is restored.
+    # NOTE: a tied embedding / lm_head weight is sharded the same way by both (vocab on dim 0);
+    #       the second distribute wraps it in a new Parameter, so the tie is restored.
     with keep_tied(model):
+        _shard_embedding(spec.embeddings, tp_mesh)
         parallelize_module(model, tp_mesh, styles)
 
     for name in gather_points:
@@ -341,6 +341,32 @@ def _shard_linear(linear: nn.Linear, style: str, tp_mesh, sp: bool) -> None:
     if not colwise:
         leave = ("reduce_scatter", "all_gather", 1) if sp else ("all_reduce", "identity", 1)
         linear.register_forward_hook(lambda module, args, out: _move(out, *leave, tp_mesh))
+
+
+def _shard_embedding(embedding: nn.Embedding, tp_mesh) -> None:
+    """Vocabulary-parallel embedding on the local shard: each rank holds a range of the rows
+    (`Shard(0)`), looks up the ids in its range (the others give zero rows), and the partial rows
+    are all-reduced, a plain tensor out (DTensor's style hands compiled blocks an async wrapper
+    whose gradient they dropped). The module's own forward runs (e.g. Gemma's scale)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _distribute_parameter(embedding, "weight", Shard(0), tp_mesh)
+    (rows, _), (start, _) = compute_local_shape_and_global_offset(embedding.weight.shape, tp_mesh, [Shard(0)])
+    pad = embedding.padding_idx
+    local_pad = pad - start if pad is not None and start <= pad < start + rows else None
+    _run_on_local_shards(embedding)
+    local_forward = embedding.forward
+
+    def vocab_parallel(ids, *args, **kwargs):
+        mine = (ids >= start) & (ids < start + rows)
+        embedding.padding_idx = local_pad  # the global padding row, if this rank holds it
+        try:
+            out = local_forward(torch.where(mine, ids - start, 0), *args, **kwargs)
+        finally:
+            embedding.padding_idx = pad
+        return _move(out.masked_fill(~mine.unsqueeze(-1), 0), "all_reduce", "identity", -1, tp_mesh)
+
+    embedding.forward = vocab_parallel
 
 
 def _distribute_parameter(module: nn.Module, name: str, placement, tp_mesh) -> None:
