@@ -89,15 +89,16 @@ EOF
     exit 0
 fi
 
-echo "== checkpoint benchmark (state on the GPU)"
-python3 scripts/bench/checkpoint.py --rounds 3 --steps 16 --interval 4 --out "$OUT" \
-    ++model.config.hidden_size=2048 ++model.config.intermediate_size=5632 ++model.config.num_hidden_layers=8 \
-    ++model.config.num_attention_heads=16 ++model.config.num_key_value_heads=8 train.global_batch_size=8 train.micro_batch_size=8 \
-    data.cache_dir=/tmp/distrain-cache 2>&1 | grep -v Writing | tee "$OUT/bench.log"
-
 if [ "$PART" = vs ]; then
     # issue 12 on one GPU: distrain's train step against transformers' plain loop on a ~1B MoE, bf16
     # (tokens/s, MFU with the same FLOPs per token); the same losses on both sides
     timeout "${BENCH_TIMEOUT:-480}" python3 scripts/bench/vs_transformers.py --device cuda --size 1b --layouts single \
         --rounds "${ROUNDS:-2}" --steps 15 --out "$OUT" 2>&1 | grep -v -i "warn\|Writing" | tee "$OUT/vs_transformers.log"
+    exit 0
 fi
+
+echo "== checkpoint benchmark (state on the GPU)"
+python3 scripts/bench/checkpoint.py --rounds 3 --steps 16 --interval 4 --out "$OUT" \
+    ++model.config.hidden_size=2048 ++model.config.intermediate_size=5632 ++model.config.num_hidden_layers=8 \
+    ++model.config.num_attention_heads=16 ++model.config.num_key_value_heads=8 train.global_batch_size=8 train.micro_batch_size=8 \
+    data.cache_dir=/tmp/distrain-cache 2>&1 | grep -v Writing | tee "$OUT/bench.log"
