@@ -281,22 +281,26 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool, 
         _shard_embedding(spec.embeddings, tp_mesh)
         parallelize_module(model, tp_mesh, styles)
 
+    # NOTE: a module whose colwise projections share one input (q/k/v, gate/up), or an expert-TP
+    #       MoE block (router and experts all read it), gets that input whole on every rank. Its
+    #       gradient comes back partial from every projection (each rank's heads or experts), is
+    #       summed locally, and is reduced once. A block's partial output is reduced on leaving.
     for name in gather_points:
-        modules[name].register_forward_pre_hook(_ReplicateInput(tp_mesh, sp), with_kwargs=True)
+        modules[name].register_forward_pre_hook(_MoveInput(tp_mesh, _ENTER[sp]), with_kwargs=True)
     for name in regions:
-        modules[name].register_forward_pre_hook(_ReplicateInput(tp_mesh, sp), with_kwargs=True)
-        modules[name].register_forward_hook(_LeaveRegion(tp_mesh, sp))
+        modules[name].register_forward_pre_hook(_MoveInput(tp_mesh, _ENTER[sp]), with_kwargs=True)
+        modules[name].register_forward_hook(_MoveOutput(tp_mesh, _LEAVE[sp]))
         partial_modules.append(name)
     # NOTE: with EP the experts' weights (sharded over EP next) get their gradients whole from the
     #       all-to-all: never summed over TP
     experts = {f"{b.name}.{b.experts_name}." for b in spec.moe_blocks} if ep else set()
     if ep and not sp:
         for block in spec.moe_blocks:
-            block.module.register_forward_pre_hook(_SplitSequence(tp_mesh), with_kwargs=True)
-            block.module.register_forward_hook(_GatherSequence(tp_mesh))
+            block.module.register_forward_pre_hook(_MoveInput(tp_mesh, _SPLIT), with_kwargs=True)
+            block.module.register_forward_hook(_MoveOutput(tp_mesh, _GATHER))
             partial_modules.append(block.name)
     if sp:
-        spec.blocks[0].register_forward_pre_hook(_SplitSequence(tp_mesh), with_kwargs=True)
+        spec.blocks[0].register_forward_pre_hook(_MoveInput(tp_mesh, _SPLIT), with_kwargs=True)
         partial = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
     else:
         partial = [
@@ -326,7 +330,7 @@ def _shard_linear(linear: nn.Linear, style: str, tp_mesh, sp: bool) -> None:
     (for FSDP, checkpoints and the plan), the forward runs `F.linear` on their local shards, and
     the collectives are explicit (`_Move`), which spares the DTensor dispatch of every op.
     colwise: weight and bias sharded on the output features; the input comes replicated (entered
-    once per module by `_ReplicateInput`); "colwise_gather_output" all-gathers the features.
+    once per module by a `_MoveInput` hook); "colwise_gather_output" all-gathers the features.
     rowwise (no bias): weight sharded on the input features; its partial output is all-reduced,
     or reduce-scattered onto the sequence under SP; "rowwise_split_input" first takes this
     rank's slice of a replicated input."""
@@ -335,12 +339,11 @@ def _shard_linear(linear: nn.Linear, style: str, tp_mesh, sp: bool) -> None:
         _distribute_parameter(linear, param_name, Shard(0) if colwise else Shard(1), tp_mesh)
     _run_on_local_shards(linear)
     if style == "colwise_gather_output":
-        linear.register_forward_hook(lambda module, args, out: _move(out, "all_gather", "slice", -1, tp_mesh))
+        linear.register_forward_hook(_MoveOutput(tp_mesh, _GATHER, dim=-1))
     if style == "rowwise_split_input":
-        linear.register_forward_pre_hook(lambda module, args: (_move(args[0], "slice", "all_gather", -1, tp_mesh), *args[1:]))
+        linear.register_forward_pre_hook(_MoveInput(tp_mesh, _SPLIT, dim=-1), with_kwargs=True)
     if not colwise:
-        leave = ("reduce_scatter", "all_gather", 1) if sp else ("all_reduce", "identity", 1)
-        linear.register_forward_hook(lambda module, args, out: _move(out, *leave, tp_mesh))
+        linear.register_forward_hook(_MoveOutput(tp_mesh, _LEAVE[sp]))
 
 
 def _shard_embedding(embedding: nn.Embedding, tp_mesh) -> None:
@@ -364,7 +367,7 @@ def _shard_embedding(embedding: nn.Embedding, tp_mesh) -> None:
             out = local_forward(torch.where(mine, ids - start, 0), *args, **kwargs)
         finally:
             embedding.padding_idx = pad
-        return _move(out.masked_fill(~mine.unsqueeze(-1), 0), "all_reduce", "identity", -1, tp_mesh)
+        return _move(out.masked_fill(~mine.unsqueeze(-1), 0), *_LEAVE[False], -1, tp_mesh)  # partial rows, summed
 
     embedding.forward = vocab_parallel
 
@@ -452,57 +455,32 @@ def _move(x: torch.Tensor, forward: str, backward: str, dim: int, mesh) -> torch
     return _Move.apply(x, forward, backward, dim, mesh)
 
 
-class _FirstTensorHook:
-    """A hook moving a module's first input (pre-hook) or output (forward hook) between TP
-    layouts on the sequence dimension (1)."""
-
-    def __init__(self, mesh, forward: str, backward: str):
-        self.mesh, self.kinds = mesh, (forward, backward)
-
-    def move(self, x):
-        return _move(x, *self.kinds, 1, self.mesh)
+# (forward, backward) collective kinds of TP's layout moves, by whether SP is on
+_ENTER = {False: ("identity", "all_reduce"), True: ("all_gather", "reduce_scatter")}  # into a region every rank computes whole
+_LEAVE = {False: ("all_reduce", "identity"), True: ("reduce_scatter", "all_gather")}  # a partial output out of it
+_SPLIT = ("slice", "all_gather")  # a replicated tensor to this rank's slice
+_GATHER = ("all_gather", "slice")  # a slice to the whole tensor
 
 
-class _SplitSequence(_FirstTensorHook):
-    """Enter the SP region: keep this rank's slice of the sequence (gradient: all-gather)."""
+class _MoveInput:
+    """Forward pre-hook (with kwargs): move a module's first input (or `hidden_states`) between
+    TP layouts on dimension `dim` (the sequence by default)."""
 
-    def __init__(self, mesh):
-        super().__init__(mesh, "slice", "all_gather")
+    def __init__(self, mesh, kinds: tuple[str, str], dim: int = 1):
+        self.mesh, self.kinds, self.dim = mesh, kinds, dim
 
     def __call__(self, module, args, kwargs):
         x, rebuild = _first_tensor(args, kwargs)
-        return rebuild(self.move(x))
+        return rebuild(_move(x, *self.kinds, self.dim, self.mesh))
 
 
-class _GatherSequence(_FirstTensorHook):
-    """Leave a module that ran on this rank's slice of the sequence: all-gather its output
-    (gradient: this rank's slice of the replicated gradient)."""
-
-    def __init__(self, mesh):
-        super().__init__(mesh, "all_gather", "slice")
+class _MoveOutput(_MoveInput):
+    """Forward hook: move a module's output (or the first tensor of its output tuple)."""
 
     def __call__(self, module, args, output):
         first = output[0] if isinstance(output, tuple) else output
-        return (self.move(first), *output[1:]) if isinstance(output, tuple) else self.move(first)
-
-
-class _ReplicateInput(_SplitSequence):
-    """Enter a module whose colwise projections share one input (q/k/v, gate/up; or an expert-TP
-    MoE block, whose router and experts all read it): every rank gets the whole input
-    (all-gathered from the sequence slices with SP). Its gradient comes back partial from every
-    projection (each rank's heads or experts), is summed locally, and is reduced once:
-    reduce-scattered onto the sequence with SP, all-reduced without."""
-
-    def __init__(self, mesh, sp: bool):
-        _FirstTensorHook.__init__(self, mesh, *(("all_gather", "reduce_scatter") if sp else ("identity", "all_reduce")))
-
-
-class _LeaveRegion(_GatherSequence):
-    """Leave an expert-TP MoE block: its partial output is all-reduced, or reduce-scattered onto
-    the sequence under SP (gradient: replicated, all-gathered under SP)."""
-
-    def __init__(self, mesh, sp: bool):
-        _FirstTensorHook.__init__(self, mesh, *(("reduce_scatter", "all_gather") if sp else ("all_reduce", "identity")))
+        moved = _move(first, *self.kinds, self.dim, self.mesh)
+        return (moved, *output[1:]) if isinstance(output, tuple) else moved
 
 
 class TPGrads(NamedTuple):
@@ -519,8 +497,8 @@ class TPGrads(NamedTuple):
 def sync_tp_grads(model: nn.Module, grads: TPGrads, tp_group) -> None:
     """After backward: sum over the TP ranks the gradients that each rank computed from only its
     heads or its slice of the sequence, divide by the TP size those FSDP summed over identical
-    copies (`TPGrads`), and give every sharded gradient its parameter's placement (the
-    vocab-sharded embedding's gradient comes back replicated: a local slice, no traffic)."""
+    copies (`TPGrads`), and give every sharded gradient its parameter's placement (a gradient
+    DTensor's ops return replicated is sliced locally, no traffic)."""
     params = dict(model.named_parameters())
     for param in params.values():
         if isinstance(param.grad, DTensor) and param.grad.placements != param.placements:
