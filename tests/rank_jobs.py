@@ -20,6 +20,40 @@ def count_step(recipe: str, overrides: list[str]) -> dict:
         return {"bus": dict(comm.bus), "collectives": dict(comm.calls), "grouped_mm": ops.calls["aten._grouped_mm"]}
 
 
+def all_to_all_windows(recipe: str, overrides: list[str]) -> dict:
+    """One warm-up step, then one recorded step: for each all-to-all of rows (started, then waited
+    on), the matmuls dispatched while it was in flight, in forward and in backward."""
+    import torch
+    from layouts import trainer_in_own_group  # scripts/bench, on the ranks' path
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = torch.ops._c10d_functional
+
+    class Windows(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.open, self.closed = {}, {"forward": [], "backward": []}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is ops.all_to_all_single.default and args[0].is_floating_point():
+                phase = "forward" if torch._C._current_graph_task_id() == -1 else "backward"
+                self.open[id(out)] = (out, phase, [0])
+            elif func is ops.wait_tensor.default and id(args[0]) in self.open:
+                _, phase, matmuls = self.open.pop(id(args[0]))
+                self.closed[phase].append(matmuls[0])
+            elif func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                for _, _, matmuls in self.open.values():
+                    matmuls[0] += 1
+            return out
+
+    with trainer_in_own_group(recipe, overrides) as trainer:
+        trainer.train_step(trainer.train_loader.next_batch())
+        with Windows() as windows:
+            trainer.train_step(trainer.train_loader.next_batch())
+        return windows.closed
+
+
 def import_memory(recipe: str, overrides: list[str]) -> dict:
     """A Trainer built from a pretrained model (the weights imported on every rank): how far the
     rank's resident memory rose above its level before, by the end of the import (its own

@@ -35,6 +35,9 @@ ARCHITECTURES = {
     # (model type without the 4) 4 layers of about 0.16 MB: parallel.fsdp_unit_mb=0.2 makes two FSDP units of 2 blocks
     "llama4": dict(SMALL, num_key_value_heads=4, num_hidden_layers=4),
     "qwen3_moe4": dict(SMALL, head_dim=16, **MOE, num_hidden_layers=4),
+    # a shared expert the model calls after its experts: run inside the dispatch all-to-all under EP
+    "deepseek_v3": dict(SMALL, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=0,
+                        n_group=2, topk_group=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
 }
 
 LAYOUTS = {
@@ -57,6 +60,8 @@ LAYOUTS = {
         "parallel.activation_checkpointing=selective",
     ],
     "ep=2": ["launcher.nproc_per_node=2", "parallel.ep=2"],
+    "ep=2 full AC": ["launcher.nproc_per_node=2", "parallel.ep=2", "parallel.activation_checkpointing=full", "parallel.fsdp_unit_mb=0"],
+    "dp_shard=4 x ep=2 selective AC": ["launcher.nproc_per_node=4", "parallel.dp_shard=4", "parallel.ep=2", "parallel.activation_checkpointing=selective", "parallel.fsdp_unit_mb=0"],
     "ep=4": ["launcher.nproc_per_node=4", "parallel.ep=4"],
     "dp_shard=4 x ep=2": ["launcher.nproc_per_node=4", "parallel.dp_shard=4", "parallel.ep=2"],
     "tp=2 x ep=2": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.ep=2"],
@@ -90,6 +95,9 @@ CASES = [
     ("phi3", [*FSDP_ONLY, "tp=2 sp"]),  # fused qkv / gate_up: gathered output, split input
     ("stablelm", ["tp=2 sp"]),
     ("qwen2_moe", ["tp=2 sp", "dp_shard=2 x tp=2", "ep=2"]),  # a shared expert and its gate inside the MoE block
+    # a shared expert called after the experts, run in the dispatch's window; selective AC recomputes the
+    # experts (a nested FSDP unit) before their pre-backward hook has run
+    ("deepseek_v3", ["ep=2", "ep=2 full AC", "dp_shard=4 x ep=2 selective AC"]),
     ("phi", ["tp=2 sp", "dp_shard=2 x tp=2"]),
 ]
 
@@ -384,6 +392,24 @@ def test_selective_checkpointing_keeps_grouped_gemms_and_all_to_alls(tmp_path, r
     assert none["grouped_mm"] > 0 and none["collectives"]["all_to_all"] > 0, none
     assert selective == none, counted
     assert full["grouped_mm"] > none["grouped_mm"] and full["bus"]["all_to_all"] > none["bus"]["all_to_all"], counted
+
+
+@pytest.mark.slow
+def test_the_shared_expert_runs_while_the_rows_travel(tmp_path, ranks, saved_models, data_cache):
+    """Under EP, DeepSeek-V3's shared expert (called by the model after its experts) runs while
+    the dispatch all-to-all is in flight: its 3 projections in forward, their 6 gradient matmuls
+    in backward, with and without selective checkpointing; the return all-to-all has nothing
+    beside it. Qwen2-MoE calls its shared expert first: nothing is left to run beside either."""
+    layers = 2
+    for architecture, extra, expected in [
+        ("deepseek_v3", [], ([3, 0] * layers, [0, 6] * layers)),
+        ("deepseek_v3", ["parallel.activation_checkpointing=selective", "parallel.fsdp_unit_mb=0"], ([3, 0] * layers, [0, 6] * layers)),
+        ("qwen2_moe", [], ([0, 0] * layers, [0, 0] * layers)),
+    ]:
+        overrides = [*common_args(saved_models[architecture], data_cache, tmp_path / architecture)[1:], "train.micro_batch_size=4", "parallel.ep=2", *extra]
+        for rank, windows in enumerate(ranks.call(2, "rank_jobs:all_to_all_windows", "qwen3_moe_debug", overrides)):
+            # the windows close in the order dispatch, return, per layer (backward: return, dispatch, from the last layer)
+            assert (windows["forward"], windows["backward"]) == expected, (architecture, extra, rank, windows)
 
 
 def resume_args(model_dir: Path, data_cache: Path, run_dir: Path) -> list[str]:

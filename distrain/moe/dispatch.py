@@ -8,28 +8,146 @@ Per MoE layer and micro-batch, on every EP rank (rows already sorted by global e
    rows come in (source rank, local expert) blocks and are regrouped by local expert;
 3. the local experts' grouped GEMMs (`local_experts`);
 4. the reverse regrouping and all-to-all bring every output row back to the rank it came from.
-Backward runs the same exchanges in reverse (the all-to-alls are autograd functions), so each
-expert's gradient sums the rows of every rank that routed to it.
+Backward runs the same exchanges in reverse, so each expert's gradient sums the rows of every rank
+that routed to it.
+
+Overlap: each all-to-all is started (`_Start`) and waited on (`_Finish`) by two autograd functions,
+and what runs between them runs while the rows travel, in forward and in backward: backward starts
+the reverse all-to-all in `_Finish`'s backward and waits in `_Start`'s, and autograd runs the
+work that forward did between them (created in that order, ready early) in that window too. The
+work put there is the MoE block's shared expert, where the model calls it after its experts
+(DeepSeek-V2/V3, GLM-4-MoE, Llama 4 ...): it runs in step 2's window on the block's tokens, and
+the model's own call then returns that output (`SharedExpertAhead`). Models that call the shared
+expert first (the Qwen MoE family) have already computed it; nothing else in their block is
+independent of the experts.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
-from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
+from torch.distributed._functional_collectives import all_to_all_single
 
 from distrain.moe.experts import local_experts
+
+_ops = torch.ops._c10d_functional
+
+
+class _Exchange:
+    """One all-to-all of rows, started by `_Start` and waited on by `_Finish`; in backward the
+    reverse all-to-all, started by `_Finish`'s backward and waited on by `_Start`'s."""
+
+    def __init__(self, out_splits: list[int], in_splits: list[int], group_name: str):
+        self.out_splits, self.in_splits, self.group_name = out_splits, in_splits, group_name
+        self.reverse = None  # the gradient rows on their way back (backward)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The all-to-all with nothing in its window."""
+        return _Finish.apply(_Start.apply(x, self), self)
+
+
+class _Start(torch.autograd.Function):
+    """Start the all-to-all of `x`; its output is read only after `_Finish`. Backward: wait for
+    the reverse all-to-all that `_Finish`'s backward started."""
+
+    @staticmethod
+    def forward(ctx, x, exchange):
+        ctx.exchange = exchange
+        return _ops.all_to_all_single(x.contiguous(), exchange.out_splits, exchange.in_splits, exchange.group_name)
+
+    @staticmethod
+    def backward(ctx, _):
+        grad, ctx.exchange.reverse = _ops.wait_tensor(ctx.exchange.reverse), None
+        return grad, None
+
+
+class _Finish(torch.autograd.Function):
+    """Wait for the all-to-all `_Start` began. Backward: start the reverse all-to-all (the
+    gradient rows back to where they came from) without waiting for it."""
+
+    @staticmethod
+    def forward(ctx, pending, exchange):
+        ctx.exchange = exchange
+        return _ops.wait_tensor(pending)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ex = ctx.exchange
+        ex.reverse = _ops.all_to_all_single(grad.contiguous(), ex.in_splits, ex.out_splits, ex.group_name)
+        return grad, None  # (a placeholder of the pending rows' shape: `_Start` reads `reverse`)
+
+
+class _Tokens:
+    """Which values a tensor holds: its storage, offset, size and version, with a weak reference
+    to the tensor that owns the storage (so the address cannot be reused while it is compared).
+    The model reshapes the block's input for its experts (a view that dies after the call) and
+    passes the original to the shared expert: both are the same tokens."""
+
+    def __init__(self, x: torch.Tensor):
+        self.key = _key(x)
+        self.owner = weakref.ref(x if x._base is None else x._base) if self.key is not None else None
+
+    def held_by(self, x: torch.Tensor) -> bool:
+        return self.key is not None and self.owner() is not None and _key(x) == self.key
+
+
+def _key(x: torch.Tensor):
+    if type(x) is not torch.Tensor or not x.is_contiguous():
+        return None
+    return x.untyped_storage().data_ptr(), x.storage_offset(), x.numel(), x._version
+
+
+class SharedExpertAhead:
+    """Runs a MoE block's shared expert inside the dispatch all-to-all's window when the model
+    calls it after the experts on the same tokens, and hands that output to the model's own call.
+
+    The order is learned, not assumed: a forward that runs the model as written notes whether the
+    shared expert was called on the tokens the experts had just dispatched (`_Tokens`);
+    forwards that begin after that run it ahead. The switch happens only outside backward, so an
+    activation-checkpointing recompute runs in the order of the forward it repeats. A model that
+    calls the shared expert first is never run ahead; one whose call does not take the output run
+    ahead (other tokens) stops being run ahead. A shared expert with hooks of its own is always
+    left to the model."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.forward = module, module.forward
+        self.learned = self.ahead = False
+        self.dispatched = None  # the tokens the experts dispatched (while learning)
+        self.early = None  # (tokens, output) run in the window, for the model's call
+        module.forward = self._model_call
+
+    def run_in_window(self, tokens: torch.Tensor) -> None:
+        if self.early is not None:  # run ahead, and the model did not take it
+            self.learned, self.early = False, None
+        if torch._C._current_graph_task_id() == -1:  # not a recompute inside backward
+            self.ahead = self.learned and not (self.module._forward_pre_hooks or self.module._forward_hooks)
+        if self.ahead:
+            self.early = (_Tokens(tokens), self.forward(tokens))
+        else:
+            self.dispatched = _Tokens(tokens)
+
+    def _model_call(self, x, *args, **kwargs):
+        early, self.early = self.early, None
+        if early is not None and not args and not kwargs and early[0].held_by(x):
+            return early[1].view(*x.shape[:-1], early[1].shape[-1])
+        dispatched, self.dispatched = self.dispatched, None
+        self.learned = dispatched is not None and dispatched.held_by(x)
+        return self.forward(x, *args, **kwargs)
 
 
 class ExpertParallel:
     """The dispatcher of one experts module whose weights hold this rank's share of experts."""
 
-    def __init__(self, ep_mesh, num_experts: int):
+    def __init__(self, ep_mesh, num_experts: int, shared: SharedExpertAhead | None = None):
         self.group = ep_mesh.get_group()
         self.size, self.rank = ep_mesh.size(), ep_mesh.get_local_rank()
         self.local = num_experts // self.size
+        self.shared = shared
         self.remote_rows = 0  # rows sent to and received from other ranks by forward dispatches (the benchmark's count)
 
-    def __call__(self, experts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def __call__(self, experts, rows: torch.Tensor, counts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """`rows` [S, H]: `tokens`' rows routed to each expert, sorted by expert, `counts[e]` of them."""
         # NOTE: functional collectives: selective activation checkpointing keeps their outputs
         #       (distrain.parallel.parallelize), so a recompute exchanges nothing again
         received = all_to_all_single(counts, None, None, self.group).view(self.size, self.local)  # [source rank, local expert]
@@ -37,11 +155,15 @@ class ExpertParallel:
         recv_splits = received.sum(1).tolist()
         if torch.is_grad_enabled():
             self.remote_rows += sum(send_splits) - send_splits[self.rank] + sum(recv_splits) - recv_splits[self.rank]
-        arrived = all_to_all_single_autograd(rows, recv_splits, send_splits, self.group)
+        there = _Exchange(recv_splits, send_splits, self.group.group_name)
+        pending = _Start.apply(rows, there)
+        if self.shared is not None:
+            self.shared.run_in_window(tokens)
+        arrived = _Finish.apply(pending, there)
         order = _by_local_expert(received)
         out = local_experts(experts, arrived[order], received.sum(0))
         out = torch.empty_like(out).index_copy_(0, order, out)  # back to (source, local expert) blocks
-        return all_to_all_single_autograd(out, send_splits, recv_splits, self.group)
+        return _Exchange(send_splits, recv_splits, self.group.group_name).run(out)
 
 
 def _by_local_expert(received: torch.Tensor) -> torch.Tensor:
@@ -55,7 +177,8 @@ def _by_local_expert(received: torch.Tensor) -> torch.Tensor:
 
 def apply_expert_parallel(moe_blocks, ep_mesh) -> None:
     """Shard every experts module's weights over `ep_mesh` on the experts dimension (DTensor
-    `Shard(0)`, so DCP reshards them) and route its tokens through `ExpertParallel`."""
+    `Shard(0)`, so DCP reshards them) and route its tokens through `ExpertParallel`, with the
+    block's shared expert in the dispatch's window where the model allows it."""
     from torch import nn
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -64,4 +187,5 @@ def apply_expert_parallel(moe_blocks, ep_mesh) -> None:
         for name, param in list(experts.named_parameters(recurse=False)):
             sharded = distribute_tensor(param, ep_mesh, [Shard(0)], src_data_rank=None)
             experts._parameters[name] = nn.Parameter(sharded, requires_grad=param.requires_grad)
-        experts._distrain_dispatcher = ExpertParallel(ep_mesh, experts.num_experts)
+        shared = SharedExpertAhead(block.shared_expert) if block.shared_expert is not None else None
+        experts._distrain_dispatcher = ExpertParallel(ep_mesh, experts.num_experts, shared)

@@ -66,7 +66,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     if dispatcher is None:
         out = local_experts(self, rows, counts)
     else:
-        out = dispatcher(self, rows, counts)
+        out = dispatcher(self, rows, counts, hidden_states)
     out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
     # back to (token, k) order; a dropped pair adds nothing
     unsorted = (out.new_zeros if capacity_factor is not None else torch.empty)(num_tokens * top_k, out.shape[-1], dtype=out.dtype, device=out.device)

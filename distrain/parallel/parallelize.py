@@ -67,12 +67,23 @@ _SAVED_OPS = {
 }
 
 
+_FSDP_RUNTIME_OPS = {
+    torch.ops.profiler._record_function_enter_new.default,
+    torch.ops.profiler._record_function_exit._RecordFunction,
+}
+
+
 def apply_activation_checkpointing(spec: ModelSpec, selective: bool) -> None:
     """Checkpoint each block's forward. The block's `forward` is wrapped rather than the block
     replaced, so parameter names (and checkpoints) are unchanged and FSDP's hooks, which run in
     `__call__`, stay outside the recomputed region."""
-    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+    from torch.utils.checkpoint import SAC_IGNORED_OPS, CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+    # NOTE: a nested FSDP unit (the experts under EP) recomputed before its pre-backward hook has
+    #       run executes FSDP's forward hooks again, which annotate for the profiler (and unshard)
+    #       a different number of times than the forward did; selective checkpointing replays ops
+    #       by call count, so ops that are not the model's computation are left out of it
+    SAC_IGNORED_OPS.update(_FSDP_RUNTIME_OPS)
     def policy(ctx, op, *args, **kwargs):
         # (distrain's own ops are its Triton grouped GEMMs)
         saved = op in _SAVED_OPS or getattr(op, "namespace", None) == "distrain"
