@@ -95,9 +95,10 @@ CASES = [
     ("phi3", [*FSDP_ONLY, "tp=2 sp"]),  # fused qkv / gate_up: gathered output, split input
     ("stablelm", ["tp=2 sp"]),
     ("qwen2_moe", ["tp=2 sp", "dp_shard=2 x tp=2", "ep=2"]),  # a shared expert and its gate inside the MoE block
-    # a shared expert called after the experts, run in the dispatch's window; selective AC recomputes the
-    # experts (a nested FSDP unit) before their pre-backward hook has run
-    ("deepseek_v3", ["ep=2", "ep=2 full AC", "dp_shard=4 x ep=2 selective AC"]),
+    # a shared expert called after the experts, run in the dispatch's window (under TP x EP too); selective
+    # AC recomputes the experts (a nested FSDP unit) before their pre-backward hook has run; MLA attention
+    # left whole by its TP plan
+    ("deepseek_v3", ["ep=2 full AC", "dp_shard=4 x ep=2 selective AC", "dp_shard=2 x tp=2", "tp=2 x ep=2"]),
     ("phi", ["tp=2 sp", "dp_shard=2 x tp=2"]),
 ]
 
@@ -249,16 +250,18 @@ def test_a_failing_rank_ends_the_job(tmp_path, tiny):
 
 
 @pytest.mark.parametrize(
-    "architecture, extra, style",
+    "architecture, extra, style, fix",
     [
-        ("bloom", [], "declares no TP plan"),  # fused query_key_value, no plan
-        ("stablelm", ["++model.config.qk_layernorm=true"], "q_layernorm"),  # per-head norms indexed by global head
+        ("bloom", [], "declares no TP plan", "parallel.tp=1"),  # fused query_key_value, no plan
+        ("stablelm", ["++model.config.qk_layernorm=true"], "q_layernorm", "parallel.tp=1"),  # per-head norms indexed by global head
+        # DeepSeek-V3's plan leaves its MLA attention whole: under SP it would see one rank's slice of the sequence
+        ("deepseek_v3", ["parallel.sp=true"], "self_attn", "parallel.sp=false"),
     ],
 )
-def test_tp_on_unmapped_plans_exits_2(tmp_path, saved_models, architecture, extra, style):
+def test_tp_on_unmapped_plans_exits_2(tmp_path, saved_models, architecture, extra, style, fix):
     proc = run_cli(["train", "recipe=qwen3_moe_debug", "model=pretrained", f"model.name_or_path={saved_models[architecture]}",
                     "launcher.nproc_per_node=2", "parallel.tp=2", "data.vocab_size=1024", "model.attn_implementation=eager", *extra], tmp_path)
-    assert proc.returncode == 2 and style in proc.stderr and "parallel.tp=1" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and style in proc.stderr and fix in proc.stderr, proc.stderr
 
 
 def test_a_model_that_attends_across_documents_is_refused(tmp_path, ranks, saved_models, data_cache):

@@ -66,16 +66,31 @@ MODULE_STYLES = (
 PARAMETER_STYLES = ("colwise", "packed_colwise", "rowwise")  # on an experts module's 3-D weights
 
 
-def resolved_plan(model: nn.Module, spec: ModelSpec, tp: int, moe_outside: bool = False) -> dict[str, str]:
+def resolved_plan(model: nn.Module, spec: ModelSpec, tp: int, moe_outside: bool = False, sp: bool = False) -> dict[str, str]:
     """Module or parameter FQN -> style, for everything the model's TP plan names (or the
     structural plan, for a model that declares none); every dimension it shards must divide by
-    `tp`. `moe_outside` (expert parallelism): the MoE modules are left out of TP."""
+    `tp`. `moe_outside` (expert parallelism): the MoE modules are left out of TP. With `sp`, every
+    attention module must be in the plan: SP gathers the sequence only into modules whose
+    projections are sharded, and an attention left whole would attend over one rank's slice."""
     plan = getattr(model.config, "base_model_tp_plan", None) or {}
     outside = [b.name for b in spec.moe_blocks] if moe_outside else []
     # NOTE: the structural plan gives MoE modules no entries (it refuses those holding linears)
     resolved = _declared_plan(model, spec, plan, outside) if plan else structural_plan(model, spec)
     _check_divisible(model, resolved, tp)
+    if sp:
+        first = f"{_blocks_name(model, spec)}.0."
+        for child, role in spec.roles.items():
+            if role == "attention" and not any(n.startswith(f"{first}{child}.") and s.startswith("colwise") for n, s in resolved.items()):
+                raise ConfigError(
+                    f"parallel.sp=true: {type(model).__name__}'s TP plan shards no projection of its {child} module, so under "
+                    "sequence parallelism it would attend over one rank's slice of the sequence; use parallel.sp=false "
+                    f"(TP then runs {child} whole on every TP rank)"
+                )
     return resolved
+
+
+def _blocks_name(model: nn.Module, spec: ModelSpec) -> str:
+    return next(name for name, module in model.named_modules() if module is spec.blocks)
 
 
 def _declared_plan(model: nn.Module, spec: ModelSpec, plan: dict[str, str], outside: list[str]) -> dict[str, str]:
@@ -193,7 +208,7 @@ def structural_plan(model: nn.Module, spec: ModelSpec) -> dict[str, str]:
     input projection is mapped only as an MLP (its output the config's intermediate size)."""
     config = model.config
     hidden = config.hidden_size
-    blocks_name = next(name for name, module in model.named_modules() if module is spec.blocks)
+    blocks_name = _blocks_name(model, spec)
     plan = {}
     for child_name, child in spec.blocks[0].named_children():
         linears, others = _linear_children(child)
@@ -243,7 +258,7 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool, 
     modules stay out of TP: each TP rank runs its MoE modules on its own slice of the sequence
     (under SP it has one; without, the slice is taken on entry and the outputs all-gathered on
     exit), so their router and shared expert see a share of the tokens (partial gradients)."""
-    plan = resolved_plan(model, spec, tp_mesh.size(), moe_outside=ep)
+    plan = resolved_plan(model, spec, tp_mesh.size(), moe_outside=ep, sp=sp)
     if not getattr(model.config, "base_model_tp_plan", None):
         _localize_head_counts(model, plan, tp_mesh.size())
     modules = dict(model.named_modules())
