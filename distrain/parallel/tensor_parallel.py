@@ -314,13 +314,15 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool, 
             block.module.register_forward_pre_hook(_MoveInput(tp_mesh, _SPLIT), with_kwargs=True)
             block.module.register_forward_hook(_MoveOutput(tp_mesh, _GATHER))
             partial_modules.append(block.name)
+    partial = [f"{m}.{p}" for m in partial_modules for p, param in modules[m].named_parameters() if not isinstance(param, DTensor)]
     if sp:
+        # NOTE: under SP what runs outside the modules entered above (norms of the residual stream,
+        #       MoE blocks outside TP) sees this rank's slice of the sequence: partial gradients;
+        #       inside them it sees the whole sequence, as without SP (e.g. OLMoE's q_norm over the
+        #       gathered projection output: a whole gradient on every rank, a copy)
         spec.blocks[0].register_forward_pre_hook(_MoveInput(tp_mesh, _SPLIT), with_kwargs=True)
-        partial = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
-    else:
-        partial = [
-            f"{m}.{p}" for m in partial_modules for p, param in modules[m].named_parameters() if not isinstance(param, DTensor)
-        ]
+        entered = tuple(f"{m}." for m in (*gather_points, *regions))
+        partial += [n for n, p in model.named_parameters() if not isinstance(p, DTensor) and not n.startswith(entered) and n not in partial]
     return [n for n in partial if not any(n.startswith(e) for e in experts)]
 
 
