@@ -73,8 +73,8 @@ def import_memory(recipe: str, overrides: list[str]) -> dict:
 
     load_sharded, peaks = trainer_module.load_sharded, []
 
-    def measured(model, folder):  # the peak up to the end of the import (the optimizer's state comes after)
-        load_sharded(model, folder)
+    def measured(model, keys):  # the peak up to the end of the import (the optimizer's state comes after)
+        load_sharded(model, keys)
         peaks.append(status("VmHWM"))
 
     with open("/proc/self/clear_refs", "w") as handle:

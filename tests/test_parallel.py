@@ -35,6 +35,8 @@ ARCHITECTURES = {
     # (model type without the 4) 4 layers of about 0.16 MB: parallel.fsdp_unit_mb=0.2 makes two FSDP units of 2 blocks
     "llama4": dict(SMALL, num_key_value_heads=4, num_hidden_layers=4),
     "qwen3_moe4": dict(SMALL, head_dim=16, **MOE, num_hidden_layers=4),
+    # its lm_head is `embed_out` on disk: a renaming transformers keys on the model's class name (FSDP renames the class)
+    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
     # q_norm / k_norm over the whole gathered projection output (colwise_gather_output): whole gradients under SP
     "olmoe": dict(SMALL, num_experts=4, num_experts_per_tok=2),
     # a shared expert the model calls after its experts: run inside the dispatch all-to-all under EP
@@ -103,6 +105,7 @@ CASES = [
     ("deepseek_v3", ["ep=2 full AC", "dp_shard=4 x ep=2 selective AC", "dp_shard=2 x tp=2", "tp=2 x ep=2"]),
     ("phi", ["tp=2 sp", "dp_shard=2 x tp=2"]),
     ("olmoe", ["tp=2 sp"]),
+    ("gpt_neox", ["dp_replicate=2 x dp_shard=2", "tp=2 sp"]),
 ]
 
 

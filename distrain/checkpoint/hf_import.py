@@ -99,18 +99,32 @@ class _Reader:
         return rows[(slice(None), *(slice(o, o + s) for o, s in zip(offsets[1:], sizes[1:])))]
 
 
-def load_sharded(model: nn.Module, folder: Path) -> None:
-    """Fill every parameter and persistent buffer of `model` (already sharded and allocated) with its
-    local part of the checkpoint in `folder`."""
+class KeyMap:
+    """How a checkpoint's keys become the model's tensors, from names alone (`map_keys`)."""
+
+    def __init__(self, folder: Path, key_files: dict[str, Path], renamed: dict, converted: dict, missing: list[str]):
+        self.folder, self.key_files, self.renamed, self.converted, self.missing = folder, key_files, renamed, converted, missing
+
+
+def map_keys(model: nn.Module, folder: Path) -> KeyMap:
+    """Map the checkpoint's keys to `model`'s parameter names, on the model as transformers built it
+    (on meta is enough): transformers looks its conversion rules up by the model's class name,
+    which FSDP changes (`FSDP<name>`), so this runs before sharding; the names do not change."""
     key_files = _key_files(folder)
-    targets, renamed, converted, missing = _plan(model, key_files)
-    if missing:
-        raise ValueError(_missing_message(folder, missing))
-    reader = _Reader(key_files)
-    for name, key in renamed.items():
+    return KeyMap(folder, key_files, *_plan(model, key_files))
+
+
+def load_sharded(model: nn.Module, keys: KeyMap) -> None:
+    """Fill every parameter and persistent buffer of `model` (already sharded and allocated) with its
+    local part of the checkpoint `keys` maps."""
+    if keys.missing:
+        raise ValueError(_missing_message(keys.folder, keys.missing))
+    targets = _targets(model)
+    reader = _Reader(keys.key_files)
+    for name, key in keys.renamed.items():
         if name in targets:
             _fill_box(targets[name], reader, key)
-    for first, (converter, sources) in converted.items():
+    for first, (converter, sources) in keys.converted.items():
         converter = deepcopy(converter)
         for key, pattern in sources:
             converter.add_tensor(first, key, pattern, reader.whole(key))
@@ -124,7 +138,7 @@ def check_keys(model: nn.Module, folder: Path) -> None:
     checkpoint's keys, or ConfigError naming what is missing."""
     from distrain.config import ConfigError
 
-    missing = _plan(model, _key_files(folder))[3]
+    missing = map_keys(model, folder).missing
     if missing:
         raise ConfigError(_missing_message(folder, missing))
 
@@ -135,7 +149,7 @@ def _missing_message(folder: Path, missing: list[str]) -> str:
 
 
 def _plan(model: nn.Module, key_files: dict[str, Path]):
-    """(targets, renamed: in-memory name -> hub key, converted: first target name -> (converter,
+    """(renamed: in-memory name -> hub key, converted: first target name -> (converter,
     [(hub key, source pattern)]), missing target names), from the keys alone."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -159,7 +173,7 @@ def _plan(model: nn.Module, key_files: dict[str, Path]):
     produced = set(renamed)
     for first, (converter, _) in converted.items():  # a converter fills its first target and the others beside it
         produced.update(first.replace(converter.target_patterns[0], target) for target in converter.target_patterns)
-    return targets, renamed, converted, sorted(set(targets) - produced)
+    return renamed, converted, sorted(set(targets) - produced)
 
 
 def _targets(model: nn.Module) -> dict[str, torch.Tensor]:

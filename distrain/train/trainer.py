@@ -35,7 +35,7 @@ from distrain.moe.balance import RouterStats
 from distrain.moe.experts import configure, resolve_kernel
 from distrain.parallel.mesh import ParallelDims
 from distrain.parallel.tensor_parallel import sync_tp_grads, vocab_parallel_cross_entropy
-from distrain.checkpoint.hf_import import load_sharded, safetensors_folder
+from distrain.checkpoint.hf_import import load_sharded, map_keys, safetensors_folder
 from distrain.parallel.parallelize import fill_from_rank0, fill_seeded, materialize, parallelize, reshard
 from distrain.train import stop
 from distrain.train.schedule import lr_multiplier
@@ -79,13 +79,16 @@ class Trainer:
         self.dims.check_experts(self.spec.num_experts)  # checked before spawn too (distrain.cli)
         configure(self.spec.moe_blocks, job.moe.capacity_factor, resolve_kernel(job.moe.kernel, device.type))
         self.flops_per_token = flops_per_token(model, self.spec, job.train.seq_len)
+        pretrained = has_pretrained_weights(job.model)
+        folder = safetensors_folder(job.model.name_or_path) if pretrained else None
+        keys = map_keys(model, folder) if folder is not None else None  # before FSDP renames the model's class
         self.tp_grads = parallelize(model, self.spec, self.dims, self.mesh, self.bf16)
         self.model = model
         materialize(self.model, device, self.dims.cpu_offload)
-        if not has_pretrained_weights(job.model):
+        if not pretrained:
             fill_seeded(self.model, hf_config, job.run.seed)
-        elif (folder := safetensors_folder(job.model.name_or_path)) is not None:
-            load_sharded(self.model, folder)  # each rank reads its own shards
+        elif keys is not None:
+            load_sharded(self.model, keys)  # each rank reads its own shards
         else:  # weights only as .bin: loaded whole on rank 0, broadcast
             fill_from_rank0(self.model, device, pretrained_state_dict(job.model, hf_config) if self.is_main else None)
         self.router_stats = None
