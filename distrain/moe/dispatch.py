@@ -128,12 +128,17 @@ class SharedExpertAhead:
             self.dispatched = _Tokens(tokens)
 
     def _model_call(self, x, *args, **kwargs):
+        early = self._early_output(x, args, kwargs)
+        return early if early is not None else self.forward(x, *args, **kwargs)
+
+    @torch.compiler.disable  # bookkeeping on storage addresses, outside compiled blocks' graphs
+    def _early_output(self, x, args, kwargs) -> torch.Tensor | None:
         early, self.early = self.early, None
         if early is not None and not args and not kwargs and early[0].held_by(x):
             return early[1].view(*x.shape[:-1], early[1].shape[-1])
         dispatched, self.dispatched = self.dispatched, None
         self.learned = dispatched is not None and dispatched.held_by(x)
-        return self.forward(x, *args, **kwargs)
+        return None
 
 
 class ExpertParallel:
@@ -146,6 +151,10 @@ class ExpertParallel:
         self.shared = shared
         self.remote_rows = 0  # rows sent to and received from other ranks by forward dispatches (the benchmark's count)
 
+    # NOTE: eager inside compiled blocks: the row counts become Python split sizes (a graph break
+    #       anyway), and the exchanges hand their backward's all-to-all from one autograd function
+    #       to the other, which tracing cannot follow
+    @torch.compiler.disable
     def __call__(self, experts, rows: torch.Tensor, counts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """`rows` [S, H]: `tokens`' rows routed to each expert, sorted by expert, `counts[e]` of them."""
         # NOTE: functional collectives: selective activation checkpointing keeps their outputs
