@@ -22,7 +22,8 @@ def count_step(recipe: str, overrides: list[str]) -> dict:
 
 def all_to_all_windows(recipe: str, overrides: list[str]) -> dict:
     """One warm-up step, then one recorded step: for each all-to-all of rows (started, then waited
-    on), the matmuls dispatched while it was in flight, in forward and in backward."""
+    on), the matmuls (dense or grouped) dispatched while it was in flight, in forward and in
+    backward, in the order the all-to-alls were waited on."""
     import torch
     from layouts import trainer_in_own_group  # scripts/bench, on the ranks' path
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -42,7 +43,7 @@ def all_to_all_windows(recipe: str, overrides: list[str]) -> dict:
             elif func is ops.wait_tensor.default and id(args[0]) in self.open:
                 _, phase, matmuls = self.open.pop(id(args[0]))
                 self.closed[phase].append(matmuls[0])
-            elif func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            elif func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten._grouped_mm.default):
                 for _, _, matmuls in self.open.values():
                     matmuls[0] += 1
             return out

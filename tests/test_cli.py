@@ -92,6 +92,7 @@ def test_dotted_overrides_and_group_override(tmp_path):
         ("train.steps=-1", "train.steps"),  # impossible value
         ("optim.schedule=linear", "optim.schedule"),  # not one of the choices
         ("train.global_batch_size=6", "train.global_batch_size"),  # not a multiple of the micro-batch
+        ("moe.dispatch_chunks=0", "moe.dispatch_chunks"),  # no piece to send
         ("model.config.hiddn_size=3", "model.config.hiddn_size"),  # unknown model config key
         ("++model.config.hiddn_size=3", "model.config.hiddn_size"),
     ],

@@ -64,7 +64,12 @@ LAYOUTS = {
         "parallel.activation_checkpointing=selective",
     ],
     "ep=2": ["launcher.nproc_per_node=2", "parallel.ep=2"],
-    "ep=2 full AC": ["launcher.nproc_per_node=2", "parallel.ep=2", "parallel.activation_checkpointing=full", "parallel.fsdp_unit_mb=0"],
+    "ep=2 in 2 pieces full AC": ["launcher.nproc_per_node=2", "parallel.ep=2", "moe.dispatch_chunks=2", "parallel.activation_checkpointing=full",
+                                 "parallel.fsdp_unit_mb=0"],
+    "ep=2 in 2 pieces": ["launcher.nproc_per_node=2", "parallel.ep=2", "moe.dispatch_chunks=2"],
+    # 1 expert per rank, its rows in 3 pieces (pieces of an expert with fewer than 3 rows are empty)
+    "dp_shard=4 x ep=4 in 3 pieces selective AC": ["launcher.nproc_per_node=4", "parallel.dp_shard=4", "parallel.ep=4", "moe.dispatch_chunks=3",
+                                                   "parallel.activation_checkpointing=selective", "parallel.fsdp_unit_mb=0"],
     "dp_shard=4 x ep=2 selective AC": ["launcher.nproc_per_node=4", "parallel.dp_shard=4", "parallel.ep=2", "parallel.activation_checkpointing=selective", "parallel.fsdp_unit_mb=0"],
     "ep=4": ["launcher.nproc_per_node=4", "parallel.ep=4"],
     "dp_shard=4 x ep=2": ["launcher.nproc_per_node=4", "parallel.dp_shard=4", "parallel.ep=2"],
@@ -93,7 +98,7 @@ CASES = [
     # experts split, all-to-all dispatch; HSDP of the experts (ep=4 and tp=2 x ep=2: with the aux loss on,
     # in test_aux_loss_layouts_match_single_process; "ep=2" is dp_shard=2 x ep=2 on 2 ranks)
     ("qwen3_moe EP", ["ep=2", "dp_shard=4 x ep=2", "tp=2 sp x ep=2", "dp_replicate=2 x dp_shard=2 x ep=2", "dp_shard=2 x tp=2 sp x ep=4",
-                      "dp_replicate=2 x dp_shard=2 x ep=2 grad_sync=step"]),
+                      "dp_replicate=2 x dp_shard=2 x ep=2 grad_sync=step", "ep=2 in 2 pieces", "dp_shard=4 x ep=4 in 3 pieces selective AC"]),
     ("mixtral", [*FSDP_ONLY, "tp=2 sp"]),
     ("mixtral EP", ["ep=2", "ep=4", "dp_shard=4 x ep=2", "tp=2 x ep=2", "tp=2 sp x ep=2", "dp_replicate=2 x dp_shard=2 x ep=2"]),
     ("phi3", [*FSDP_ONLY, "tp=2 sp"]),  # fused qkv / gate_up: gathered output, split input
@@ -102,7 +107,7 @@ CASES = [
     # a shared expert called after the experts, run in the dispatch's window (under TP x EP too); selective
     # AC recomputes the experts (a nested FSDP unit) before their pre-backward hook has run; MLA attention
     # left whole by its TP plan
-    ("deepseek_v3", ["ep=2 full AC", "dp_shard=4 x ep=2 selective AC", "dp_shard=2 x tp=2", "tp=2 x ep=2"]),
+    ("deepseek_v3", ["ep=2 in 2 pieces full AC", "dp_shard=4 x ep=2 selective AC", "dp_shard=2 x tp=2", "tp=2 x ep=2"]),
     ("phi", ["tp=2 sp", "dp_shard=2 x tp=2"]),
     ("olmoe", ["tp=2 sp"]),
     ("gpt_neox", ["dp_replicate=2 x dp_shard=2", "tp=2 sp"]),
@@ -404,16 +409,20 @@ def test_selective_checkpointing_keeps_grouped_gemms_and_all_to_alls(tmp_path, r
 
 
 @pytest.mark.slow
-def test_the_shared_expert_runs_while_the_rows_travel(tmp_path, ranks, saved_models, data_cache):
+def test_work_runs_while_the_rows_travel(tmp_path, ranks, saved_models, data_cache):
     """Under EP, DeepSeek-V3's shared expert (called by the model after its experts) runs while
     the dispatch all-to-all is in flight: its 3 projections in forward, their 6 gradient matmuls
     in backward, with and without selective checkpointing; the return all-to-all has nothing
-    beside it. Qwen2-MoE calls its shared expert first: nothing is left to run beside either."""
+    beside it. Qwen2-MoE calls its shared expert first: nothing is left to run beside either.
+    With moe.dispatch_chunks=2 each piece's expert GEMMs run beside the other piece's exchanges."""
     layers = 2
     for architecture, extra, expected in [
         ("deepseek_v3", [], ([3, 0] * layers, [0, 6] * layers)),
         ("deepseek_v3", ["parallel.activation_checkpointing=selective", "parallel.fsdp_unit_mb=0"], ([3, 0] * layers, [0, 6] * layers)),
         ("qwen2_moe", [], ([0, 0] * layers, [0, 0] * layers)),
+        # in 2 pieces: piece 0's 2 grouped GEMMs (gate_up, down) run while piece 1 arrives, piece 1's while
+        # piece 0 goes back; in backward their 4 gradient GEMMs the same way round
+        ("qwen3_moe", ["moe.dispatch_chunks=2"], ([0, 2, 2, 0] * layers, [0, 4, 4, 0] * layers)),
     ]:
         overrides = [*common_args(saved_models[architecture], data_cache, tmp_path / architecture)[1:], "train.micro_batch_size=4", "parallel.ep=2", *extra]
         for rank, windows in enumerate(ranks.call(2, "rank_jobs:all_to_all_windows", "qwen3_moe_debug", overrides)):

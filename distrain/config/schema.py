@@ -114,6 +114,10 @@ class MoEConfig:
     # its sequence slice), the earliest in token order; the others add nothing (the token keeps its
     # residual and its other experts). null: no token is ever dropped.
     capacity_factor: Optional[float] = None
+    # Expert parallelism: each rank's routed rows travel to their experts in this many pieces (a
+    # share of every expert's rows each), so that one piece's expert GEMMs run while the next
+    # piece's all-to-all is in flight and the previous one's comes back. 1: one exchange each way.
+    dispatch_chunks: int = 1
 
     def validate(self) -> None:
         _require(
@@ -127,6 +131,10 @@ class MoEConfig:
         _require(
             self.capacity_factor is None or (0 < self.capacity_factor < float("inf")),
             f"moe.capacity_factor={self.capacity_factor}: must be a finite number > 0 (e.g. 1.25), or null to drop no token",
+        )
+        _require(
+            isinstance(self.dispatch_chunks, int) and self.dispatch_chunks >= 1,
+            f"moe.dispatch_chunks={self.dispatch_chunks}: must be an integer >= 1 (1: each all-to-all in one piece; 2 overlaps them with the experts' GEMMs)",
         )
 
 

@@ -2,7 +2,7 @@
 the token rows routed to an expert travel to the rank that holds it and back by all-to-all.
 
 Per MoE layer and micro-batch, on every EP rank (rows already sorted by global expert):
-1. exchange per-expert counts (one all-to-all of num_experts integers): each rank learns how many
+1. exchange per-expert counts (one all-to-all of num_experts integers per piece): each rank learns how many
    rows every other rank sends to each of its local experts;
 2. all-to-all of the rows (exactly the routed rows, no padding, no token dropped); the received
    rows come in (source rank, local expert) blocks and are regrouped by local expert;
@@ -14,12 +14,15 @@ that routed to it.
 Overlap: each all-to-all is started (`_Start`) and waited on (`_Finish`) by two autograd functions,
 and what runs between them runs while the rows travel, in forward and in backward: backward starts
 the reverse all-to-all in `_Finish`'s backward and waits in `_Start`'s, and autograd runs the
-work that forward did between them (created in that order, ready early) in that window too. The
-work put there is the MoE block's shared expert, where the model calls it after its experts
-(DeepSeek-V2/V3, GLM-4-MoE, Llama 4 ...): it runs in step 2's window on the block's tokens, and
-the model's own call then returns that output (`SharedExpertAhead`). Models that call the shared
-expert first (the Qwen MoE family) have already computed it; nothing else in their block is
-independent of the experts.
+work that forward did between them (created in that order, ready early) in that window too. Two
+kinds of work go there:
+- with `moe.dispatch_chunks=C` > 1, steps 2-4 run on C pieces of the rows, each a share of every
+  expert's rows: all pieces are sent at once, and piece c's GEMMs run while piece c+1 is still
+  arriving and piece c-1 is on its way back (C times the collectives, each 1/C of the bytes);
+- the MoE block's shared expert, where the model calls it after its experts (DeepSeek-V2/V3,
+  GLM-4-MoE, Llama 4 ...): it runs in step 2's window on the block's tokens, and the model's own
+  call then returns that output (`SharedExpertAhead`). Models that call the shared expert first
+  (the Qwen MoE family) have already computed it.
 """
 
 from __future__ import annotations
@@ -41,10 +44,6 @@ class _Exchange:
     def __init__(self, out_splits: list[int], in_splits: list[int], group_name: str):
         self.out_splits, self.in_splits, self.group_name = out_splits, in_splits, group_name
         self.reverse = None  # the gradient rows on their way back (backward)
-
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The all-to-all with nothing in its window."""
-        return _Finish.apply(_Start.apply(x, self), self)
 
 
 class _Start(torch.autograd.Function):
@@ -147,7 +146,7 @@ class ExpertParallel:
     def __init__(self, ep_mesh, num_experts: int, shared: SharedExpertAhead | None = None):
         self.group = ep_mesh.get_group()
         self.size, self.rank = ep_mesh.size(), ep_mesh.get_local_rank()
-        self.local = num_experts // self.size
+        self.num_experts, self.local = num_experts, num_experts // self.size
         self.shared = shared
         self.remote_rows = 0  # rows sent to and received from other ranks by forward dispatches (the benchmark's count)
 
@@ -155,24 +154,49 @@ class ExpertParallel:
     #       anyway), and the exchanges hand their backward's all-to-all from one autograd function
     #       to the other, which tracing cannot follow
     @torch.compiler.disable
-    def __call__(self, experts, rows: torch.Tensor, counts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """`rows` [S, H]: `tokens`' rows routed to each expert, sorted by expert, `counts[e]` of them."""
+    def __call__(self, experts, tokens: torch.Tensor, order: torch.Tensor, top_k: int, counts: torch.Tensor):
+        """`order`: the (token, k) pairs sorted by expert, `counts[e]` of them for expert e. Returns
+        the experts' output rows and the pairs they belong to, in the order they came back."""
+        chunks = getattr(experts, "_distrain_dispatch_chunks", 1)
+        order, piece_counts = _in_pieces(order, counts, chunks)
         # NOTE: functional collectives: selective activation checkpointing keeps their outputs
         #       (distrain.parallel.parallelize), so a recompute exchanges nothing again
-        received = all_to_all_single(counts, None, None, self.group).view(self.size, self.local)  # [source rank, local expert]
-        send_splits = counts.view(self.size, self.local).sum(1).tolist()
-        recv_splits = received.sum(1).tolist()
-        if torch.is_grad_enabled():
-            self.remote_rows += sum(send_splits) - send_splits[self.rank] + sum(recv_splits) - recv_splits[self.rank]
-        there = _Exchange(recv_splits, send_splits, self.group.group_name)
-        pending = _Start.apply(rows, there)
+        sent = piece_counts.view(chunks, self.size, self.local)
+        received = all_to_all_single(sent.transpose(0, 1).reshape(-1), None, None, self.group).view(self.size, chunks, self.local)
+        splits = torch.stack([sent.sum(2), received.sum(2).T]).tolist()  # [send / receive][piece][rank]: one sync
+        pieces = order.split([sum(send) for send in splits[0]])
+        name, starts = self.group.group_name, []
+        for piece, send, recv in zip(pieces, *splits):
+            if torch.is_grad_enabled():
+                self.remote_rows += sum(send) - send[self.rank] + sum(recv) - recv[self.rank]
+            there = _Exchange(recv, send, name)
+            starts.append((there, _Start.apply(tokens[piece // top_k], there)))
         if self.shared is not None:
             self.shared.run_in_window(tokens)
-        arrived = _Finish.apply(pending, there)
-        order = _by_local_expert(received)
-        out = local_experts(experts, arrived[order], received.sum(0))
-        out = torch.empty_like(out).index_copy_(0, order, out)  # back to (source, local expert) blocks
-        return _Exchange(send_splits, recv_splits, self.group.group_name).run(out)
+        backs = []
+        for c, (there, pending) in enumerate(starts):
+            arrived = _Finish.apply(pending, there)  # piece c arrives while later pieces travel
+            local = received[:, c]  # [source rank, local expert]
+            by_expert = _by_local_expert(local)
+            out = local_experts(experts, arrived[by_expert], local.sum(0))
+            out = torch.empty_like(out).index_copy_(0, by_expert, out)  # back to (source, local expert) blocks
+            back = _Exchange(there.in_splits, there.out_splits, name)
+            backs.append((back, _Start.apply(out, back)))
+        outs = [_Finish.apply(pending, back) for back, pending in backs]
+        return outs[0] if chunks == 1 else torch.cat(outs), order
+
+
+def _in_pieces(order: torch.Tensor, counts: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`order` (pairs sorted by expert) rearranged into `chunks` consecutive pieces, each holding a
+    share of every expert's pairs (the i-th of an expert's n pairs goes to piece i * chunks // n)
+    sorted by expert; and the pairs per (piece, expert)."""
+    if chunks == 1:
+        return order, counts
+    experts = counts.numel()
+    expert_of_row = torch.repeat_interleave(torch.arange(experts, device=order.device), counts, output_size=order.numel())
+    in_expert = torch.arange(order.numel(), device=order.device) - (torch.cumsum(counts, 0) - counts)[expert_of_row]
+    piece = in_expert * chunks // counts[expert_of_row]
+    return order[torch.argsort(piece, stable=True)], torch.bincount(piece * experts + expert_of_row, minlength=chunks * experts)
 
 
 def _by_local_expert(received: torch.Tensor) -> torch.Tensor:

@@ -62,11 +62,10 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     dispatcher = getattr(self, "_distrain_dispatcher", None)
     if dispatcher is None and _kernel(self) == "triton" and not self.has_bias and not self.has_post_expert_norm:
         return _fused_experts(self, hidden_states, order, counts, top_k_weights)
-    rows = hidden_states[order // top_k]
     if dispatcher is None:
-        out = local_experts(self, rows, counts)
-    else:
-        out = dispatcher(self, rows, counts, hidden_states)
+        out = local_experts(self, hidden_states[order // top_k], counts)
+    else:  # the rows come back in the dispatcher's order of (token, k) pairs
+        out, order = dispatcher(self, hidden_states, order, top_k, counts)
     out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
     # back to (token, k) order; a dropped pair adds nothing
     unsorted = (out.new_zeros if capacity_factor is not None else torch.empty)(num_tokens * top_k, out.shape[-1], dtype=out.dtype, device=out.device)
@@ -74,12 +73,14 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
-def configure(moe_blocks, capacity_factor: float | None, kernel: str) -> None:
+def configure(moe_blocks, capacity_factor: float | None, kernel: str, dispatch_chunks: int = 1) -> None:
     """Per experts module: `moe.capacity_factor` (see `_drop_over_capacity`; None: nothing is
-    ever dropped) and the GEMM kernels, "torch" or "triton" (`resolve_kernel`)."""
+    ever dropped), the GEMM kernels, "torch" or "triton" (`resolve_kernel`), and under expert
+    parallelism the pieces each exchange is split into (`moe.dispatch_chunks`)."""
     for block in moe_blocks:
         block.experts._distrain_capacity_factor = capacity_factor
         block.experts._distrain_kernel = kernel
+        block.experts._distrain_dispatch_chunks = dispatch_chunks
 
 
 def resolve_kernel(kernel: str, device_type: str) -> str:

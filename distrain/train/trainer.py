@@ -77,7 +77,7 @@ class Trainer:
         # model on meta -> parallelize -> materialize -> weights
         model, self.spec = build_meta_model(job.model, hf_config)
         self.dims.check_experts(self.spec.num_experts)  # checked before spawn too (distrain.cli)
-        configure(self.spec.moe_blocks, job.moe.capacity_factor, resolve_kernel(job.moe.kernel, device.type))
+        configure(self.spec.moe_blocks, job.moe.capacity_factor, resolve_kernel(job.moe.kernel, device.type), job.moe.dispatch_chunks)
         self.flops_per_token = flops_per_token(model, self.spec, job.train.seq_len)
         pretrained = has_pretrained_weights(job.model)
         folder = safetensors_folder(job.model.name_or_path) if pretrained else None
