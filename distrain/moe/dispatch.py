@@ -146,7 +146,7 @@ class ExpertParallel:
     def __init__(self, ep_mesh, num_experts: int, shared: SharedExpertAhead | None = None):
         self.group = ep_mesh.get_group()
         self.size, self.rank = ep_mesh.size(), ep_mesh.get_local_rank()
-        self.num_experts, self.local = num_experts, num_experts // self.size
+        self.local = num_experts // self.size
         self.shared = shared
         self.remote_rows = 0  # rows sent to and received from other ranks by forward dispatches (the benchmark's count)
 
