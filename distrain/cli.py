@@ -96,7 +96,7 @@ def _validate_layout(job):
     if dims.tp > 1:
         from distrain.parallel.tensor_parallel import resolved_plan
 
-        resolved_plan(model, spec, dims.tp, moe_outside=dims.ep > 1, sp=dims.sp)
+        resolved_plan(model, spec, dims.tp, moe_outside=dims.ep > 1)
     if job.moe.bias_update_rate and not any(hasattr(b.router, "e_score_correction_bias") for b in spec.moe_blocks):
         raise ConfigError(
             f"moe.bias_update_rate={job.moe.bias_update_rate}: {type(model).__name__}'s routers carry no e_score_correction_bias "

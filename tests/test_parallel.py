@@ -106,8 +106,8 @@ CASES = [
     ("qwen2_moe", ["tp=2 sp", "dp_shard=2 x tp=2", "ep=2"]),  # a shared expert and its gate inside the MoE block
     # a shared expert called after the experts, run in the dispatch's window (under TP x EP too); selective
     # AC recomputes the experts (a nested FSDP unit) before their pre-backward hook has run; MLA attention
-    # left whole by its TP plan
-    ("deepseek_v3", ["ep=2 in 2 pieces full AC", "dp_shard=4 x ep=2 selective AC", "dp_shard=2 x tp=2", "tp=2 x ep=2"]),
+    # left whole by its TP plan (under SP: gathered in, sliced out)
+    ("deepseek_v3", ["ep=2 in 2 pieces full AC", "dp_shard=4 x ep=2 selective AC", "dp_shard=2 x tp=2 sp", "tp=2 x ep=2"]),
     ("phi", ["tp=2 sp", "dp_shard=2 x tp=2"]),
     ("olmoe", ["tp=2 sp"]),
     ("gpt_neox", ["dp_replicate=2 x dp_shard=2", "tp=2 sp"]),
@@ -265,8 +265,6 @@ def test_a_failing_rank_ends_the_job(tmp_path, tiny):
     [
         ("bloom", [], "declares no TP plan", "parallel.tp=1"),  # fused query_key_value, no plan
         ("stablelm", ["++model.config.qk_layernorm=true"], "q_layernorm", "parallel.tp=1"),  # per-head norms indexed by global head
-        # DeepSeek-V3's plan leaves its MLA attention whole: under SP it would see one rank's slice of the sequence
-        ("deepseek_v3", ["parallel.sp=true"], "self_attn", "parallel.sp=false"),
     ],
 )
 def test_tp_on_unmapped_plans_exits_2(tmp_path, saved_models, architecture, extra, style, fix):

@@ -66,31 +66,24 @@ MODULE_STYLES = (
 PARAMETER_STYLES = ("colwise", "packed_colwise", "rowwise")  # on an experts module's 3-D weights
 
 
-def resolved_plan(model: nn.Module, spec: ModelSpec, tp: int, moe_outside: bool = False, sp: bool = False) -> dict[str, str]:
+def resolved_plan(model: nn.Module, spec: ModelSpec, tp: int, moe_outside: bool = False) -> dict[str, str]:
     """Module or parameter FQN -> style, for everything the model's TP plan names (or the
     structural plan, for a model that declares none); every dimension it shards must divide by
-    `tp`. `moe_outside` (expert parallelism): the MoE modules are left out of TP. With `sp`, every
-    attention module must be in the plan: SP gathers the sequence only into modules whose
-    projections are sharded, and an attention left whole would attend over one rank's slice."""
+    `tp`. `moe_outside` (expert parallelism): the MoE modules are left out of TP."""
     plan = getattr(model.config, "base_model_tp_plan", None) or {}
     outside = [b.name for b in spec.moe_blocks] if moe_outside else []
     # NOTE: the structural plan gives MoE modules no entries (it refuses those holding linears)
     resolved = _declared_plan(model, spec, plan, outside) if plan else structural_plan(model, spec)
     _check_divisible(model, resolved, tp)
-    if sp:
-        first = f"{_blocks_name(model, spec)}.0."
-        for child, role in spec.roles.items():
-            if role == "attention" and not any(n.startswith(f"{first}{child}.") and s.startswith("colwise") for n, s in resolved.items()):
-                raise ConfigError(
-                    f"parallel.sp=true: {type(model).__name__}'s TP plan shards no projection of its {child} module, so under "
-                    "sequence parallelism it would attend over one rank's slice of the sequence; use parallel.sp=false "
-                    f"(TP then runs {child} whole on every TP rank)"
-                )
     return resolved
 
 
-def _blocks_name(model: nn.Module, spec: ModelSpec) -> str:
-    return next(name for name, module in model.named_modules() if module is spec.blocks)
+def whole_attention(model: nn.Module, spec: ModelSpec, plan: dict[str, str]) -> list[str]:
+    """The attention modules of the blocks that the plan shards no projection of (DeepSeek-V3's
+    MLA): every TP rank runs them whole."""
+    names = {module: name for name, module in model.named_modules()}
+    attention = [f"{names[block]}.{child}" for block in spec.blocks for child, role in spec.roles.items() if role == "attention"]
+    return [name for name in attention if not any(n.startswith(f"{name}.") and s.startswith("colwise") for n, s in plan.items())]
 
 
 def _declared_plan(model: nn.Module, spec: ModelSpec, plan: dict[str, str], outside: list[str]) -> dict[str, str]:
@@ -208,7 +201,7 @@ def structural_plan(model: nn.Module, spec: ModelSpec) -> dict[str, str]:
     input projection is mapped only as an MLP (its output the config's intermediate size)."""
     config = model.config
     hidden = config.hidden_size
-    blocks_name = _blocks_name(model, spec)
+    blocks_name = next(name for name, module in model.named_modules() if module is spec.blocks)
     plan = {}
     for child_name, child in spec.blocks[0].named_children():
         linears, others = _linear_children(child)
@@ -258,7 +251,7 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool, 
     modules stay out of TP: each TP rank runs its MoE modules on its own slice of the sequence
     (under SP it has one; without, the slice is taken on entry and the outputs all-gathered on
     exit), so their router and shared expert see a share of the tokens (partial gradients)."""
-    plan = resolved_plan(model, spec, tp_mesh.size(), moe_outside=ep, sp=sp)
+    plan = resolved_plan(model, spec, tp_mesh.size(), moe_outside=ep)
     if not getattr(model.config, "base_model_tp_plan", None):
         _localize_head_counts(model, plan, tp_mesh.size())
     modules = dict(model.named_modules())
@@ -302,6 +295,13 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool, 
     #       summed locally, and is reduced once. A block's partial output is reduced on leaving.
     for name in gather_points:
         modules[name].register_forward_pre_hook(_MoveInput(tp_mesh, _ENTER[sp]), with_kwargs=True)
+    # NOTE: an attention module left whole attends over the whole sequence on every TP rank (as
+    #       without SP): under SP its input is gathered and its output sliced again, so its
+    #       gradients are whole copies on every TP rank
+    whole = whole_attention(model, spec, plan) if sp else []
+    for name in whole:
+        modules[name].register_forward_pre_hook(_MoveInput(tp_mesh, _GATHER), with_kwargs=True)
+        modules[name].register_forward_hook(_MoveOutput(tp_mesh, _SPLIT))
     for name in regions:
         modules[name].register_forward_pre_hook(_MoveInput(tp_mesh, _ENTER[sp]), with_kwargs=True)
         modules[name].register_forward_hook(_MoveOutput(tp_mesh, _LEAVE[sp]))
@@ -321,7 +321,7 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool, 
         #       inside them it sees the whole sequence, as without SP (e.g. OLMoE's q_norm over the
         #       gathered projection output: a whole gradient on every rank, a copy)
         spec.blocks[0].register_forward_pre_hook(_MoveInput(tp_mesh, _SPLIT), with_kwargs=True)
-        entered = tuple(f"{m}." for m in (*gather_points, *regions))
+        entered = tuple(f"{m}." for m in (*gather_points, *regions, *whole))
         partial += [n for n, p in model.named_parameters() if not isinstance(p, DTensor) and not n.startswith(entered) and n not in partial]
     return [n for n in partial if not any(n.startswith(e) for e in experts)]
 
