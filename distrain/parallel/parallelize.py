@@ -67,7 +67,7 @@ _SAVED_OPS = {
 }
 
 
-_FSDP_RUNTIME_OPS = {
+_PROFILER_OPS = {
     torch.ops.profiler._record_function_enter_new.default,
     torch.ops.profiler._record_function_exit._RecordFunction,
 }
@@ -80,10 +80,11 @@ def apply_activation_checkpointing(spec: ModelSpec, selective: bool) -> None:
     from torch.utils.checkpoint import SAC_IGNORED_OPS, CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
     # NOTE: a nested FSDP unit (the experts under EP) recomputed before its pre-backward hook has
-    #       run executes FSDP's forward hooks again, which annotate for the profiler (and unshard)
-    #       a different number of times than the forward did; selective checkpointing replays ops
-    #       by call count, so ops that are not the model's computation are left out of it
-    SAC_IGNORED_OPS.update(_FSDP_RUNTIME_OPS)
+    #       run executes FSDP's forward hooks again, which annotate for the profiler a different
+    #       number of times than the forward did; selective checkpointing replays ops by call
+    #       count, so the profiler's annotations (not the model's computation) are left out of it
+    SAC_IGNORED_OPS.update(_PROFILER_OPS)
+
     def policy(ctx, op, *args, **kwargs):
         # (distrain's own ops are its Triton grouped GEMMs)
         saved = op in _SAVED_OPS or getattr(op, "namespace", None) == "distrain"
