@@ -18,6 +18,7 @@ import json
 import math
 from copy import deepcopy
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -99,11 +100,14 @@ class _Reader:
         return rows[(slice(None), *(slice(o, o + s) for o, s in zip(offsets[1:], sizes[1:])))]
 
 
-class KeyMap:
+class KeyMap(NamedTuple):
     """How a checkpoint's keys become the model's tensors, from names alone (`map_keys`)."""
 
-    def __init__(self, folder: Path, key_files: dict[str, Path], renamed: dict, converted: dict, missing: list[str]):
-        self.folder, self.key_files, self.renamed, self.converted, self.missing = folder, key_files, renamed, converted, missing
+    folder: Path
+    key_files: dict[str, Path]
+    renamed: dict  # in-memory name -> hub key
+    converted: dict  # first target name -> (converter, [(hub key, source pattern)])
+    missing: list[str]
 
 
 def map_keys(model: nn.Module, folder: Path) -> KeyMap:

@@ -78,10 +78,9 @@ def resolved_plan(model: nn.Module, spec: ModelSpec, tp: int, moe_outside: bool 
     return resolved
 
 
-def _whole_attention(model: nn.Module, spec: ModelSpec, plan: dict[str, str]) -> list[str]:
+def _whole_attention(names: dict[nn.Module, str], spec: ModelSpec, plan: dict[str, str]) -> list[str]:
     """The attention modules of the blocks that the plan shards no projection of (DeepSeek-V3's
-    MLA): every TP rank runs them whole."""
-    names = {module: name for name, module in model.named_modules()}
+    MLA): every TP rank runs them whole. `names`: module -> its name in the model."""
     attention = [f"{names[block]}.{child}" for block in spec.blocks for child, role in spec.roles.items() if role == "attention"]
     return [name for name in attention if not any(n.startswith(f"{name}.") and s.startswith("colwise") for n, s in plan.items())]
 
@@ -298,7 +297,7 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool, 
     # NOTE: an attention module left whole attends over the whole sequence on every TP rank (as
     #       without SP): under SP its input is gathered and its output sliced again, so its
     #       gradients are whole copies on every TP rank
-    whole = _whole_attention(model, spec, plan) if sp else []
+    whole = _whole_attention(names, spec, plan) if sp else []
     for name in whole:
         modules[name].register_forward_pre_hook(_MoveInput(tp_mesh, _GATHER), with_kwargs=True)
         modules[name].register_forward_hook(_MoveOutput(tp_mesh, _SPLIT))
