@@ -191,7 +191,9 @@ def _rows_bucket(rows: int, num_experts: int) -> int:
 def _launch_mm(a, b, offsets, gather, gather_div: int, scatter, scale, out_rows: int) -> torch.Tensor:
     rows = gather.numel() if gather is not None else a.shape[0]
     num_experts, k, n = b.shape
-    c = (torch.zeros if scatter is not None else torch.empty)(out_rows, n, dtype=a.dtype, device=a.device)
+    # NOTE: zeros only where rows stay unwritten (dropped pairs): a scatter of every row (distinct
+    #       entries) writes them all, and the fill would be one more pass over T x k x H
+    c = (torch.zeros if scatter is not None and scatter.numel() < out_rows else torch.empty)(out_rows, n, dtype=a.dtype, device=a.device)
     kernel, fixed = _tuned("fwd")
 
     def grid(meta):  # an upper bound on the M tiles of all experts (the rest exit at once), times the N tiles
