@@ -318,6 +318,7 @@ def test_plan_reports_the_bytes_the_shards_hold(tmp_path, ranks, saved_models, d
         ("qwen3_moe_debug", 2, ["parallel.dp_shard=2"], 1.0),
         ("qwen3_moe_debug", 2, ["parallel.tp=2", "parallel.sp=true"], 1.0),  # expert-TP
         ("qwen3_moe_debug", 2, ["parallel.ep=2"], 1.0),  # all-to-all bytes: exactly the rows routed to the other rank
+        ("qwen3_moe_debug", 2, ["parallel.ep=2", "moe.dispatch_chunks=3"], 1.0),  # and the counts once, in pieces too
         ("qwen3_moe_debug", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"], 1.0),
         ("qwen3_moe_debug", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2", "parallel.fsdp_unit_mb=0"], 1.0),
         ("llama_debug", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], 1.0),
@@ -338,6 +339,8 @@ def test_counted_bytes_meet_the_layout_minimum(tmp_path, ranks, tiny_dense, reci
     row = ranks.call(world, "layouts:measure", recipe, overrides, 1)[0]
     assert 1.0 <= row["comm_ratio"] <= 1.05, row
     assert 1.0 <= row["state_ratio"] <= max_state_ratio, row
+    if any(o.startswith("parallel.ep=") for o in layout):
+        assert row["all_to_all_ratio"] == pytest.approx(1.0, rel=1e-12), row
     assert not row["uncounted_ops"], row
 
 

@@ -2,8 +2,8 @@
 the token rows routed to an expert travel to the rank that holds it and back by all-to-all.
 
 Per MoE layer and micro-batch, on every EP rank (rows already sorted by global expert):
-1. exchange per-expert counts (one all-to-all of num_experts integers per piece): each rank learns how many
-   rows every other rank sends to each of its local experts;
+1. exchange per-expert counts (one all-to-all of num_experts integers): each rank learns how many
+   rows every other rank sends to each of its local experts (and, in pieces, how many in each);
 2. all-to-all of the rows (exactly the routed rows, no padding, no token dropped); the received
    rows come in (source rank, local expert) blocks and are regrouped by local expert;
 3. the local experts' grouped GEMMs (`local_experts`);
@@ -158,12 +158,13 @@ class ExpertParallel:
         """`order`: the (token, k) pairs sorted by expert, `counts[e]` of them for expert e. Returns
         the experts' output rows and the pairs they belong to, in the order they came back."""
         chunks = getattr(experts, "_distrain_dispatch_chunks", 1)
-        order, piece_counts = _in_pieces(order, counts, chunks)
+        order = _in_pieces(order, counts, chunks)
         # NOTE: functional collectives: selective activation checkpointing keeps their outputs
         #       (distrain.parallel.parallelize), so a recompute exchanges nothing again
-        sent = piece_counts.view(chunks, self.size, self.local)
-        received = all_to_all_single(sent.transpose(0, 1).reshape(-1), None, None, self.group).view(self.size, chunks, self.local)
-        splits = torch.stack([sent.sum(2), received.sum(2).T]).tolist()  # [send / receive][piece][rank]: one sync
+        received = all_to_all_single(counts, None, None, self.group).view(self.size, self.local)
+        # NOTE: a piece's counts follow from the totals on both sides: the totals are all that travels
+        sent, received = _piece_counts(counts.view(self.size, self.local), chunks), _piece_counts(received, chunks)
+        splits = torch.stack([sent.sum(2), received.sum(2)]).tolist()  # [send / receive][piece][rank]: one sync
         pieces = order.split([sum(send) for send in splits[0]])
         name, starts = self.group.group_name, []
         for piece, send, recv in zip(pieces, *splits):
@@ -176,7 +177,7 @@ class ExpertParallel:
         backs = []
         for c, (there, pending) in enumerate(starts):
             arrived = _Finish.apply(pending, there)  # piece c arrives while later pieces travel
-            local = received[:, c]  # [source rank, local expert]
+            local = received[c]  # [source rank, local expert]
             by_expert = _by_local_expert(local)
             out = local_experts(experts, arrived[by_expert], local.sum(0))
             out = torch.empty_like(out).index_copy_(0, by_expert, out)  # back to (source, local expert) blocks
@@ -186,17 +187,25 @@ class ExpertParallel:
         return outs[0] if chunks == 1 else torch.cat(outs), order
 
 
-def _in_pieces(order: torch.Tensor, counts: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _in_pieces(order: torch.Tensor, counts: torch.Tensor, chunks: int) -> torch.Tensor:
     """`order` (pairs sorted by expert) rearranged into `chunks` consecutive pieces, each holding a
     share of every expert's pairs (the i-th of an expert's n pairs goes to piece i * chunks // n)
-    sorted by expert; and the pairs per (piece, expert)."""
+    sorted by expert."""
     if chunks == 1:
-        return order, counts
+        return order
     experts = counts.numel()
     expert_of_row = torch.repeat_interleave(torch.arange(experts, device=order.device), counts, output_size=order.numel())
     in_expert = torch.arange(order.numel(), device=order.device) - (torch.cumsum(counts, 0) - counts)[expert_of_row]
     piece = in_expert * chunks // counts[expert_of_row]
-    return order[torch.argsort(piece, stable=True)], torch.bincount(piece * experts + expert_of_row, minlength=chunks * experts)
+    return order[torch.argsort(piece, stable=True)]
+
+
+def _piece_counts(counts: torch.Tensor, chunks: int) -> torch.Tensor:
+    """[chunks, *counts.shape]: how many of each count's n pairs `_in_pieces` puts in each piece
+    (the i with i * chunks // n == c: ceil((c+1) n / chunks) - ceil(c n / chunks))."""
+    c = torch.arange(chunks + 1, device=counts.device).view(-1, *[1] * counts.dim())
+    bounds = (c * counts + chunks - 1) // chunks
+    return bounds[1:] - bounds[:-1]
 
 
 def _by_local_expert(received: torch.Tensor) -> torch.Tensor:

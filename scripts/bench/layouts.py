@@ -198,6 +198,7 @@ def measure(recipe: str, overrides: list[str], steps: int) -> dict | None:
         dist.all_reduce(held, op=dist.ReduceOp.MAX)
         measured_bus = sum(comm.bus.values())
         minimum = analytic_bus_bytes(trainer, job, remote_rows)
+        exchange = expert_exchange_bytes(trainer, job, remote_rows)
         if dist.get_rank() != 0:
             return None
         ideal = 4 * full_bytes / (dims.world_size // dims.dp_replicate)
@@ -209,6 +210,8 @@ def measure(recipe: str, overrides: list[str], steps: int) -> dict | None:
             "comm_MiB": measured_bus / 2**20,
             "min_comm_MiB": minimum / 2**20,
             "comm_ratio": measured_bus / minimum if minimum else 1.0,
+            # EP: the all-to-alls' bytes against their share of the minimum (rows and counts)
+            "all_to_all_ratio": comm.bus.get("all_to_all", 0.0) / exchange if exchange else None,
             "comm_by_kind_MiB": {k: round(v / 2**20, 4) for k, v in sorted(comm.bus.items())},
             "comm_calls": dict(sorted(comm.calls.items())),
             "comm_bus_bytes": dict(sorted(comm.bus.items())),
@@ -267,12 +270,23 @@ def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
         e = dims.efsdp
         total += share(e) * (num_micro * (gathers * p_experts - (gathers - 1) * last_experts) + reductions * p_experts)
         total += 2 * share(r) * p_experts / e
-        total += 2 * remote_rows * config.hidden_size * 4
-        total += num_micro * layers * num_experts * 8 * share(dims.ep)
+        total += expert_exchange_bytes(trainer, job, remote_rows)
     if layers and trainer.router_stats.coef > 0:  # else they ride on the step's one scalar all-reduce
         stats_ranks = dims.world_size if (t > 1 and dims.ep > 1) else dims.dp
         total += num_micro * 2 * share(stats_ranks) * layers * num_experts * 8
     return total
+
+
+def expert_exchange_bytes(trainer, job, remote_rows: int) -> float:
+    """EP's all-to-all minimum for one step: the routed rows that cross ranks, out and back, in
+    forward and backward, and each MoE layer's per-expert counts once per micro-batch (however
+    many pieces the rows travel in: a piece's counts follow from the totals)."""
+    dims = trainer.dims
+    if dims.ep == 1:
+        return 0.0
+    num_micro = job.train.global_batch_size // (job.train.micro_batch_size * dims.dp)
+    counts = num_micro * len(trainer.spec.moe_blocks) * trainer.spec.num_experts * 8 * (dims.ep - 1) / dims.ep
+    return 2 * remote_rows * trainer.model.config.hidden_size * 4 + counts
 
 
 if __name__ == "__main__":
