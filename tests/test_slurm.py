@@ -57,7 +57,7 @@ def test_sbatch_matches_one_process_and_a_failing_rank_fails_the_job(cluster, tm
 
 
 def test_preempted_job_saves_requeues_and_resumes(cluster, tmp_path, tiny):
-    """scancel --signal=USR1 mid-run (what --signal=B:USR1@120 sends before a time limit): the
+    """scancel --signal=USR1 mid-run (what --signal=B:USR1@600 sends before a time limit): the
     ranks save and exit 75, the script requeues the job, and the requeued job (same id, so the
     same default run directory) resumes and finishes like an uninterrupted run."""
     from local_slurm import job_fields, submit, wait_job
