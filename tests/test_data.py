@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,6 +40,15 @@ def test_stdlib_corpus_is_cached_and_round_trips(corpus, data_cache):
     text = tokenizer.decode(corpus.train.tokens[start : end - 1].tolist())
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == corpus.train.tokens[start : end - 1].tolist()
     assert corpus.train.tokens[end - 1] == tokenizer.eos_token_id
+
+
+def test_store_files_are_mapped_read_only_and_shared(corpus):
+    """The token files are shared read-only mappings ("r--s"): a private writable (copy-on-write)
+    one would charge the whole file to every rank's committed memory."""
+    mappings = [line.split() for line in open("/proc/self/maps") if line.rstrip().endswith(("_tokens.bin", "_doc_starts.npy"))]
+    names = {m[-1].rsplit("/", 1)[1] for m in mappings}
+    assert {"train_tokens.bin", "train_doc_starts.npy"} <= names, mappings
+    assert {m[1] for m in mappings} == {"r--s"}, mappings
 
 
 def test_packing_keeps_every_token_once_and_labels_stay_in_document():
@@ -249,7 +259,6 @@ def test_training_memory_does_not_grow_with_the_store(tmp_path, corpus, data_cac
     """A rank's anonymous memory (its own counter, /proc/self/status RssAnon) while it opens a
     store and draws 200 batches is the same for a store 20x the test corpus: tokens and document
     offsets stay in the mapped files."""
-    import subprocess
     import sys
 
     from transformers import AutoTokenizer
@@ -273,3 +282,42 @@ def test_training_memory_does_not_grow_with_the_store(tmp_path, corpus, data_cac
     assert large_tokens > 19 * small_tokens
     # loading the 20x store whole would add 4 bytes a token (16x the small store's 4): far above this
     assert large - small < 0.1 * 4 * large_tokens / 1024, grown
+
+
+def test_token_store_builders_that_race_keep_one_store(tmp_path, corpus, monkeypatch):
+    """Builders the lock does not serialize (node-local locks, no locks): each writes a folder of
+    its own and the first rename wins; another's finished store is kept, ours dropped. A dead
+    builder's folder on this machine is cleaned up, a live one's and another machine's are not.
+    The tokenized Arrow copy holds int32 ids (int64 would double its disk)."""
+    import os
+    import socket
+
+    import distrain.data.corpus as corpus_module
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join('{"text": "%s"}\n' % t.replace("\n", " ") for t in _documents(30)))
+    cfg = DataConfig(source="hf", dataset="json", files=[str(path)], tokenizer=str(corpus.tokenizer_dir), cache_dir=str(tmp_path / "cache"),
+                     num_proc=1)
+    dead = 2**22 + 1  # no such pid (past the largest pid_max)
+    write_store, seen = corpus_module._write_store, {}
+
+    def other_builder_first(folder, batches, *args, **kwargs):
+        batches = list(batches)
+        seen["dtype"] = batches[0][0].dtype
+        host = socket.gethostname()
+        for name in (f"tmp-{host}-{dead}", f"tmp-{host}-{os.getppid()}", f"tmp-{host}x-{dead}"):
+            (folder.parent / f"{folder.name}.{name}").mkdir()
+        write_store(folder, iter(batches), *args, **kwargs)  # another builder's store, published
+        (folder / "theirs").touch()
+        write_store(folder, iter(batches), *args, **kwargs)  # then ours
+
+    monkeypatch.setattr(corpus_module, "_write_store", other_builder_first)
+    folder, _, _ = corpus_module.prepare_corpus(cfg)
+    assert seen["dtype"] == np.int32
+    assert (folder / "theirs").exists() and (folder / "done").exists()
+    left = sorted(p.name.split(".", 1)[1] for p in folder.parent.glob(f"{folder.name}.tmp-*"))
+    host = socket.gethostname()
+    assert left == sorted([f"tmp-{host}-{os.getppid()}", f"tmp-{host}x-{dead}"]), left
+    monkeypatch.undo()
+    store = load_corpus(cfg)
+    assert store.train.tokens.numel() > 0

@@ -7,7 +7,9 @@ A store is a folder under `data.cache_dir`, named by a fingerprint of what it wa
 Ranks map the files (`np.memmap`) and read only the samples they train on, so memory while training
 does not grow with the corpus. The store is built before any worker starts (`prepare_corpus`, from
 the CLI), one builder per store (a file lock; the others wait, then read), written to a temporary
-folder and renamed, so a store is complete or absent.
+folder of its own and renamed, so a store is complete or absent. Where the lock does not span
+machines (node-local locks on a cluster filesystem) or the filesystem has none, several builders
+may run: each writes its own folder, the first rename publishes, and the others discard theirs.
 
 Sources:
 - "stdlib": the Python standard library's `.py` files, taken in sorted path order up to
@@ -34,8 +36,11 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import sysconfig
 import time
+import warnings
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +101,8 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     meta = json.loads((folder / "meta.json").read_text())
     splits = {
         name: TokenizedCorpus(
-            tokens=_mapped(np.memmap(folder / f"{name}_tokens.bin", dtype=np.int32, mode="c")),
-            doc_starts=_mapped(np.load(folder / f"{name}_doc_starts.npy", mmap_mode="c")),
+            tokens=_mapped(np.memmap(folder / f"{name}_tokens.bin", dtype=np.int32, mode="r")),
+            doc_starts=_mapped(np.load(folder / f"{name}_doc_starts.npy", mmap_mode="r")),
             eos_id=meta["eos_id"],
             vocab_size=meta["vocab_size"],
             fingerprint=f"{key}/{name}",
@@ -108,16 +113,25 @@ def load_corpus(cfg: DataConfig) -> Corpus:
 
 
 def _mapped(array_: np.ndarray) -> torch.Tensor:
-    # a copy-on-write mapping (mode "c"): torch wants writable memory, and nothing here writes,
-    # so the pages stay the file's, shared by every rank on the machine and read on demand
-    return torch.from_numpy(array_)
+    # NOTE: a read-only mapping: the pages stay the file's, shared by every rank on the machine
+    #       and read on demand. Copy-on-write (mode "c") would charge the whole file to each
+    #       process's committed memory (ENOMEM where the kernel does not overcommit). torch warns
+    #       that it cannot write such memory; nothing here does.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array_)
 
 
 @contextlib.contextmanager
 def _locked(path: Path):
     # One builder per store: the first process takes the lock, the rest wait and then read.
     with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:  # ENOLCK and kin: a filesystem without flock (builders then race: _publish)
+            print(f"distrain: warning: {path} cannot be locked ({error.strerror}); building the token store unlocked", file=sys.stderr)
+            yield
+            return
         try:
             yield
         finally:
@@ -213,14 +227,23 @@ def _build_hf(cfg: DataConfig, folder: Path) -> None:
         batched=True,
         batch_size=1000,
         remove_columns=dataset.column_names,
+        features=datasets.Features({"ids": datasets.List(datasets.Value("int32"))}),  # not int64: half the cache's disk
         num_proc=num_proc if num_proc > 1 and len(dataset) >= 2 * num_proc else None,
         desc=f"tokenizing ({num_proc} processes)",
     )
-    batches = (batch["ids"] for batch in encoded.with_format("numpy").iter(batch_size=10_000))
-    _write_store(folder, batches, len(encoded), tokenizer, cfg.eval_fraction, progress=True)
+    _write_store(folder, _documents(encoded), len(encoded), tokenizer, cfg.eval_fraction, progress=True)
     for cache_file in encoded.cache_files:  # the tokenized Arrow copy: the store holds its tokens now
         if cache_file["filename"] not in {f["filename"] for f in dataset.cache_files}:
             Path(cache_file["filename"]).unlink(missing_ok=True)
+
+
+def _documents(encoded) -> Iterable[list[np.ndarray]]:
+    """The tokenized documents in batches, each an int32 view of the Arrow copy's column."""
+    for table in encoded.with_format("arrow").iter(batch_size=10_000):
+        column = table.column("ids").combine_chunks()
+        values, offsets = column.flatten().to_numpy(), column.offsets.to_numpy()
+        offsets = offsets - offsets[0]
+        yield [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
 
 
 class _Tokenize:
@@ -241,8 +264,7 @@ def _write_store(folder: Path, batches: Iterable, num_docs: int, tokenizer, eval
         raise ConfigError(f"data: only {num_docs} documents; need at least 2 to hold some out for eval (check data.files)")
     held_out = np.zeros(num_docs, dtype=bool)
     held_out[np.random.default_rng(_EVAL_SEED).choice(num_docs, size=num_eval, replace=False)] = True
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # a build that died half way
+    tmp = _build_folder(folder)
     tmp.mkdir(parents=True)
     lengths = {"train": array("q"), "eval": array("q")}  # 8 bytes a document, not a Python int each
     started, doc, tokens = time.monotonic(), 0, 0
@@ -276,9 +298,40 @@ def _write_store(folder: Path, batches: Iterable, num_docs: int, tokenizer, eval
         "eval_documents": num_eval, "build_seconds": round(time.monotonic() - started, 2),
     }))
     (tmp / "done").touch()
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    _publish(tmp, folder)
+
+
+def _build_folder(folder: Path) -> Path:
+    """This process's temporary build folder; those of dead builders on this machine go."""
+    prefix = f"{folder.name}.tmp-{socket.gethostname()}-"
+    for stale in folder.parent.glob(prefix + "*"):
+        pid = stale.name[len(prefix):]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return folder.with_name(f"{prefix}{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Rename the built store into place, unless another builder's complete one got there first
+    (a store's content is fixed by its key: either will do)."""
+    if not (folder / "done").exists():
+        try:
+            os.replace(tmp, folder)
+            return
+        except OSError:  # a non-empty folder: another builder renamed its own in meanwhile
+            if not (folder / "done").exists():
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _progress(total: int):
