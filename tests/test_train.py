@@ -125,3 +125,22 @@ def test_local_jsonl_dataset_with_an_autotokenizer(tmp_path, tiny, data_cache):
     records = train(tmp_path, tmp_path / "run", args)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert list((tmp_path / "cache").glob("hf-*/train_tokens.bin"))  # tokenized through datasets into a token store
+
+
+def test_rewinding_metrics_reads_only_the_tail(tmp_path, monkeypatch):
+    """A resume moves the records after the checkpoint's step to metrics.rewound.jsonl (a torn
+    last line too) and parses only those and the last one kept, however long the run's file."""
+    import json
+
+    from distrain.metrics import sinks
+
+    counts = [[7] * 128 for _ in range(4)]  # per-layer, per-expert token counts, as MoE runs log
+    records = [json.dumps({"step": s, "loss": 1.0 / s, "moe_tokens_per_expert": counts}) + "\n" for s in range(1, 3001)]
+    (tmp_path / "metrics.jsonl").write_text("".join(records) + '{"step": 3001, "lo')
+    parsed = []
+    monkeypatch.setattr(sinks, "_step_of", lambda line, parse=sinks._step_of: parsed.append(line) or parse(line))
+    assert sinks.rewind_metrics(tmp_path, 2990) == 11
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(records[:2990])
+    assert (tmp_path / "metrics.rewound.jsonl").read_text() == "".join(records[2990:]) + '{"step": 3001, "lo\n'
+    assert len(parsed) <= 12 + 2, len(parsed)  # the 11 dropped and the kept step 2990 (and empty line ends)
+    assert sinks.rewind_metrics(tmp_path, 2990) == 0 and len(parsed) <= 2 * 14

@@ -82,27 +82,55 @@ class MetricsLogger:
 
 def rewind_metrics(run_dir: Path, step: int) -> int:
     """Move the records of steps after `step` out of metrics.jsonl (steps a crash lost, which the
-    resumed run repeats) to the end of metrics.rewound.jsonl; returns how many. metrics.jsonl is
-    replaced whole, never left half-written."""
+    resumed run repeats) to the end of metrics.rewound.jsonl; returns how many. Records are in step
+    order (every resume rewinds), so only the file's tail is read: a week of records (GBs, with
+    the per-expert counts) is not parsed on every requeue while the other ranks wait. metrics.jsonl
+    is cut at a record boundary, never left half-written."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return 0
-    kept, dropped = [], []
-    for line in path.read_text().splitlines(keepends=True):
-        line = line if line.endswith("\n") else line + "\n"  # a line a crash cut short
-        try:
-            (kept if json.loads(line)["step"] <= step else dropped).append(line)
-        except (ValueError, KeyError, TypeError):
-            dropped.append(line)
-    if not dropped:
-        return 0
-    with open(run_dir / "metrics.rewound.jsonl", "a") as f:
-        f.write("".join(dropped))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    faults.fire("metrics_rewind")
-    os.replace(tmp, path)
-    return len(dropped)
+    with open(path, "rb+") as f:
+        cut, size = _tail_after(f, step), f.seek(0, os.SEEK_END)
+        f.seek(cut)
+        dropped = f.read()
+        if not dropped:
+            if size and (f.seek(size - 1), f.read(1))[1] != b"\n":
+                f.write(b"\n")  # the last record kept lost its line end
+            return 0
+        dropped += b"" if dropped.endswith(b"\n") else b"\n"  # a line a crash cut short
+        with open(run_dir / "metrics.rewound.jsonl", "ab") as out:
+            out.write(dropped)
+        faults.fire("metrics_rewind")
+        f.truncate(cut)
+    return dropped.count(b"\n")
+
+
+def _tail_after(f, step: int, block: int = 1 << 20) -> int:
+    """The offset just past the last record of a step <= `step` (0: none), read from the end."""
+    pos = size = f.seek(0, os.SEEK_END)
+    partial = b""  # the first line of the block read last, which may begin before it
+    while pos > 0:
+        start = max(0, pos - block)
+        f.seek(start)
+        chunk = f.read(pos - start) + partial
+        lines = chunk.split(b"\n")
+        partial = lines.pop(0) if start > 0 else b""
+        line_end = start + len(chunk)
+        for line in reversed(lines):
+            logged = _step_of(line)
+            if logged is not None and logged <= step:
+                return min(line_end + 1, size)  # past its line end, if it has one
+            line_end -= len(line) + 1
+        pos = start
+    return 0
+
+
+def _step_of(line: bytes) -> int | None:
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def _init_wandb(job: JobConfig, run_dir: Path, config_dict: dict[str, Any], start_step: int):
