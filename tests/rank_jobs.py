@@ -88,3 +88,24 @@ def import_memory(recipe: str, overrides: list[str]) -> dict:
     finally:
         trainer_module.load_sharded = load_sharded
     return {"grown": peaks[0] - before, "shard_bytes": shard_bytes}
+
+
+def expert_reads(recipe: str, overrides: list[str]) -> list[int]:
+    """A Trainer built from a pretrained model: the experts whose checkpoint tensors this rank read."""
+    from layouts import trainer_in_own_group  # scripts/bench, on the ranks' path
+
+    from distrain.checkpoint.hf_import import _Reader
+
+    whole, read = _Reader.whole, set()
+
+    def counted(self, key):
+        read.add(key)
+        return whole(self, key)
+
+    _Reader.whole = counted
+    try:
+        with trainer_in_own_group(recipe, overrides):
+            pass
+    finally:
+        _Reader.whole = whole
+    return sorted({int(key.split(".experts.")[1].split(".")[0]) for key in read if ".experts." in key})

@@ -617,23 +617,37 @@ def first_batch_loss(model_dir: Path, data_cache: Path, seq_len: int = 32, globa
 
 @pytest.mark.slow
 def test_sharded_import_matches_from_pretrained(tmp_path, ranks, saved_models, data_cache):
-    """A Qwen3-MoE saved by `save_pretrained` in several shards (hub keys: one 2-D weight per expert)
-    is read shard by shard into one process, dp_shard=2 x tp=2 and dp_shard=4 x ep=2: each run's
-    first loss equals plain `from_pretrained`'s on the same batch within 1e-5."""
-    from transformers import AutoModelForCausalLM
-
-    folder = tmp_path / "sharded"
-    AutoModelForCausalLM.from_pretrained(saved_models["qwen3_moe"]).save_pretrained(folder, max_shard_size="100KB")
+    """A Qwen3-MoE of 12 experts saved by `save_pretrained` in several shards (hub keys: one 2-D
+    weight per expert, listed expert 10 before expert 2) is read into a plain model exactly as
+    `from_pretrained` reads it; shard by shard into one process, dp_shard=2 x tp=2 and dp_shard=4 x
+    ep=2, each run's first loss equals plain `from_pretrained`'s on the same batch within 1e-5, and
+    under dp_shard=4 x ep=2 each rank reads its 3 experts only."""
     import json
 
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path / "sharded"
+    config = AutoConfig.from_pretrained(saved_models["qwen3_moe"])
+    config.num_experts = 12
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder, max_shard_size="100KB")
     keys = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-    assert len(set(keys.values())) > 3 and "model.layers.0.mlp.experts.1.up_proj.weight" in keys
+    assert len(set(keys.values())) > 3 and "model.layers.0.mlp.experts.11.up_proj.weight" in keys
+    from distrain.checkpoint.hf_import import load_sharded, map_keys
+
+    reference, model = AutoModelForCausalLM.from_pretrained(folder), AutoModelForCausalLM.from_config(config)
+    load_sharded(model, map_keys(model, folder))  # in this process, unsharded: every tensor exactly
+    for (name, want), got in zip(reference.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(want, got), name
     expected = first_batch_loss(folder, data_cache)
     for name, layout in {"1 process": [], "dp_shard=2 x tp=2": LAYOUTS["dp_shard=2 x tp=2"], "dp_shard=4 x ep=2": LAYOUTS["dp_shard=4 x ep=2"]}.items():
         run_dir = tmp_path / name.replace(" ", "_").replace("=", "")
         ranks.train([*common_args(folder, data_cache, run_dir), "train.steps=1", *layout])
         loss = read_metrics(run_dir)[0]["loss"]
         assert abs(loss - expected) < 1e-5, (name, loss, expected)
+    overrides = [a for a in common_args(folder, data_cache, tmp_path / "reads") if not a.startswith("recipe=")]
+    read = ranks.call(4, "rank_jobs:expert_reads", "qwen3_moe_debug", [*overrides, *LAYOUTS["dp_shard=4 x ep=2"]])
+    assert all(len(experts) == 3 for experts in read) and sorted(sum(read, [])) == list(range(12)), read
 
 
 @pytest.mark.slow

@@ -6,9 +6,14 @@ transformers' weight conversion mapping (the same rules `from_pretrained` applie
 converters such as per-expert 2-D weights -> the fused 3-D expert tensors), then fills its shards:
 - a tensor that is only renamed is read as the rank's box of it (the box's rows, by positioned
   reads of the file: nothing memory-mapped), the bytes of this rank's shard;
-- a converted tensor (fused experts, fused projections) is built whole from its sources, one at a
-  time, and sliced (its sources are read whole: per expert, a few MB each).
-Peak host memory per rank: its shards plus the largest converted tensor, never the model.
+- a converted tensor is built from its sources, one at a time. Where it stacks per-expert
+  tensors on its first dim (the fused experts of every MoE family: transformers' `MergeModulelist`,
+  then at most a concatenation on another dim) and the rank holds a range of experts (EP, FSDP),
+  only that range's sources are read (per expert, a few MB each); other conversions (fused
+  projections) are built whole and sliced.
+Keys are taken in transformers' order (numbers as numbers: expert 2 before expert 10), which fixes
+the order in which a converter stacks them. Peak host memory per rank: its shards plus the largest
+converted tensor it builds (its experts' share of one layer's), never the model.
 Weights are cast to the parameters' dtype (fp32 master weights).
 """
 
@@ -129,12 +134,54 @@ def load_sharded(model: nn.Module, keys: KeyMap) -> None:
         if name in targets:
             _fill_box(targets[name], reader, key)
     for first, (converter, sources) in keys.converted.items():
+        held = _expert_range(converter, first, targets, sources)
+        if held is not None:
+            if held[0] == held[1]:
+                continue  # no experts here (FSDP's padding)
+            sources = _of_experts(sources, held)
         converter = deepcopy(converter)
         for key, pattern in sources:
             converter.add_tensor(first, key, pattern, reader.whole(key))
         for name, value in converter.convert(first, model=model, config=model.config).items():
             if name in targets:
-                fill_local(targets[name], value[0] if isinstance(value, list) else value)
+                fill_local(targets[name], value[0] if isinstance(value, list) else value, held)
+
+
+def _expert_range(converter, first: str, targets: dict[str, torch.Tensor], sources: list) -> tuple[int, int] | None:
+    """The experts [start, stop) this rank holds of every target `converter` fills, where it stacks
+    one source per expert and pattern on dim 0 (then concatenates on another dim at most); None
+    where it does something else, or the rank holds its targets otherwise (whole, packed)."""
+    from collections import Counter
+
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    from distrain.parallel.tensor_parallel import is_packed
+
+    ops = converter.operations
+    if not (ops and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0 and all(isinstance(op, Concatenate) and op.dim != 0 for op in ops[1:])):
+        return None
+    ranges = set()
+    for target in converter.target_patterns:
+        held = targets.get(first.replace(converter.target_patterns[0], target))
+        if not isinstance(held, DTensor) or is_packed(held):
+            return None
+        sizes, offsets = compute_local_shape_and_global_offset(held.shape, held.device_mesh, held.placements)
+        ranges.add((offsets[0], offsets[0] + sizes[0]))
+    per_pattern = set(Counter(pattern for _, pattern in sources).values())
+    return ranges.pop() if len(ranges) == 1 and per_pattern == {targets[first].shape[0]} else None
+
+
+def _of_experts(sources: list, held: tuple[int, int]) -> list:
+    """The sources of experts held[0] <= i < held[1]: the i-th source of each pattern is expert i."""
+    position: dict[str, int] = {}
+    kept = []
+    for key, pattern in sources:
+        position[pattern] = i = position.get(pattern, -1) + 1
+        if held[0] <= i < held[1]:
+            kept.append((key, pattern))
+    return kept
 
 
 def check_keys(model: nn.Module, folder: Path) -> None:
@@ -166,7 +213,7 @@ def _plan(model: nn.Module, key_files: dict[str, Path]):
     # every name a checkpoint key may map to, tied ones too (not `state_dict()`: FSDP's hooks run there)
     known = dict.fromkeys([name for name, _ in model.named_parameters(remove_duplicate=False)] + list(targets), True)
     renamed, converted = {}, {}
-    for key in key_files:
+    for key in sorted(key_files, key=_natural):
         name, pattern = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None), known)
         if name not in known:
             continue  # a key the model does not hold (e.g. a tied lm_head, rotary caches)
@@ -178,6 +225,12 @@ def _plan(model: nn.Module, key_files: dict[str, Path]):
     for first, (converter, _) in converted.items():  # a converter fills its first target and the others beside it
         produced.update(first.replace(converter.target_patterns[0], target) for target in converter.target_patterns)
     return renamed, converted, sorted(set(targets) - produced)
+
+
+def _natural(key: str) -> list:
+    """Sort key of transformers' loading order: dot-separated parts, numbers as numbers (the index
+    of a checkpoint lists expert 10 before expert 2)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split(".")]
 
 
 def _targets(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -212,11 +265,18 @@ def _fill_box(target: torch.Tensor, reader: _Reader, key: str) -> None:
 
 
 @torch.no_grad()
-def fill_local(target: torch.Tensor, full: torch.Tensor) -> None:
+def fill_local(target: torch.Tensor, full: torch.Tensor, experts: tuple[int, int] | None = None) -> None:
     """Copy this rank's part of the whole tensor `full` into `target` (each rank slices its own:
-    no communication)."""
+    no communication); with `experts`, `full` holds only dim 0's rows [start, stop), this rank's."""
     from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+    if experts is not None:
+        sizes, offsets = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+        if tuple(full.shape) != (experts[1] - experts[0], *target.shape[1:]):
+            raise ValueError(f"checkpoint tensor of shape {tuple(full.shape)} for experts {experts[0]}-{experts[1] - 1} of a parameter of shape {tuple(target.shape)}")
+        target.to_local().copy_(full[(slice(None), *(slice(o, o + n) for o, n in zip(offsets[1:], sizes[1:])))])
+        return
     if tuple(full.shape) != tuple(target.shape):
         raise ValueError(f"checkpoint tensor of shape {tuple(full.shape)} for a parameter of shape {tuple(target.shape)}")
     if isinstance(target, DTensor):
