@@ -144,3 +144,30 @@ def test_rewinding_metrics_reads_only_the_tail(tmp_path, monkeypatch):
     assert (tmp_path / "metrics.rewound.jsonl").read_text() == "".join(records[2990:]) + '{"step": 3001, "lo\n'
     assert len(parsed) <= 12 + 2, len(parsed)  # the 11 dropped and the kept step 2990 (and empty line ends)
     assert sinks.rewind_metrics(tmp_path, 2990) == 0 and len(parsed) <= 2 * 14
+
+
+def test_export_shards_start_a_new_file_before_the_header_overflows(tmp_path, monkeypatch):
+    """Many small tensors far into a shard (long offsets, as in a 50 GB shard of a 30B MoE's
+    expert weights): each shard's header fits its reserved space and a new shard starts in time."""
+    import json
+
+    import torch
+
+    from distrain.checkpoint.export import _ShardWriter
+
+    monkeypatch.setattr(_ShardWriter, "HEADER_SPACE", 4096)
+    writer = _ShardWriter(tmp_path, 1 << 40)
+    for i in range(120):
+        fresh = writer.file is None
+        writer.add(f"e.{i}", torch.full((6,), float(i)))
+        if fresh:
+            writer.offset = 10**12  # the offsets of a shard far in (the data itself stays small)
+    writer.close(total_parameters=0)
+    count, keys = len(writer.written), []
+    assert count > 2
+    for i in range(count):
+        data = (tmp_path / f"model-{i + 1:05d}-of-{count:05d}.safetensors").read_bytes()
+        size = int.from_bytes(data[:8], "little")
+        assert size == 4096 - 8
+        keys += [k for k in json.loads(data[8 : 8 + size]) if k != "__metadata__"]
+    assert keys == [f"e.{i}" for i in range(120)]

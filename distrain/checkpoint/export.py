@@ -163,16 +163,19 @@ class _ShardWriter:
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
-        entry_bytes = len(key) + 40 + 12 * tensor.dim()
-        if self.file is not None and (self.offset + size > self.shard_bytes or self.header_estimate + entry_bytes > self.HEADER_SPACE - 1024):
+        entry = {"dtype": _SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self.offset, self.offset + size]}
+        # NOTE: its header entry as written (a byte over: braces for the comma), with this shard's
+        #       offsets, which are the largest it can get (a new shard starts them at 0)
+        entry_bytes = len(json.dumps({key: entry}, separators=(",", ":")))
+        if self.file is not None and (self.offset + size > self.shard_bytes or self.header_estimate + entry_bytes > self.HEADER_SPACE - 8):
             self._finish()
         if self.file is None:
             self.file = open(self.folder / f"shard-{len(self.written)}.tmp", "wb")
             self.file.seek(self.HEADER_SPACE)
-            self.entries, self.offset, self.header_estimate = {}, 0, 64
+            self.entries, self.offset, self.header_estimate = {}, 0, len('{"__metadata__":{"format":"pt"}}')
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         self.file.write(memoryview(data))
-        self.entries[key] = {"dtype": _SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self.offset, self.offset + size]}
+        self.entries[key] = {**entry, "data_offsets": [self.offset, self.offset + size]}
         self.offset += size
         self.header_estimate += entry_bytes
         self.total_bytes += size
