@@ -109,3 +109,33 @@ def expert_reads(recipe: str, overrides: list[str]) -> list[int]:
     finally:
         _Reader.whole = whole
     return sorted({int(key.split(".experts.")[1].split(".")[0]) for key in read if ".experts." in key})
+
+
+def unsharded_when_the_last_block_runs(recipe: str, overrides: list[str]) -> list[str]:
+    """One training step: the 2-D parameters of the blocks before the last that FSDP holds
+    unsharded when the last block's forward begins (each is resharded after its block's forward
+    unless something keeps it whole), routers aside (small: kept whole by design)."""
+    from layouts import trainer_in_own_group  # scripts/bench, on the ranks' path
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
+
+    held = set()
+    with trainer_in_own_group(recipe, overrides) as trainer:
+        model, blocks = trainer.model, trainer.spec.blocks
+        names = {module: name for name, module in model.named_modules()}
+        earlier = tuple(f"{names[block]}." for block in blocks[:-1])
+        routers = {m for moe in trainer.spec.moe_blocks for m in (moe.router, moe.shared_gate) if m is not None}
+
+        def record(module, args):
+            for unit in model.modules():
+                group = unit._get_fsdp_state()._fsdp_param_group if isinstance(unit, FSDPModule) else None
+                for param in group.fsdp_params if group else ():
+                    name = f"{names[param._module_info.module]}.{param._module_info.param_name}"
+                    router = param._module_info.module in routers
+                    if param.sharded_state == ShardedState.UNSHARDED and len(param._orig_size) >= 2 and name.startswith(earlier) and not router:
+                        held.add(name)
+
+        handle = blocks[-1].register_forward_pre_hook(record)
+        trainer.train_step(trainer.train_loader.next_batch())
+        handle.remove()
+    return sorted(held)

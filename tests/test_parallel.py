@@ -64,6 +64,8 @@ LAYOUTS = {
         "parallel.activation_checkpointing=selective",
     ],
     "ep=2": ["launcher.nproc_per_node=2", "parallel.ep=2"],
+    # one FSDP unit for every block's experts: its post-backward hook registered once per forward, again per recompute
+    "ep=2 selective AC": ["launcher.nproc_per_node=2", "parallel.ep=2", "parallel.activation_checkpointing=selective"],
     "ep=2 in 2 pieces full AC": ["launcher.nproc_per_node=2", "parallel.ep=2", "moe.dispatch_chunks=2", "parallel.activation_checkpointing=full",
                                  "parallel.fsdp_unit_mb=0"],
     "ep=2 in 2 pieces": ["launcher.nproc_per_node=2", "parallel.ep=2", "moe.dispatch_chunks=2"],
@@ -74,6 +76,8 @@ LAYOUTS = {
     "ep=4": ["launcher.nproc_per_node=4", "parallel.ep=4"],
     "dp_shard=4 x ep=2": ["launcher.nproc_per_node=4", "parallel.dp_shard=4", "parallel.ep=2"],
     "tp=2 x ep=2": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.ep=2"],
+    "tp=2 x ep=2 selective AC": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.ep=2", "parallel.activation_checkpointing=selective",
+                                 "parallel.fsdp_unit_mb=0"],
     "tp=2 sp x ep=2": ["launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true", "parallel.ep=2"],
     "dp_shard=2 x tp=2 sp x ep=4": ["launcher.nproc_per_node=4", "parallel.dp_shard=2", "parallel.tp=2", "parallel.sp=true", "parallel.ep=4"],
     "dp_replicate=2 x dp_shard=2 x ep=2": ["launcher.nproc_per_node=4", "parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2", "parallel.fsdp_unit_mb=0"],
@@ -106,8 +110,10 @@ CASES = [
     ("qwen2_moe", ["tp=2 sp", "dp_shard=2 x tp=2", "ep=2"]),  # a shared expert and its gate inside the MoE block
     # a shared expert called after the experts, run in the dispatch's window (under TP x EP too); selective
     # AC recomputes the experts (a nested FSDP unit) before their pre-backward hook has run; MLA attention
-    # left whole by its TP plan (under SP: gathered in, sliced out)
-    ("deepseek_v3", ["ep=2 in 2 pieces full AC", "dp_shard=4 x ep=2 selective AC", "dp_shard=2 x tp=2 sp", "tp=2 x ep=2"]),
+    # left whole by its TP plan (under SP: gathered in, sliced out); with one FSDP unit per block, the
+    # attention (and under TP x EP the shared expert) TP leaves whole resharded after each block's forward
+    ("deepseek_v3", ["ep=2 in 2 pieces full AC", "dp_shard=4 x ep=2 selective AC", "ep=2 selective AC", "dp_shard=2 x tp=2 sp",
+                     "tp=2 x ep=2 selective AC", "tp=2 sp selective AC"]),
     ("phi", ["tp=2 sp", "dp_shard=2 x tp=2"]),
     ("olmoe", ["tp=2 sp"]),
     ("gpt_neox", ["dp_replicate=2 x dp_shard=2", "tp=2 sp"]),
@@ -309,6 +315,18 @@ def test_plan_reports_the_bytes_the_shards_hold(tmp_path, ranks, saved_models, d
     (record,) = read_metrics(tmp_path / "run")
     held = {"parameters": record["param_bytes"], "gradients": record["grad_bytes"], "optimizer": record["optimizer_bytes"]}
     assert held == {k: planned[k] for k in held}
+
+
+@pytest.mark.parametrize("layout", ["dp_shard=2 x tp=2 sp", "tp=2 x ep=2 selective AC"])
+def test_blocks_are_resharded_after_forward_under_tp(tmp_path, ranks, saved_models, data_cache, layout):
+    """DeepSeek-V3 under TP, one FSDP unit per block: when the last block runs, no earlier block's
+    weights are held whole (routers aside), including those TP leaves whole (the MLA attention;
+    under TP x EP the shared expert too), which are sharded over dp x tp and resharded with their
+    block."""
+    overrides = [a for a in common_args(saved_models["deepseek_v3"], data_cache, tmp_path / "run") if not a.startswith("recipe=")]
+    held = ranks.call(4 if "dp_shard=2" in layout else 2, "rank_jobs:unsharded_when_the_last_block_runs", "qwen3_moe_debug",
+                      [*overrides, *LAYOUTS[layout], "parallel.fsdp_unit_mb=0"])
+    assert held == [[]] * len(held), held
 
 
 @pytest.mark.slow

@@ -67,9 +67,14 @@ _SAVED_OPS = {
 }
 
 
-_PROFILER_OPS = {
+# Ops that FSDP's hooks of a nested unit (the experts under EP) dispatch a different number of times
+# in a recompute than in the forward it repeats: its profiler annotations, and the views of the
+# autograd function that registers its post-backward hook (a unit grouping several blocks' experts
+# registers it once per forward, for the first block, but again in each block's recompute).
+_FSDP_HOOK_OPS = {
     torch.ops.profiler._record_function_enter_new.default,
     torch.ops.profiler._record_function_exit._RecordFunction,
+    torch.ops.aten.view.default,
 }
 
 
@@ -80,10 +85,10 @@ def apply_activation_checkpointing(spec: ModelSpec, selective: bool) -> None:
     from torch.utils.checkpoint import SAC_IGNORED_OPS, CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
     # NOTE: a nested FSDP unit (the experts under EP) recomputed before its pre-backward hook has
-    #       run executes FSDP's forward hooks again, which annotate for the profiler a different
-    #       number of times than the forward did; selective checkpointing replays ops by call
-    #       count, so the profiler's annotations (not the model's computation) are left out of it
-    SAC_IGNORED_OPS.update(_PROFILER_OPS)
+    #       run executes FSDP's forward hooks again, which dispatch some ops a different number of
+    #       times than in the forward; selective checkpointing replays ops by call count, so those
+    #       ops (annotations and views: no computation, nothing it saves) are left out of it
+    SAC_IGNORED_OPS.update(_FSDP_HOOK_OPS)
 
     def policy(ctx, op, *args, **kwargs):
         # (distrain's own ops are its Triton grouped GEMMs)
@@ -106,42 +111,48 @@ def apply_activation_checkpointing(spec: ModelSpec, selective: bool) -> None:
 def apply_fsdp(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: MeshViews, bf16: bool, tp_grads: TPGrads) -> TPGrads:
     """fully_shard each group of blocks (`block_groups`), then the root, over the data-parallel
     ranks; a model smaller than one unit is one unit, the root's. With TP, the parameters TP
-    leaves whole (norms, routers) of the whole model get one FSDP unit of their own over the
-    data-parallel and TP ranks together, so no rank holds more than its share of any parameter;
-    the reduce-scatter then also sums their partial gradients over TP. With EP, the experts of
-    each group are a unit of their own over the expert-FSDP mesh (their gradients summed there;
-    the all-to-all already summed them over the EP ranks). Returns what is left for
-    `sync_tp_grads`."""
+    leaves whole are FSDP-sharded over the data-parallel and TP ranks together, so no rank holds
+    more than its share of any parameter; the reduce-scatter then also sums their partial
+    gradients over TP. The small ones (norms, routers) of the whole model are one unit; larger ones
+    (an attention the plan leaves whole, a shared expert outside TP under EP) one unit per group
+    of blocks. With EP, the experts of each group are a unit of their own over the expert-FSDP
+    mesh (their gradients summed there; the all-to-all already summed them over the EP ranks).
+    Returns what is left for `sync_tp_grads`."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     dp_mesh = mesh.dp
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     common = dict(mp_policy=policy, offload_policy=CPUOffloadPolicy() if dims.cpu_offload else OffloadPolicy())
-    units = []
+    groups = block_groups(spec, dims.fsdp_unit_mb)
+    units, whole_of_group = [], [[] for _ in groups]
     left_partial, copies = list(tp_grads.partial), []
     if dims.tp > 1:
         partial = set(tp_grads.partial)
         names = {module: name for name, module in model.named_modules()}
-        whole = []
-        for group in (*spec.blocks, model):
-            for module in _modules_with_only_whole_params(group, stop_at=spec.blocks if group is model else ()):
+        group_of = {id(block): i for i, group in enumerate(groups) for block in group}
+        routers = {id(m) for moe in spec.moe_blocks for m in (moe.router, moe.shared_gate) if m is not None}
+        small = []
+        for owner in (*spec.blocks, model):
+            for module in _modules_with_only_whole_params(owner, stop_at=spec.blocks if owner is model else ()):
                 own = [f"{names[module]}.{n}" if names[module] else n for n, _ in module.named_parameters()]
-                whole.append(module)
                 copies += [n for n in own if n not in partial]
                 left_partial = [n for n in left_partial if n not in own]
-        # NOTE: one unit holding those parameters of every block: one all-gather when the first
-        #       is used, one reduce-scatter when backward has passed them (not two tiny
-        #       collectives of each kind per block). Its reduce-scatter sums over TP both the
-        #       partial gradients (per-head norms; every norm under SP: what they need) and the
-        #       copies of gradients TP already made whole (tp times what they need: `sync_tp_grads`
-        #       divides those shards by tp after backward, a local op, instead of a second unit).
-        #       Kept unsharded between forward and backward: they are tiny (norms, routers), and
+                if owner is model or id(module) in routers or all(p.ndim <= 1 for p in module.parameters(recurse=False)):
+                    small.append(module)
+                else:
+                    whole_of_group[group_of[id(owner)]].append(module)
+        # NOTE: one unit holding the small ones of every block: one all-gather when the first is
+        #       used, one reduce-scatter when backward has passed them (not two tiny collectives of
+        #       each kind per block). Its reduce-scatter sums over TP both the partial gradients
+        #       (per-head norms; every norm under SP: what they need) and the copies of gradients TP
+        #       already made whole (tp times what they need: `sync_tp_grads` divides those shards
+        #       by tp after backward, a local op, instead of a second unit); the groups' units
+        #       below do the same. Kept unsharded between forward and backward: they are tiny, and
         #       resharding them breaks selective checkpointing of MoE blocks (their all-gather
         #       replayed inside the recompute is missing from its cache).
-        if whole:
-            fully_shard(whole, mesh=mesh.dp_shard_tp, reshard_after_forward=False, **common)
-            units.append(whole[0])
-    groups = block_groups(spec, dims.fsdp_unit_mb)
+        if small:
+            fully_shard(small, mesh=mesh.dp_shard_tp, reshard_after_forward=False, **common)
+            units.append(small[0])
     # a model smaller than one unit is one unit (the root's: never resharded after forward)
     one_unit = len(groups) == 1 and sum(p.numel() for p in model.parameters()) * 4 < dims.fsdp_unit_mb * 1e6
     experts_of = {id(moe.experts): moe.experts for moe in spec.moe_blocks} if dims.ep > 1 else {}
@@ -149,6 +160,12 @@ def apply_fsdp(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: Mesh
         # NOTE: the last unit is never resharded after its forward: backward starts with it, right
         #       after the loss, so resharding it would only all-gather the same bytes again
         reshard = dims.reshard_after_forward and i + 1 < len(groups)
+        # NOTE: large parameters TP leaves whole are resharded like the rest of their group: held
+        #       whole from forward to backward, every layer's attention (DeepSeek-V3's MLA under
+        #       TP: 11B parameters) would sit unsharded on every rank
+        if whole_of_group[i]:
+            fully_shard(whole_of_group[i], mesh=mesh.dp_shard_tp, reshard_after_forward=reshard, **common)
+            units.append(whole_of_group[i][0])
         experts = [m for block in group for m in block.modules() if id(m) in experts_of]
         if experts:
             fully_shard(experts, mesh=mesh.efsdp, reshard_after_forward=reshard, **common)

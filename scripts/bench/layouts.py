@@ -25,9 +25,10 @@ and reports from rank 0 (state bytes: the largest over the ranks):
   grad_sync=step):
     FSDP   s_d * (m * (g * P_blocks - (g-1) P_last + P_root) + n * P)   the root gathered once
     HSDP   + 2 s_r * P / d                          all-reduce of the gradient shards, once per step
-    with TP, parameters TP leaves whole (norms, routers, W bytes) are FSDP-sharded over d x t
-    ranks, and kept gathered from forward to backward (they are tiny):
-           s_dt * (m + n) * W (+ 2 s_r * W / (d t))
+    with TP, parameters TP leaves whole are FSDP-sharded over d x t ranks: the small ones (norms,
+    routers, W bytes) kept gathered from forward to backward, the larger ones of blocks (an
+    attention or shared expert left whole, V bytes, V_last in the last unit) like the blocks':
+           s_dt * ((m + n) * W + m * (g * V - (g-1) V_last) + n * V) (+ 2 s_r * (W + V) / (d t))
     TP     per micro-batch, with A = micro-batch x seq_len x hidden x 4 bytes:
            2 s_t * A * (4 L + 2)                    per layer 2 sub-layers x (forward + backward)
                                                     all-reduce (or SP's all-gather + reduce-
@@ -232,7 +233,8 @@ def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
 
     last_unit = block_groups(spec, dims.fsdp_unit_mb)[-1]
     last_prefixes = tuple(f"{block_prefix}{len(spec.blocks) - len(last_unit) + i}." for i in range(len(last_unit)))
-    p_blocks = p_root = p_whole = p_partial = p_experts = 0.0
+    p_blocks = p_root = p_whole = p_partial = p_experts = p_large = last_large = 0.0
+    routers = {m for moe in spec.moe_blocks for m in (moe.router, moe.shared_gate) if m is not None}
     last_blocks = last_experts = 0.0  # the last FSDP unit's bytes: gathered once (never resharded after forward)
     for name, param in model.named_parameters():
         names = param.device_mesh.mesh_dim_names or () if isinstance(param, DTensor) else ()
@@ -242,7 +244,12 @@ def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
             p_experts += nbytes / dims.ep
             last_experts += nbytes / dims.ep if name.startswith(last_prefixes) else 0.0
         elif t > 1 and not tp_sharded:
-            p_whole += nbytes
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            if name.startswith(block_prefix) and module not in routers and any(p.ndim >= 2 for p in module.parameters(recurse=False)):
+                p_large += nbytes
+                last_large += nbytes if name.startswith(last_prefixes) else 0.0
+            else:
+                p_whole += nbytes
         elif name.startswith(block_prefix):
             p_blocks += nbytes
             last_blocks += nbytes if name.startswith(last_prefixes) else 0.0
@@ -257,7 +264,8 @@ def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
     gathers = 2 if dims.reshard_after_forward else 1  # each block's all-gathers per micro-batch
     total = share(d) * (num_micro * (gathers * p_blocks - (gathers - 1) * last_blocks + p_root) + reductions * (p_blocks + p_root))
     total += 2 * share(r) * (p_blocks + p_root) / d
-    total += share(d * t) * (num_micro + reductions) * p_whole + 2 * share(r) * p_whole / (d * t)
+    total += share(d * t) * ((num_micro + reductions) * p_whole + num_micro * (gathers * p_large - (gathers - 1) * last_large) + reductions * p_large)
+    total += 2 * share(r) * (p_whole + p_large) / (d * t)
     if t > 1:
         activation = micro * seq * config.hidden_size * 4
         per_micro = 2 * share(t) * activation * (4 * config.num_hidden_layers + 2)
