@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from distrain.moe.experts import count_per_expert
+
 
 class RouterStats:
     def __init__(self, moe_blocks, dp_group, dp_size: int, tp_size: int, coef: float, device: torch.device):
@@ -88,7 +90,7 @@ class RouterStats:
         layers = sorted(self.indices)
         assert layers == list(range(len(self.blocks))), f"router statistics recorded layers {layers}"
         counts = torch.stack([
-            torch.cat([torch.bincount(self.indices[i].reshape(-1), minlength=self.num_experts), self.dropped.get(i, self.indices[i].new_zeros(())).reshape(1)])
+            torch.cat([count_per_expert(self.indices[i], self.num_experts), self.dropped.get(i, self.indices[i].new_zeros(())).reshape(1)])
             for i in layers
         ]).to(torch.float64)
         self.micro_batches += 1

@@ -178,7 +178,7 @@ class ExpertParallel:
         for c, (there, pending) in enumerate(starts):
             arrived = _Finish.apply(pending, there)  # piece c arrives while later pieces travel
             local = received[c]  # [source rank, local expert]
-            by_expert = _by_local_expert(local)
+            by_expert = _by_local_expert(local, sum(there.out_splits))
             out = local_experts(experts, arrived[by_expert], local.sum(0))
             out = torch.empty_like(out).index_copy_(0, by_expert, out)  # back to (source, local expert) blocks
             back = _Exchange(there.in_splits, there.out_splits, name)
@@ -208,11 +208,11 @@ def _piece_counts(counts: torch.Tensor, chunks: int) -> torch.Tensor:
     return bounds[1:] - bounds[:-1]
 
 
-def _by_local_expert(received: torch.Tensor) -> torch.Tensor:
-    """Indices putting rows that arrived in (source, local expert) blocks in (local expert,
-    source) order."""
+def _by_local_expert(received: torch.Tensor, rows: int) -> torch.Tensor:
+    """Indices putting the `rows` rows that arrived in (source, local expert) blocks in (local
+    expert, source) order."""
     sources, local = received.shape
-    block = torch.repeat_interleave(torch.arange(sources * local, device=received.device), received.reshape(-1))
+    block = torch.repeat_interleave(torch.arange(sources * local, device=received.device), received.reshape(-1), output_size=rows)
     key = (block % local) * sources + block // local
     return torch.argsort(key, stable=True)
 

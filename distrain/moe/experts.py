@@ -55,7 +55,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     num_tokens, top_k = top_k_index.shape
     expert_of_row = top_k_index.reshape(-1)
     order = torch.argsort(expert_of_row, stable=True)  # (token, k) pairs grouped by expert
-    counts = torch.bincount(expert_of_row, minlength=self.num_experts)
+    counts = count_per_expert(expert_of_row, self.num_experts)
     capacity_factor = getattr(self, "_distrain_capacity_factor", None)
     if capacity_factor is not None:
         order, counts = _drop_over_capacity(self, order, counts, expert_of_row, capacity_factor)
@@ -71,6 +71,14 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     unsorted = (out.new_zeros if capacity_factor is not None else torch.empty)(num_tokens * top_k, out.shape[-1], dtype=out.dtype, device=out.device)
     unsorted.index_copy_(0, order, out)
     return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def count_per_expert(index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many entries of `index` name each expert (int64 [num_experts]), by a scatter-add:
+    `torch.bincount` reads the index's min and max back to the host (two syncs per call on CUDA,
+    which would stall the CPU at every MoE layer)."""
+    flat = index.reshape(-1).long()
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def configure(moe_blocks, capacity_factor: float | None, kernel: str, dispatch_chunks: int = 1) -> None:
