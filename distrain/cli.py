@@ -13,6 +13,7 @@ it), 143 / 130 on SIGTERM / SIGINT; 1 (or the failing rank's status) for anythin
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -55,10 +56,25 @@ def _check_device(job) -> None:
         raise ConfigError("run.device=cuda: no CUDA device is visible here (check CUDA_VISIBLE_DEVICES and the driver); use run.device=cpu or auto")
     if job.launcher.backend == "nccl" and not _on_cuda(job):
         raise ConfigError("launcher.backend=nccl needs CUDA GPUs and this run is on the CPU (run.device); use launcher.backend=gloo or auto")
+    from distrain.launch import ranks_on_this_node, under_launcher
+
+    here, visible = ranks_on_this_node(job), torch.cuda.device_count() if _on_cuda(job) else 0
+    # NOTE: a launcher that binds each task to its own GPU (srun --gpus-per-task=1) shows it one
+    if _on_cuda(job) and here is not None and visible > 1 and here > visible:
+        what = "launcher.nproc_per_node" if not under_launcher() else "the launcher's ranks on this node"
+        raise ConfigError(f"{what}={here} but this machine shows {visible} CUDA GPUs (one rank each); "
+                          f"run {visible} ranks per node (launcher.nproc_per_node={visible}), or check CUDA_VISIBLE_DEVICES")
 
 
 def _warn(job) -> None:
     """Allowed, but worth a line (after every check passed: an error stays the only line)."""
+    from distrain.launch import ranks_on_this_node, under_launcher
+
+    here = ranks_on_this_node(job)
+    if under_launcher() and os.environ.get("RANK") == "0" and job.launcher.nproc_per_node > 1 and here not in (None, job.launcher.nproc_per_node):
+        print(f"warning: launcher.nproc_per_node={job.launcher.nproc_per_node}, but the launcher (torchrun, srun) runs {here} rank(s) on "
+              "this node, and its layout is the one used; start as many as the recipe expects (srun --ntasks-per-node, torchrun "
+              "--nproc-per-node) or set launcher.nproc_per_node to match", file=sys.stderr)
     if job.optim.warmup_steps > job.train.steps:
         print(f"warning: optim.warmup_steps={job.optim.warmup_steps} is more than train.steps={job.train.steps}: "
               "the learning rate never reaches optim.lr in this run", file=sys.stderr)

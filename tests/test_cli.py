@@ -148,6 +148,21 @@ def test_a_run_says_what_it_is_once_and_logs_it(tmp_path, tiny):
     assert len(ours) == len(set(ours)), proc.stderr[-3000:]
 
 
+def test_a_launcher_that_runs_fewer_ranks_than_the_recipe_is_named(tmp_path, tiny):
+    """Under torchrun or srun the launcher's layout is the one used: a recipe asking for more ranks
+    per node than it runs gets one warning line (from rank 0), and the run goes on."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    proc = check_ok(run_cli(["train", "recipe=qwen3_moe_debug", *tiny, "train.steps=1", "eval.interval=0", "checkpoint.export=false",
+                             "launcher.nproc_per_node=2", f"run.dir={tmp_path / 'run'}"], tmp_path, env=launcher))
+    warned = [line for line in proc.stderr.splitlines() if "launcher.nproc_per_node=2" in line]
+    assert len(warned) == 1 and "runs 1 rank(s) on this node" in warned[0], proc.stderr[-2000:]
+
+
 def test_plot_writes_pngs_of_several_runs(tmp_path):
     import json
 

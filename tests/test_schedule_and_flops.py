@@ -52,3 +52,14 @@ def test_tied_lm_head_is_counted_once_as_a_matmul():
     assert spec.tied_embeddings
     total = sum(p.numel() for p in model.parameters())  # the tied table appears once
     assert active_params(model, spec) == total  # embedding excluded, lm_head matmul included
+
+
+def test_peak_flops_by_gpu_name():
+    """The longest known name a GPU's name holds: an L40 is not an L4, an H100 NVL not an H100 SXM,
+    an H20 not an H200; unknown GPUs have no peak (no MFU rather than a wrong one)."""
+    from distrain.metrics.flops import peak_of
+
+    assert peak_of("NVIDIA H100 80GB HBM3") == 989e12 and peak_of("NVIDIA H100 NVL") == 835e12 and peak_of("NVIDIA H100 PCIe") == 756e12
+    assert peak_of("NVIDIA L40") == 181e12 and peak_of("NVIDIA L40S") == 362e12 and peak_of("NVIDIA L4") == 121e12
+    assert peak_of("NVIDIA H20") == 148e12 and peak_of("NVIDIA H200") == 989e12 and peak_of("NVIDIA GH200 480GB") == 989e12
+    assert peak_of("NVIDIA GeForce GTX 1080") is None

@@ -29,14 +29,15 @@ import torch
 from torch import nn
 
 
-def safetensors_folder(name_or_path: str) -> Path | None:
-    """The folder holding the model's safetensors (a hub id is downloaded into the hub cache), or
+def safetensors_folder(name_or_path: str, cached: bool = False) -> Path | None:
+    """The folder holding the model's safetensors (a hub id is downloaded into the hub cache;
+    `cached`: taken from the cache, no network: the workers, after the CLI downloaded it), or
     None when it has none (e.g. only pytorch_model.bin): then the weights are loaded whole."""
     local = Path(name_or_path).expanduser()
     if not local.is_dir():
         from huggingface_hub import snapshot_download
 
-        local = Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"]))
+        local = Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"], local_files_only=cached))
     return local if any(local.glob("*.safetensors")) else None
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from distrain.config import JobConfig, write_config_yaml
 
@@ -42,6 +43,17 @@ def adopt_slurm_env() -> None:
 
 def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def ranks_on_this_node(job: JobConfig) -> int | None:
+    """The ranks this node runs: the launcher's (torchrun's LOCAL_WORLD_SIZE; srun's tasks per node
+    where its layout is uniform), else `launcher.nproc_per_node`; None where it cannot be told."""
+    if not under_launcher():
+        return job.launcher.nproc_per_node
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    uniform = re.fullmatch(r"(\d+)(\(x\d+\))?", os.environ.get("SLURM_STEP_TASKS_PER_NODE", ""))
+    return int(uniform[1]) if uniform else None
 
 
 def world_size_for(job: JobConfig) -> int:

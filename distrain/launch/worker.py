@@ -30,9 +30,13 @@ def resolve_device(job: JobConfig) -> torch.device:
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("run.device=cuda but no CUDA device is visible; use run.device=cpu")
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        # NOTE: a launcher that binds each task to its own GPU (srun --gpus-per-task=1) shows it one
+        local_rank, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        index = 0 if visible == 1 else local_rank
+        if index >= visible:
+            raise ValueError(f"local rank {local_rank} on a node showing {visible} CUDA GPUs; run at most {visible} ranks per node")
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 

@@ -25,12 +25,17 @@ from distrain.models import ModelSpec
 GPU_PEAK_FLOPS = {
     "H200": 989e12,
     "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
     "H100": 989e12,
+    "H800": 989e12,
+    "H20": 148e12,
     "GH200": 989e12,
     "B200": 2250e12,
     "A100": 312e12,
+    "A800": 312e12,
     "A10G": 125e12,
     "L40S": 362e12,
+    "L40": 181e12,
     "L4": 121e12,
     "RTX 4090": 165e12,
     "MI300X": 1307e12,
@@ -65,9 +70,10 @@ def peak_flops(device: torch.device, configured: float | None) -> float | None:
     """Per-device peak FLOP/s: the config's value, else a known GPU's, else None (no MFU)."""
     if configured is not None:
         return configured
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return value
-    return None
+    return peak_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_of(gpu_name: str) -> float | None:
+    """A known GPU's dense bf16 peak, by the longest key its name holds ("L40" is not an "L4")."""
+    key = next((k for k in sorted(GPU_PEAK_FLOPS, key=len, reverse=True) if k in gpu_name), None)
+    return GPU_PEAK_FLOPS[key] if key else None

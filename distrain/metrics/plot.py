@@ -21,7 +21,13 @@ def read_records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no metrics.jsonl here; pass a run directory (run.dir) of a run that logged steps")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    with open(path) as handle:  # line by line, without the per-expert counts: a week of MoE records is GBs
+        for line in handle:
+            if line.strip():
+                record = json.loads(line)
+                record.pop("moe_tokens_per_expert", None)
+                records.append(record)
     if not records:
         raise ConfigError(f"{path} is empty: the run has not logged a step yet")
     return records

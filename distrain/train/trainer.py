@@ -80,7 +80,7 @@ class Trainer:
         configure(self.spec.moe_blocks, job.moe.capacity_factor, resolve_kernel(job.moe.kernel, device.type), job.moe.dispatch_chunks)
         self.flops_per_token = flops_per_token(model, self.spec, job.train.seq_len)
         pretrained = has_pretrained_weights(job.model)
-        folder = safetensors_folder(job.model.name_or_path) if pretrained else None
+        folder = safetensors_folder(job.model.name_or_path, cached=True) if pretrained else None  # no hub call per rank
         keys = map_keys(model, folder) if folder is not None else None  # before FSDP renames the model's class
         self.tp_grads = parallelize(model, self.spec, self.dims, self.mesh, self.bf16)
         self.model = model
