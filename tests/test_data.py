@@ -259,6 +259,7 @@ def test_training_memory_does_not_grow_with_the_store(tmp_path, corpus, data_cac
     """A rank's anonymous memory (its own counter, /proc/self/status RssAnon) while it opens a
     store and draws 200 batches is the same for a store 20x the test corpus: tokens and document
     offsets stay in the mapped files."""
+    import subprocess
     import sys
 
     from transformers import AutoTokenizer
