@@ -104,19 +104,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _in_process_ranks(args: list[str], cwd: Path, extra_env: dict) -> list[subprocess.CompletedProcess]:
-    """Two ranks as torchrun or srun start them: each composes its own config, 1.5 s apart."""
+def _in_process_ranks(args: list[str], cwd: Path, extra_env: dict, apart: float = 1.5) -> list[subprocess.CompletedProcess]:
+    """Two ranks as torchrun or srun start them: each composes its own config, `apart` s apart."""
     port, procs = _free_port(), []
     for rank in range(2):
         env = {**os.environ, **MULTI, "WANDB_SILENT": "true", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **extra_env}
         procs.append(subprocess.Popen([sys.executable, "-m", "distrain", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        time.sleep(1.5)
+        time.sleep(apart)
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=240)
         results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     return results
+
+
+@pytest.mark.slow
+def test_ranks_that_reach_the_rendezvous_apart_wait_for_each_other(tmp_path, tiny):
+    """srun tasks prepare the run each on their own (weights downloaded, token store built or waited
+    for) and meet minutes apart: the rendezvous waits for the last, whatever launcher.timeout_s,
+    which bounds the collectives after it."""
+    args = ["train", "recipe=qwen3_moe_debug", *tiny, *QUIET, "checkpoint.interval=0", "train.steps=1", "launcher.timeout_s=2",
+            f"run.dir={tmp_path / 'run'}"]
+    for proc in _in_process_ranks(args, tmp_path, {}, apart=10):
+        check_ok(proc)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1]
 
 
 @pytest.mark.slow

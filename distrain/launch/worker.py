@@ -17,10 +17,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from distrain.config import ConfigError, JobConfig, read_config_yaml, to_dict
 from distrain.config.load import to_job_config
 from distrain.train import stop
+
+RENDEZVOUS_S = 1800  # how long the first rank at the rendezvous waits for the last
 
 
 def resolve_device(job: JobConfig) -> torch.device:
@@ -49,7 +52,11 @@ def init_distributed(job: JobConfig, device: torch.device) -> None:
     timeout = datetime.timedelta(seconds=job.launcher.timeout_s)
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     if "RANK" in os.environ:
-        dist.init_process_group(backend, timeout=timeout, **kwargs)
+        # NOTE: ranks that prepare the run on their own (srun tasks: the weights downloaded and the
+        #       token store built or waited for, per node) reach the rendezvous minutes apart; it
+        #       waits up to RENDEZVOUS_S for them, the collectives after it launcher.timeout_s
+        dist.init_process_group(backend, timeout=max(timeout, datetime.timedelta(seconds=RENDEZVOUS_S)), **kwargs)
+        distributed_c10d._set_pg_timeout(timeout)
     else:  # a world of one, so that meshes, DCP and collectives work the same everywhere
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs)
 
