@@ -66,12 +66,20 @@ def _check_device(job) -> None:
                           f"run {visible} ranks per node (launcher.nproc_per_node={visible}), or check CUDA_VISIBLE_DEVICES")
 
 
-def _warn(job) -> None:
-    """Allowed, but worth a line (after every check passed: an error stays the only line)."""
+def _warn(job, dims) -> None:
+    """Allowed, but worth a line (after every check passed: an error stays the only line), from
+    rank 0 alone where a launcher started every rank's CLI."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    samples = job.eval.batches * job.train.micro_batch_size
+    if job.eval.interval and samples < dims.dp:
+        print(f"warning: eval.batches x train.micro_batch_size = {samples} held-out sample(s) for {dims.dp} data-parallel ranks: "
+              f"{dims.dp - samples} rank(s) evaluate nothing; eval.batches={-(-dims.dp // job.train.micro_batch_size)} or more "
+              "gives each one sample", file=sys.stderr)
     from distrain.launch import ranks_on_this_node, under_launcher
 
     here = ranks_on_this_node(job)
-    if under_launcher() and os.environ.get("RANK") == "0" and job.launcher.nproc_per_node > 1 and here not in (None, job.launcher.nproc_per_node):
+    if under_launcher() and job.launcher.nproc_per_node > 1 and here not in (None, job.launcher.nproc_per_node):
         print(f"warning: launcher.nproc_per_node={job.launcher.nproc_per_node}, but the launcher (torchrun, srun) runs {here} rank(s) on "
               "this node, and its layout is the one used; start as many as the recipe expects (srun --ntasks-per-node, torchrun "
               "--nproc-per-node) or set launcher.nproc_per_node to match", file=sys.stderr)
@@ -169,10 +177,10 @@ def validate_train(job) -> None:
     """Everything `distrain train` checks before any worker starts (the in-process test ranks
     check the same)."""
     _check_device(job)
-    _, hf_config, meta = _validate_layout(job)
+    dims, hf_config, meta = _validate_layout(job)
     _check_document_masking(job, hf_config)
     _validate_run(job, hf_config, meta)
-    _warn(job)
+    _warn(job, dims)
 
 
 def _check_document_masking(job, hf_config) -> None:
@@ -228,7 +236,7 @@ def cmd_plan(args) -> int:
 
     job = _load(args.overrides)
     dims, hf_config, _ = _validate_layout(job)
-    _warn(job)
+    _warn(job, dims)
     text, _ = describe_plan(job, dims, hf_config, args.device_memory_gib * 2**30 if args.device_memory_gib else None)
     print(text)
     return 0

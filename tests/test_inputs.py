@@ -67,6 +67,14 @@ def test_warmup_longer_than_the_run_is_one_warning_not_a_refusal(tmp_path):
     assert warnings == ["warning: optim.warmup_steps=50 is more than train.steps=10: the learning rate never reaches optim.lr in this run"]
 
 
+def test_an_eval_smaller_than_the_data_parallel_ranks_is_one_warning(tmp_path):
+    args = ["plan", "recipe=qwen3_moe_debug", "launcher.nproc_per_node=4", "train.global_batch_size=4", "train.micro_batch_size=1", "eval.batches=2"]
+    proc = check_ok(run_cli(args, tmp_path))
+    warnings = [line for line in proc.stderr.splitlines() if "eval.batches" in line]
+    assert warnings == ["warning: eval.batches x train.micro_batch_size = 2 held-out sample(s) for 4 data-parallel ranks: 2 rank(s) "
+                        "evaluate nothing; eval.batches=4 or more gives each one sample"], proc.stderr
+
+
 def test_an_indivisible_batch_names_values_that_work(tmp_path):
     args = ["plan", "recipe=qwen3_moe_debug", "launcher.nproc_per_node=3", "train.global_batch_size=8", "train.micro_batch_size=4"]
     proc = run_cli(args, tmp_path)
