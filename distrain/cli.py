@@ -60,7 +60,7 @@ def _check_device(job) -> None:
 
     here, visible = ranks_on_this_node(job), torch.cuda.device_count() if _on_cuda(job) else 0
     # NOTE: a launcher that binds each task to its own GPU (srun --gpus-per-task=1) shows it one
-    if _on_cuda(job) and here is not None and visible > 1 and here > visible:
+    if here is not None and 1 < visible < here:
         what = "launcher.nproc_per_node" if not under_launcher() else "the launcher's ranks on this node"
         raise ConfigError(f"{what}={here} but this machine shows {visible} CUDA GPUs (one rank each); "
                           f"run {visible} ranks per node (launcher.nproc_per_node={visible}), or check CUDA_VISIBLE_DEVICES")

@@ -39,7 +39,7 @@ def adopt_slurm_env() -> None:
         fields = dict(f.split("=", 1) for f in scontrol("show", "node", "-o", first).split() if "=" in f)
         env["MASTER_ADDR"] = fields.get("NodeAddr", first)
     # NOTE: one port per job step: steps of one allocation may run at once on the same first node
-    step = int(env.get("SLURM_STEP_ID", "0")) if env.get("SLURM_STEP_ID", "0").isdigit() else 0
+    step = int(env["SLURM_STEP_ID"]) if env["SLURM_STEP_ID"].isdigit() else 0
     env.setdefault("MASTER_PORT", str(20000 + (int(env.get("SLURM_JOB_ID", "0")) * 31 + step) % 20000))
 
 

@@ -90,11 +90,11 @@ def rewind_metrics(run_dir: Path, step: int) -> int:
     if not path.exists():
         return 0
     with open(path, "rb+") as f:
-        cut, size = _tail_after(f, step), f.seek(0, os.SEEK_END)
-        f.seek(cut)
-        dropped = f.read()
+        cut = _tail_after(f, step)
+        f.seek(max(cut - 1, 0))
+        last_kept, dropped = f.read(1 if cut else 0), f.read()
         if not dropped:
-            if size and (f.seek(size - 1), f.read(1))[1] != b"\n":
+            if last_kept not in (b"", b"\n"):
                 f.write(b"\n")  # the last record kept lost its line end
             return 0
         dropped += b"" if dropped.endswith(b"\n") else b"\n"  # a line a crash cut short

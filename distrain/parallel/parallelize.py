@@ -130,14 +130,13 @@ def apply_fsdp(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: Mesh
         partial = set(tp_grads.partial)
         names = {module: name for name, module in model.named_modules()}
         group_of = {id(block): i for i, group in enumerate(groups) for block in group}
-        routers = {id(m) for moe in spec.moe_blocks for m in (moe.router, moe.shared_gate) if m is not None}
         small = []
         for owner in (*spec.blocks, model):
             for module in _modules_with_only_whole_params(owner, stop_at=spec.blocks if owner is model else ()):
                 own = [f"{names[module]}.{n}" if names[module] else n for n, _ in module.named_parameters()]
                 copies += [n for n in own if n not in partial]
                 left_partial = [n for n in left_partial if n not in own]
-                if owner is model or id(module) in routers or all(p.ndim <= 1 for p in module.parameters(recurse=False)):
+                if owner is model or stays_gathered(module, spec):
                     small.append(module)
                 else:
                     whole_of_group[group_of[id(owner)]].append(module)
@@ -181,6 +180,14 @@ def apply_fsdp(model: nn.Module, spec: ModelSpec, dims: ParallelDims, mesh: Mesh
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)
     return TPGrads(left_partial, copies)
+
+
+def stays_gathered(module: nn.Module, spec: ModelSpec) -> bool:
+    """Whether a block's module that TP leaves whole is small enough for the model-wide unit kept
+    gathered from forward to backward: 1-D parameters only (norms), or a router or shared-expert
+    gate; anything larger is sharded and resharded with its group of blocks (`apply_fsdp`)."""
+    gates = (m for moe in spec.moe_blocks for m in (moe.router, moe.shared_gate))
+    return all(p.ndim <= 1 for p in module.parameters(recurse=False)) or any(module is m for m in gates)
 
 
 def block_groups(spec: ModelSpec, unit_mb: float) -> list[list[nn.Module]]:

@@ -229,12 +229,11 @@ def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
     d, r, t = dims.dp_shard, dims.dp_replicate, dims.tp
     block_prefix = next(n for n, m in model.named_modules() if m is spec.blocks) + "."
     partial, experts = set(trainer.tp_grads.partial), set(spec.expert_param_names) if dims.ep > 1 else set()
-    from distrain.parallel.parallelize import block_groups
+    from distrain.parallel.parallelize import block_groups, stays_gathered
 
     last_unit = block_groups(spec, dims.fsdp_unit_mb)[-1]
     last_prefixes = tuple(f"{block_prefix}{len(spec.blocks) - len(last_unit) + i}." for i in range(len(last_unit)))
     p_blocks = p_root = p_whole = p_partial = p_experts = p_large = last_large = 0.0
-    routers = {m for moe in spec.moe_blocks for m in (moe.router, moe.shared_gate) if m is not None}
     last_blocks = last_experts = 0.0  # the last FSDP unit's bytes: gathered once (never resharded after forward)
     for name, param in model.named_parameters():
         names = param.device_mesh.mesh_dim_names or () if isinstance(param, DTensor) else ()
@@ -244,8 +243,7 @@ def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
             p_experts += nbytes / dims.ep
             last_experts += nbytes / dims.ep if name.startswith(last_prefixes) else 0.0
         elif t > 1 and not tp_sharded:
-            module = model.get_submodule(name.rsplit(".", 1)[0])
-            if name.startswith(block_prefix) and module not in routers and any(p.ndim >= 2 for p in module.parameters(recurse=False)):
+            if name.startswith(block_prefix) and not stays_gathered(model.get_submodule(name.rsplit(".", 1)[0]), spec):
                 p_large += nbytes
                 last_large += nbytes if name.startswith(last_prefixes) else 0.0
             else:
