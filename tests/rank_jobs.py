@@ -139,3 +139,11 @@ def unsharded_when_the_last_block_runs(recipe: str, overrides: list[str]) -> lis
         trainer.train_step(trainer.train_loader.next_batch())
         handle.remove()
     return sorted(held)
+
+
+def abort_on(rank: int) -> None:
+    """Rank `rank` dies as a native crash does (SIGABRT), without answering; the others return."""
+    import os
+
+    if int(os.environ.get("RANK", 0)) == rank:
+        os.abort()

@@ -6,9 +6,13 @@ Process start-up (importing torch and transformers) dominates a tiny run on 2 co
 pay it once. A job is composed and validated in the test process exactly as `distrain train`
 does it (`distrain.cli.validate_train`), then its first `nproc_per_node` ranks join a fresh
 process group (a new rendezvous port per job) and train it; a world of one runs on rank 0 the
-way a single process does. What is left behind between jobs is reset: the environment, the
-fault spec, received stop signals, the run directory's lock, DTensor's sharding caches. Ranks
-holding too many of the threads gloo leaves behind are started anew.
+way a single process does.
+
+Each rank imports once and forks a child per job, so every job starts in a process that has run
+nothing, as a worker of `distrain train` does: no process group, mesh cache, thread pool, fault
+spec, stop signal or lock of an earlier job is left in it. (Long-lived ranks running job after
+job kept every job's gloo groups and their I/O threads, and their heap was once found corrupted
+mid-run: CI, stop 20.) A child that dies without answering is answered for by its rank.
 
 A rank that fails or a job that outlives its timeout stops every rank; the error names each
 rank's last output lines, and the next job starts new ranks.
@@ -28,7 +32,6 @@ from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
 WORLD = 4
-MAX_THREADS = 120
 AUTHKEY_ENV = "DISTRAIN_TEST_RANKS_KEY"
 
 
@@ -134,51 +137,73 @@ class Ranks:
                 raise AssertionError(f"job {self.jobs} ({what}) did not end on every rank within {timeout} s (ended: {results})\n{tails}")
         if any(failed for failed, _ in results.values()):
             raise AssertionError(f"job {self.jobs} ({what}) raised on ranks {[r for r, (f, _) in sorted(results.items()) if f]}\n{self.tails()}")
-        # NOTE: destroy_process_group leaves gloo's I/O threads behind (a dozen per job), and they
-        #       poll: ranks that ran many jobs are started anew
-        if max(len(os.listdir(f"/proc/{p.pid}/task")) for p in self.procs) > MAX_THREADS:
-            self.stop()
         return [results[rank][1] for rank in range(nproc)]
 
 
-def _forget_meshes() -> None:
-    """DTensor caches sharding decisions keyed by mesh equality (layout and names, not process
-    groups): a job's DTensors would come out on an equal mesh of an earlier job, whose process
-    groups are gone. Those caches are cleared: the C++ dispatch cache, the Python one and the
-    redistribute planners. A process that trains once never meets this."""
-    import torch
-    from torch.distributed.tensor import DTensor, _redistribute
-
-    torch._C._clear_DTensor_sharding_propagator_cache()
-    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
-    _redistribute._planner_cache.clear()  # keyed by weakref(mesh), which compares by the mesh's value
+# what every job imports: loaded once, before any job, in the process each job is forked from
+PRELOAD = (
+    "torch.distributed.fsdp", "torch.distributed.tensor.parallel", "torch.distributed.checkpoint",
+    "torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "transformers", "transformers.models.auto.modeling_auto",
+    "distrain.launch.worker", "distrain.train.trainer", "distrain.checkpoint.export", "distrain.cli", "rank_jobs", "layouts",
+)
 
 
 def _serve(address: str, rank: int) -> None:
-    """One rank: run each function sent, answer (failed, result)."""
+    """One rank: fork a child per job, which runs the function sent, answers (failed, result)
+    and exits; this process only imports. A child that dies without answering (a native crash)
+    is answered for, with how it ended."""
+    import faulthandler
     import importlib
-    import traceback
+    import json
+    import signal
 
+    faulthandler.enable(all_threads=True)  # a native crash (SIGSEGV, SIGABRT) prints every thread's Python stack
     host, port = address.rsplit(":", 1)
     conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ.pop(AUTHKEY_ENV)))
-    conn.send(rank)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
-    import torch
-
-    from distrain import faults
-    from distrain.config import ConfigError
-    from distrain.launch.run_dir import release
-    from distrain.train import stop
-
+    for module in PRELOAD:
+        importlib.import_module(module)
+    conn.send(rank)
     while True:
         message = conn.recv()
-        saved = dict(os.environ)
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            _run_job(conn, message, rank, write_fd)  # never returns
+        os.close(write_fd)
+        with os.fdopen(read_fd) as told:  # "answered" once the child has answered, then what it imported
+            answered, _, modules = told.read().partition("\n")
+        _, status = os.waitpid(pid, 0)
+        if answered != "answered":  # the child died before answering
+            how = f"killed by {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status) else f"exited {os.WEXITSTATUS(status)}"
+            print(f"=== job {message['number']}: the rank's process {how} without answering", flush=True)
+            conn.send((True, f"rank {rank}: {how}"))
+        for module in json.loads(modules or "[]"):  # what the job imported, for the jobs after it (none starts a thread: checked below)
+            try:
+                importlib.import_module(module)
+            except Exception:  # noqa: BLE001 - only a head start for the next job
+                pass
+        threads = len(os.listdir("/proc/self/task"))
+        if threads > 1:  # a fork keeps only the forking thread: one holding a lock would hang the next child
+            print(f"=== rank {rank}: {threads} threads after importing what job {message['number']} imported", flush=True)
+
+
+def _run_job(conn, message: dict, rank: int, told_fd: int) -> None:
+    """The forked child: run one job, answer, exit without interpreter teardown (as distrain's
+    workers do: gloo may abort in its destructors)."""
+    import importlib
+    import json
+    import traceback
+
+    import torch
+
+    from distrain.config import ConfigError
+
+    told = os.fdopen(told_fd, "w")
+    try:
+        before = set(sys.modules)
         os.environ.update(message["env"])
-        # NOTE: state a run's own process never resets: its fault spec is read once, its stop
-        #       signals are kept, its run directory stays locked until it exits
-        faults._entries.cache_clear()
-        stop._received.clear()
-        _forget_meshes()
         torch.set_num_threads(message["threads"])
         print(f"=== job {message['number']}: {message['call']} on rank {rank} of {os.environ.get('WORLD_SIZE', 1)}", flush=True)
         module, name = message["call"].split(":")
@@ -190,12 +215,17 @@ def _serve(address: str, rank: int) -> None:
         except BaseException:  # noqa: BLE001 - DCP's CheckpointException is not an Exception
             traceback.print_exc()
             reply = (message["call"] != "distrain.launch.worker:run", 1)  # a training rank's failure is its status
-        finally:
-            release()
-            os.environ.clear()
-            os.environ.update(saved)
-            sys.stdout.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
         conn.send(reply)
+        told.write("answered\n")
+        told.flush()
+        told.write(json.dumps(sorted(set(sys.modules) - before)))
+        told.close()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

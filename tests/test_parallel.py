@@ -699,3 +699,13 @@ def test_pretrained_weights_missing_tensors_exit_2_before_any_worker(tmp_path, s
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "no weights for" in proc.stderr and "model.layers.2." in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_rank_that_crashes_is_answered_for_with_its_python_stack(ranks):
+    """The test ranks' own promise (tests/ranks.py): a rank's process that dies in native code fails
+    its job, naming how it died and the Python stack it died in, and the next job runs."""
+    with pytest.raises(AssertionError) as failed:
+        ranks.call(2, "rank_jobs:abort_on", 1)
+    text = str(failed.value)
+    assert "raised on ranks [1]" in text and "killed by SIGABRT" in text and "in abort_on" in text, text[-3000:]
+    assert ranks.call(2, "rank_jobs:abort_on", 5) == [None, None]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import os
 import signal
 import sys
@@ -207,6 +208,7 @@ def watch_parent() -> None:
 
 
 def main() -> None:
+    faulthandler.enable()  # a native crash (a segfault, a heap abort) names the Python stack of every thread
     watch_parent()
     run_and_exit(read_config_yaml(sys.argv[1]))
 
