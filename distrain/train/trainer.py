@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import math
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -39,6 +40,13 @@ from distrain.checkpoint.hf_import import load_sharded, map_keys, safetensors_fo
 from distrain.parallel.parallelize import fill_from_rank0, fill_seeded, materialize, parallelize, reshard
 from distrain.train import stop
 from distrain.train.schedule import lr_multiplier
+
+
+def rng_seed(seed: int, dp_rank: int) -> int:
+    """The seed of data-parallel rank `dp_rank`'s RNG stream, hashed from (run.seed, rank): seed +
+    rank would give rank 1 of seed 0 the stream of rank 0 of seed 1, so runs that differ only in
+    their seed would share dropout masks and router jitter."""
+    return zlib.crc32(f"{seed}:dp_rank:{dp_rank}".encode())
 
 
 class Trainer:
@@ -105,9 +113,10 @@ class Trainer:
         self.model.train()
         # NOTE: one RNG stream per data-parallel rank, the same on its TP ranks: anything random
         #       in a replicated region (router jitter, sampled routing, dropout) must agree there.
-        torch.manual_seed(job.run.seed + 1 + self.dp_rank)
+        stream_seed = rng_seed(job.run.seed, self.dp_rank)
+        torch.manual_seed(stream_seed)
         if device.type == "cuda":
-            torch.cuda.manual_seed(job.run.seed + 1 + self.dp_rank)
+            torch.cuda.manual_seed(stream_seed)
 
         # optimizer and schedule
         self.optimizer = torch.optim.AdamW(
