@@ -12,7 +12,8 @@ Each rank imports once and forks a child per job, so every job starts in a proce
 nothing, as a worker of `distrain train` does: no process group, mesh cache, thread pool, fault
 spec, stop signal or lock of an earlier job is left in it. (Long-lived ranks running job after
 job kept every job's gloo groups and their I/O threads, and their heap was once found corrupted
-mid-run: CI, stop 20.) A child that dies without answering is answered for by its rank.
+mid-run: CI, stop 20.) The rank alone answers on the connection: a child hands its answer
+back through a pipe, and one that dies without handing it back is answered for, with how it died.
 
 A rank that fails or a job that outlives its timeout stops every rank; the error names each
 rank's last output lines, and the next job starts new ranks.
@@ -121,7 +122,12 @@ class Ranks:
         for rank in range(nproc):
             rank_env = {"RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(nproc),
                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} if nproc > 1 else {}
-            self.conns[rank].send({"call": function, "args": args, "env": {**rank_env, **(env or {})}, "threads": threads, "number": self.jobs})
+            try:
+                self.conns[rank].send({"call": function, "args": args, "env": {**rank_env, **(env or {})}, "threads": threads, "number": self.jobs})
+            except OSError as error:  # the rank's process is gone
+                tails = self.tails()
+                self.stop()
+                raise AssertionError(f"job {self.jobs} ({what}) could not reach rank {rank} ({error})\n{tails}") from None
         results: dict[int, tuple] = {}
         deadline = time.monotonic() + timeout
         while len(results) < nproc:
@@ -146,15 +152,18 @@ PRELOAD = (
     "torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "transformers", "transformers.models.auto.modeling_auto",
     "distrain.launch.worker", "distrain.train.trainer", "distrain.checkpoint.export", "distrain.cli", "rank_jobs", "layouts",
 )
+# packages whose modules a job imported are imported after it, for the jobs forked later (none of
+# these starts a thread on import; a fork keeps only the forking thread)
+LEARNED = ("torch", "transformers", "distrain", "safetensors", "huggingface_hub", "tokenizers", "fsspec", "numpy", "PIL")
 
 
 def _serve(address: str, rank: int) -> None:
-    """One rank: fork a child per job, which runs the function sent, answers (failed, result)
-    and exits; this process only imports. A child that dies without answering (a native crash)
-    is answered for, with how it ended."""
+    """One rank: fork a child per job, which runs the function sent and hands its answer back
+    through a pipe; this process alone answers on the connection (a child that died without
+    handing one back is answered for, with how it ended), and only imports."""
     import faulthandler
     import importlib
-    import json
+    import pickle
     import signal
 
     faulthandler.enable(all_threads=True)  # a native crash (SIGSEGV, SIGABRT) prints every thread's Python stack
@@ -163,6 +172,7 @@ def _serve(address: str, rank: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
     for module in PRELOAD:
         importlib.import_module(module)
+    learning = True
     conn.send(rank)
     while True:
         message = conn.recv()
@@ -170,37 +180,43 @@ def _serve(address: str, rank: int) -> None:
         pid = os.fork()
         if pid == 0:
             os.close(read_fd)
-            _run_job(conn, message, rank, write_fd)  # never returns
+            _run_job(message, rank, write_fd)  # never returns
         os.close(write_fd)
-        with os.fdopen(read_fd) as told:  # "answered" once the child has answered, then what it imported
-            answered, _, modules = told.read().partition("\n")
+        with os.fdopen(read_fd, "rb") as handed:
+            data = handed.read()
         _, status = os.waitpid(pid, 0)
-        if answered != "answered":  # the child died before answering
+        try:
+            reply, modules = pickle.loads(data)
+        except Exception:  # noqa: BLE001 - nothing, or a part: the child died before handing its answer back
             how = f"killed by {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status) else f"exited {os.WEXITSTATUS(status)}"
             print(f"=== job {message['number']}: the rank's process {how} without answering", flush=True)
-            conn.send((True, f"rank {rank}: {how}"))
-        for module in json.loads(modules or "[]"):  # what the job imported, for the jobs after it (none starts a thread: checked below)
-            try:
-                importlib.import_module(module)
-            except Exception:  # noqa: BLE001 - only a head start for the next job
-                pass
+            reply, modules = (True, f"rank {rank}: {how}"), []
+        conn.send(reply)
+        for module in modules if learning else ():
+            if module.split(".")[0] in LEARNED:
+                try:
+                    importlib.import_module(module)
+                except Exception:  # noqa: BLE001 - only a head start for the jobs after it
+                    pass
         threads = len(os.listdir("/proc/self/task"))
-        if threads > 1:  # a fork keeps only the forking thread: one holding a lock would hang the next child
-            print(f"=== rank {rank}: {threads} threads after importing what job {message['number']} imported", flush=True)
+        if learning and threads > 1:  # a thread holding a lock at a fork would hang the child
+            print(f"=== rank {rank}: {threads} threads after importing what job {message['number']} imported; no more imports learned", flush=True)
+            learning = False
 
 
-def _run_job(conn, message: dict, rank: int, told_fd: int) -> None:
-    """The forked child: run one job, answer, exit without interpreter teardown (as distrain's
-    workers do: gloo may abort in its destructors)."""
+def _run_job(message: dict, rank: int, handed_fd: int) -> None:
+    """The forked child: run one job, hand (its answer, the modules it imported) to the rank
+    through `handed_fd`, exit without interpreter teardown (as distrain's workers do: gloo may
+    abort in its destructors)."""
     import importlib
-    import json
+    import pickle
     import traceback
 
     import torch
 
     from distrain.config import ConfigError
 
-    told = os.fdopen(told_fd, "w")
+    status = 1
     try:
         before = set(sys.modules)
         os.environ.update(message["env"])
@@ -215,17 +231,20 @@ def _run_job(conn, message: dict, rank: int, told_fd: int) -> None:
         except BaseException:  # noqa: BLE001 - DCP's CheckpointException is not an Exception
             traceback.print_exc()
             reply = (message["call"] != "distrain.launch.worker:run", 1)  # a training rank's failure is its status
-        sys.stdout.flush()
-        sys.stderr.flush()
-        conn.send(reply)
-        told.write("answered\n")
-        told.flush()
-        told.write(json.dumps(sorted(set(sys.modules) - before)))
-        told.close()
+        try:
+            data = pickle.dumps((reply, sorted(set(sys.modules) - before)))
+        except Exception:  # noqa: BLE001 - a result that cannot travel fails the job, saying why
+            traceback.print_exc()
+            data = pickle.dumps(((True, f"rank {rank}: the result of {message['call']} cannot be pickled"), []))
+        with os.fdopen(handed_fd, "wb") as handed:
+            handed.write(data)
+        status = 0
+    except BaseException:  # noqa: BLE001 - a bug of this harness: its traceback, and the rank answers for the child
+        traceback.print_exc()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(status)
 
 
 if __name__ == "__main__":
