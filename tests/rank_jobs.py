@@ -141,9 +141,12 @@ def unsharded_when_the_last_block_runs(recipe: str, overrides: list[str]) -> lis
     return sorted(held)
 
 
-def abort_on(rank: int) -> None:
-    """Rank `rank` dies as a native crash does (SIGABRT), without answering; the others return."""
+def abort_on(rank: int, once: str | None = None) -> None:
+    """Rank `rank` dies as a native crash does (SIGABRT), without answering; the others return.
+    With `once` (a file path), only while that file does not exist: the first try creates it."""
     import os
 
-    if int(os.environ.get("RANK", 0)) == rank:
+    if int(os.environ.get("RANK", 0)) == rank and not (once and os.path.exists(once)):
+        if once:
+            open(once, "w").close()
         os.abort()
