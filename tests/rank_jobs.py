@@ -20,6 +20,28 @@ def count_step(recipe: str, overrides: list[str]) -> dict:
         return {"bus": dict(comm.bus), "collectives": dict(comm.calls), "grouped_mm": ops.calls["aten._grouped_mm"]}
 
 
+def asynchronous_collectives(recipe: str, overrides: list[str]) -> int:
+    """Two training steps: how many collectives went through torch's asynchronous functional
+    collectives (the ones DTensor's redistribute issues, wrapped in `AsyncCollectiveTensor`)."""
+    import torch.distributed._functional_collectives as funcol
+    from layouts import trainer_in_own_group  # scripts/bench, on the ranks' path
+
+    wrap, calls = funcol._maybe_wrap_tensor, [0]
+
+    def counted(tensor):
+        calls[0] += 1
+        return wrap(tensor)
+
+    funcol._maybe_wrap_tensor = counted
+    try:
+        with trainer_in_own_group(recipe, overrides) as trainer:
+            for _ in range(2):
+                trainer.train_step(trainer.train_loader.next_batch())
+    finally:
+        funcol._maybe_wrap_tensor = wrap
+    return calls[0]
+
+
 def all_to_all_windows(recipe: str, overrides: list[str]) -> dict:
     """One warm-up step, then one recorded step: for each all-to-all of rows (started, then waited
     on), the matmuls (dense or grouped) dispatched while it was in flight, in forward and in

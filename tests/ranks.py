@@ -115,10 +115,10 @@ class Ranks:
         initializes and destroys its process group; an exception is a failed job.
 
         A job whose rank's process died in native code (a signal) runs once more, with a warning
-        that names the rank, the signal and the Python stack it died in: a gloo rank on CPU was
-        seen to die of a heap corruption, seldom and at random steps, inside torch's asynchronous
-        collectives (DTensor's reduce-scatter of phi's biased rowwise projections under SP; CI
-        stop 20 and a run of stop 21). A job that dies twice fails."""
+        that names the rank, the signal and the Python stack it died in (a gloo rank on CPU died
+        of a heap corruption at random steps inside DTensor's asynchronous reduce-scatter, CI stop
+        20: distrain's TP no longer issues those, `test_tp_collectives_are_waited_where_they_are_issued`;
+        a warning here is a crash to look into). A job that dies twice fails."""
         from distrain.train.stop import STOP_STATUSES
 
         assert nproc <= self.world, f"the test ranks are {self.world}; the job asks for {nproc}"

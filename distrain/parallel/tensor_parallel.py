@@ -4,8 +4,9 @@ The plan's keys (module patterns relative to the base model) and styles are read
 mapped onto shardings of the parameters (DTensors on the TP mesh: FSDP, checkpoints and the plan
 read their placements). The linear projections compute on their local shards with explicit
 functional collectives where the layout changes (`_Move`), as Megatron does: DTensor's dispatch of
-every op cost about 20% of a small TP step. The lm_head (its DTensor logits feed the loss) and
-rowwise projections with a bias keep torch's DTensor styles.
+every op cost about 20% of a small TP step. No TP collective goes through DTensor: torch's
+DTensor styles issue asynchronous functional collectives, and one of them (a rowwise
+reduce-scatter under SP on gloo) crashed a rank in native code at random steps.
 
 - "colwise": weight (and bias) sharded on the output features; input replicated.
 - "rowwise": weight sharded on the input features; output all-reduced to replicated, or with SP
@@ -51,9 +52,9 @@ import re
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from distrain.config.schema import ConfigError
@@ -254,10 +255,7 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool, 
     if not getattr(model.config, "base_model_tp_plan", None):
         _localize_head_counts(model, plan, tp_mesh.size())
     modules = dict(model.named_modules())
-    sequence = Shard(1)
-    output = sequence if sp else Replicate()
-    styles: dict[str, object] = {}
-    gather_points, regions, partial_modules = set(), [], []
+    gather_points, regions, partial_modules, sliced_biases = set(), [], [], []
     for name, style in plan.items():
         parent = name.rsplit(".", 1)[0]
         if name not in modules:
@@ -265,10 +263,10 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool, 
         if style in ("colwise", "colwise_gather_output"):
             _shard_linear(modules[name], style, tp_mesh, sp)
             gather_points.add(parent)
-        elif style in ("rowwise", "rowwise_split_input") and modules[name].bias is None:
+        elif style in ("rowwise", "rowwise_split_input"):
             _shard_linear(modules[name], style, tp_mesh, sp)
-        elif style in ("rowwise", "rowwise_split_input"):  # a bias added once, after the reduction: DTensor's
-            styles[name] = RowwiseParallel(input_layouts=Replicate() if style == "rowwise_split_input" else Shard(-1), output_layouts=output)
+            if sp and modules[name].bias is not None:
+                sliced_biases.append(f"{name}.bias")  # added to this rank's slice of the sequence
         elif style == "replicated_with_grad_allreduce":
             partial_modules.append(name)
         elif style == "moe_tp_experts":
@@ -280,13 +278,11 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool, 
                 _distribute_parameter(linear, param_name, Shard(0) if style == "colwise_partial" else Shard(1), tp_mesh)
             _run_on_local_shards(linear)
     names = {module: name for name, module in modules.items()}
-    head_name = names[spec.lm_head]
-    styles[head_name] = ColwiseParallel(input_layouts=output, output_layouts=Shard(-1), use_local_output=False)
     # NOTE: a tied embedding / lm_head weight is sharded the same way by both (vocab on dim 0);
     #       the second distribute wraps it in a new Parameter, so the tie is restored.
     with keep_tied(model):
         _shard_embedding(spec.embeddings, tp_mesh)
-        parallelize_module(model, tp_mesh, styles)
+        _shard_lm_head(spec.lm_head, tp_mesh, sp)
 
     # NOTE: a module whose colwise projections share one input (q/k/v, gate/up), or an expert-TP
     #       MoE block (router and experts all read it), gets that input whole on every rank. Its
@@ -314,6 +310,7 @@ def apply_tensor_parallel(model: nn.Module, spec: ModelSpec, tp_mesh, sp: bool, 
             block.module.register_forward_hook(_MoveOutput(tp_mesh, _GATHER))
             partial_modules.append(block.name)
     partial = [f"{m}.{p}" for m in partial_modules for p, param in modules[m].named_parameters() if not isinstance(param, DTensor)]
+    partial += sliced_biases
     if sp:
         # NOTE: under SP what runs outside the modules entered above (norms of the residual stream,
         #       MoE blocks outside TP) sees this rank's slice of the sequence: partial gradients;
@@ -347,19 +344,37 @@ def _shard_linear(linear: nn.Linear, style: str, tp_mesh, sp: bool) -> None:
     the collectives are explicit (`_Move`), which spares the DTensor dispatch of every op.
     colwise: weight and bias sharded on the output features; the input comes replicated (entered
     once per module by a `_MoveInput` hook); "colwise_gather_output" all-gathers the features.
-    rowwise (no bias): weight sharded on the input features; its partial output is all-reduced,
-    or reduce-scattered onto the sequence under SP; "rowwise_split_input" first takes this
-    rank's slice of a replicated input."""
+    rowwise: weight sharded on the input features; its partial output is all-reduced, or
+    reduce-scattered onto the sequence under SP, and a bias (replicated) is added once, after
+    that (under SP to this rank's slice: its gradient is partial over TP); "rowwise_split_input"
+    first takes this rank's slice of a replicated input."""
     colwise = style.startswith("colwise")
     for param_name, _ in list(linear.named_parameters(recurse=False)):
-        _distribute_parameter(linear, param_name, Shard(0) if colwise else Shard(1), tp_mesh)
-    _run_on_local_shards(linear)
+        placement = Shard(0) if colwise else Replicate() if param_name == "bias" else Shard(1)
+        _distribute_parameter(linear, param_name, placement, tp_mesh)
+    if colwise or linear.bias is None:
+        _run_on_local_shards(linear)
+    else:
+        def biased_rowwise(x):
+            partial = F.linear(x, linear.weight.to_local())
+            return _move(partial, *_LEAVE[sp], 1, tp_mesh) + linear.bias.to_local()
+
+        linear.forward = biased_rowwise
     if style == "colwise_gather_output":
         linear.register_forward_hook(_MoveOutput(tp_mesh, _GATHER, dim=-1))
     if style == "rowwise_split_input":
         linear.register_forward_pre_hook(_MoveInput(tp_mesh, _SPLIT, dim=-1), with_kwargs=True)
-    if not colwise:
+    if not colwise and linear.bias is None:
         linear.register_forward_hook(_MoveOutput(tp_mesh, _LEAVE[sp]))
+
+
+def _shard_lm_head(head: nn.Linear, tp_mesh, sp: bool) -> None:
+    """The lm_head colwise on the vocabulary: it enters the whole sequence (all-gathered under
+    SP) and its logits stay sharded, handed on as a DTensor `Shard(-1)` (no collective: the loss
+    reads the local shard, `vocab_parallel_cross_entropy`)."""
+    _shard_linear(head, "colwise", tp_mesh, sp)
+    head.register_forward_pre_hook(_MoveInput(tp_mesh, _ENTER[sp]), with_kwargs=True)
+    head.register_forward_hook(lambda module, args, out: DTensor.from_local(out, tp_mesh, [Shard(-1)], run_check=False))
 
 
 def _shard_embedding(embedding: nn.Embedding, tp_mesh) -> None:
