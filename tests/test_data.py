@@ -42,6 +42,20 @@ def test_stdlib_corpus_is_cached_and_round_trips(corpus, data_cache):
     assert corpus.train.tokens[end - 1] == tokenizer.eos_token_id
 
 
+def test_stdlib_files_come_in_sorted_path_order_without_installed_packages(tmp_path):
+    """The lazy walk (`_python_files`) yields exactly `sorted(rglob("*.py"))` outside installed
+    packages: a folder before a file named like it plus ".py", nested folders, a symlinked folder."""
+    from distrain.data.corpus import _python_files
+
+    for name in ["json/__init__.py", "json.py", "a/b/c.py", "a/b.py", "a/b/z/x.py", "a_b.py", "A.py", "site-packages/p.py",
+                 "x/dist-packages/q.py", "notes.txt", "x/y.py"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    expected = [p for p in sorted(tmp_path.rglob("*.py")) if not {"site-packages", "dist-packages"} & set(p.parts)]
+    assert list(_python_files(tmp_path)) == expected and len(expected) == 8
+
+
 def test_store_files_are_mapped_read_only_and_shared(corpus):
     """The token files are shared read-only mappings ("r--s"): a private writable (copy-on-write)
     one would charge the whole file to every rank's committed memory."""

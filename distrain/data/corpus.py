@@ -172,11 +172,9 @@ def _tokenizer_fingerprint(tokenizer: str | None):
 
 
 def _stdlib_files(max_bytes: int) -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
+    """The standard library's first non-empty .py files in path order, up to `max_bytes`."""
     files, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts or "dist-packages" in path.parts:
-            continue
+    for path in _python_files(Path(sysconfig.get_paths()["stdlib"])):
         size = path.stat().st_size
         if size == 0:
             continue
@@ -185,6 +183,18 @@ def _stdlib_files(max_bytes: int) -> list[Path]:
         if total >= max_bytes:
             break
     return files
+
+
+def _python_files(folder: Path):
+    """The .py files under `folder` in the order of `sorted(folder.rglob("*.py"))`, lazily (a
+    depth-first walk, each folder's entries by name), not entering installed packages: the
+    corpus takes the first few, and listing the whole standard library took about 0.5 s."""
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.is_dir() and not entry.is_symlink():
+            if entry.name not in ("site-packages", "dist-packages"):
+                yield from _python_files(entry)
+        elif entry.suffix == ".py":
+            yield entry
 
 
 def _build_stdlib(files: list[Path], cfg: DataConfig, folder: Path) -> None:
