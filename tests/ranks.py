@@ -185,6 +185,11 @@ def _serve(address: str, rank: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
     for module in PRELOAD:
         importlib.import_module(module)
+    # NOTE: transformers builds its table of checkpoint key conversions (about 1,100 regular
+    #       expressions: 1.1 s of every rank of every job) on first use: once here, for all
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    get_checkpoint_conversion_mapping("llama")
     learning = True
     conn.send(rank)
     while True:
