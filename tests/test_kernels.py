@@ -13,10 +13,11 @@ import torch
 
 from conftest import REPO
 
-# rows per expert (empty experts included), K, N: tiles partly filled, K and N not multiples of 16
+# rows per expert (empty experts included), K, N: tiles partly filled, K and N not multiples of 16,
+# an expert over several row tiles and K over several tiles (the interpreter's tiles are 32 wide)
 CASES = {
     "random groups, empty experts": ([3, 0, 17, 1, 0, 9], 40, 24),
-    "every row on one expert": ([0, 0, 21, 0], 32, 16),
+    "every row on one expert": ([0, 0, 45, 0], 48, 16),
     "a single row": ([0, 1, 0], 20, 12),
     "K not a multiple of the tile": ([5, 6, 7], 37, 33),
 }

@@ -204,7 +204,8 @@ def test_triton_kernels_train_like_torch(tmp_path, ranks, tiny):
     grouped GEMMs on the rows each rank received)."""
     from conftest import read_metrics
 
-    common = ["recipe=qwen3_moe_debug", *tiny, "train.steps=3", "train.seq_len=32", "eval.interval=0", "checkpoint.interval=0",
+    common = ["recipe=qwen3_moe_debug", *tiny, "train.steps=3", "train.seq_len=16", "train.global_batch_size=2", "train.micro_batch_size=1",
+              "eval.interval=0", "checkpoint.interval=0",
               "checkpoint.export=false", "moe.aux_loss_coef=0"]
     for layout in ([], ["launcher.nproc_per_node=2", "parallel.ep=2"]):
         runs = {}
