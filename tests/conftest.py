@@ -70,6 +70,44 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None =
     return proc
 
 
+def run_cli_here(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`distrain ARGS` that starts no worker (input refused before spawn, `distrain plan`), run in
+    this process: the CLI's own entry (`distrain.cli.main`: composing, checking, the one line,
+    the exit status) without the 7 s of a new interpreter importing torch and transformers (tests
+    of what the command does as a process, and of anything read at import time, such as
+    HF_HUB_OFFLINE, use `run_cli`). Input that gets past every check fails here instead of
+    starting workers; signal handlers, environment, working directory and the run-directory lock
+    are restored after."""
+    import contextlib
+    import io
+    import signal
+    from unittest import mock
+
+    import distrain.cli as cli
+    import distrain.launch
+    from distrain.launch.run_dir import release
+
+    def no_workers(job):
+        raise AssertionError(f"distrain {' '.join(args)} passed every check and was about to start workers")
+
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    status, here = 0, os.getcwd()
+    with mock.patch.dict(os.environ), mock.patch.object(distrain.launch, "launch", no_workers), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        os.chdir(cwd)
+        try:
+            cli.main(args)
+        except SystemExit as exit_:
+            status = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            os.chdir(here)
+            release()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+    return subprocess.CompletedProcess(["distrain", *args], status, out.getvalue(), err.getvalue())
+
+
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     return proc

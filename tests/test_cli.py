@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import check_ok, read_metrics, run_cli
+from conftest import check_ok, read_metrics, run_cli, run_cli_here
 
 REQUIRED_KEYS = {"step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu"}
 
@@ -98,7 +98,7 @@ def test_dotted_overrides_and_group_override(tmp_path):
     ],
 )
 def test_config_errors_exit_2_naming_the_key(tmp_path, override, key):
-    proc = run_cli(["train", "recipe=qwen3_moe_debug", override], tmp_path)
+    proc = run_cli_here(["train", "recipe=qwen3_moe_debug", override], tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0], proc.stderr
@@ -111,7 +111,7 @@ def test_unknown_recipe_exits_2(tmp_path):
 
 
 def test_plan_prints_per_rank_memory(tmp_path):
-    proc = check_ok(run_cli(["plan", "recipe=qwen3_moe_debug"], tmp_path))
+    proc = check_ok(run_cli_here(["plan", "recipe=qwen3_moe_debug"], tmp_path))
     from distrain.config import load_job
     from distrain.models import build_config, build_meta_model
 
@@ -123,7 +123,7 @@ def test_plan_prints_per_rank_memory(tmp_path):
 
 
 def test_plan_shows_roles_and_the_tp_styles_applied(tmp_path):
-    proc = check_ok(run_cli(["plan", "recipe=qwen3_moe_debug", "launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true"], tmp_path))
+    proc = check_ok(run_cli_here(["plan", "recipe=qwen3_moe_debug", "launcher.nproc_per_node=2", "parallel.tp=2", "parallel.sp=true"], tmp_path))
     assert "final norm model.norm; block roles: self_attn=attention, mlp=moe, input_layernorm=norm" in proc.stdout
     assert "mlp.experts=moe_tp_experts, mlp.experts.gate_up_proj=packed_colwise" in proc.stdout
     # each rank holds a slice of the gate rows and one of the up rows of every expert

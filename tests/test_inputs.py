@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from conftest import check_ok, run_cli
+from conftest import check_ok, run_cli, run_cli_here
 
 DATA = ["data.max_bytes=600000", "data.vocab_size=1024", "train.steps=1"]
 
@@ -53,7 +53,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
     args = [a.format(root=tmp_path) for a in args]
     recipe = [] if any(a.startswith("recipe=") for a in args) else ["recipe=qwen3_moe_debug"]
     run_dir = [] if any(a.startswith("run.dir=") for a in args) else [f"run.dir={tmp_path / 'run'}"]
-    proc = run_cli(["train", *recipe, *args, *DATA, f"data.cache_dir={tmp_path / 'cache'}", *run_dir], tmp_path, env=env)
+    command = ["train", *recipe, *args, *DATA, f"data.cache_dir={tmp_path / 'cache'}", *run_dir]
+    # (huggingface_hub reads HF_HUB_OFFLINE when imported: that case needs a process of its own)
+    proc = run_cli(command, tmp_path, env=env) if env else run_cli_here(command, tmp_path)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -62,14 +64,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
 
 
 def test_warmup_longer_than_the_run_is_one_warning_not_a_refusal(tmp_path):
-    proc = check_ok(run_cli(["plan", "recipe=qwen3_moe_debug", "optim.warmup_steps=50", "train.steps=10"], tmp_path))
+    proc = check_ok(run_cli_here(["plan", "recipe=qwen3_moe_debug", "optim.warmup_steps=50", "train.steps=10"], tmp_path))
     warnings = [line for line in proc.stderr.splitlines() if "optim.warmup_steps=50" in line]
     assert warnings == ["warning: optim.warmup_steps=50 is more than train.steps=10: the learning rate never reaches optim.lr in this run"]
 
 
 def test_an_eval_smaller_than_the_data_parallel_ranks_is_one_warning(tmp_path):
     args = ["plan", "recipe=qwen3_moe_debug", "launcher.nproc_per_node=4", "train.global_batch_size=4", "train.micro_batch_size=1", "eval.batches=2"]
-    proc = check_ok(run_cli(args, tmp_path))
+    proc = check_ok(run_cli_here(args, tmp_path))
     warnings = [line for line in proc.stderr.splitlines() if "eval.batches" in line]
     assert warnings == ["warning: eval.batches x train.micro_batch_size = 2 held-out sample(s) for 4 data-parallel ranks: 2 rank(s) "
                         "evaluate nothing; eval.batches=4 or more gives each one sample"], proc.stderr
@@ -77,17 +79,17 @@ def test_an_eval_smaller_than_the_data_parallel_ranks_is_one_warning(tmp_path):
 
 def test_an_indivisible_batch_names_values_that_work(tmp_path):
     args = ["plan", "recipe=qwen3_moe_debug", "launcher.nproc_per_node=3", "train.global_batch_size=8", "train.micro_batch_size=4"]
-    proc = run_cli(args, tmp_path)
+    proc = run_cli_here(args, tmp_path)
     assert proc.returncode == 2
     fixes = re.findall(r"(train\.\w+=\d+)", proc.stderr.strip().splitlines()[-1].split("; e.g.")[-1])
     assert fixes == ["train.global_batch_size=12"], proc.stderr  # no micro-batch size divides 8 over 3 ranks
     for fix in fixes:
-        check_ok(run_cli([*args, fix], tmp_path))
-    proc = run_cli(["plan", "recipe=qwen3_moe_debug", "launcher.nproc_per_node=2", "train.global_batch_size=12", "train.micro_batch_size=4"], tmp_path)
+        check_ok(run_cli_here([*args, fix], tmp_path))
+    proc = run_cli_here(["plan", "recipe=qwen3_moe_debug", "launcher.nproc_per_node=2", "train.global_batch_size=12", "train.micro_batch_size=4"], tmp_path)
     fixes = re.findall(r"(train\.\w+=\d+)", proc.stderr.strip().splitlines()[-1].split("; e.g.")[-1])
     assert fixes == ["train.global_batch_size=16", "train.micro_batch_size=3"], proc.stderr
     for fix in fixes:
-        check_ok(run_cli(["plan", "recipe=qwen3_moe_debug", "launcher.nproc_per_node=2", "train.global_batch_size=12", "train.micro_batch_size=4", fix],
+        check_ok(run_cli_here(["plan", "recipe=qwen3_moe_debug", "launcher.nproc_per_node=2", "train.global_batch_size=12", "train.micro_batch_size=4", fix],
                          tmp_path))
 
 
@@ -97,7 +99,7 @@ def test_resuming_another_model_is_refused_and_touches_nothing(tmp_path, tiny):
                      tmp_path))
     config = (run_dir / "config.yaml").read_text()
     checkpoint = sorted((run_dir / "checkpoints").iterdir())
-    proc = run_cli(["train", "recipe=qwen3_moe_debug", *tiny, "++model.config.num_hidden_layers=3", "train.steps=2", f"run.dir={run_dir}"], tmp_path)
+    proc = run_cli_here(["train", "recipe=qwen3_moe_debug", *tiny, "++model.config.num_hidden_layers=3", "train.steps=2", f"run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "holds another model" in last and "model.config.num_hidden_layers: 2 -> 3" in last and "start fresh in another run.dir" in last, last

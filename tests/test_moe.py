@@ -174,7 +174,7 @@ def _saved_deepseek(folder, skew: float):
 
 @pytest.mark.slow
 def test_bias_update_balances_a_skewed_router(tmp_path, data_cache):
-    from conftest import check_ok, read_metrics, run_cli
+    from conftest import check_ok, read_metrics, run_cli, run_cli_here
 
     model = _saved_deepseek(tmp_path / "model", skew=0.1)
     common = ["train", "recipe=qwen3_moe_debug", "model=pretrained", f"model.name_or_path={model}", "data.vocab_size=1024",
@@ -193,7 +193,7 @@ def test_bias_update_balances_a_skewed_router(tmp_path, data_cache):
     assert last[0.005] < 2.5, worst[0.005]  # with updates the load evens out
 
     # a rate on routers without a correction bias is refused before any worker starts
-    refused = run_cli(["train", "recipe=qwen3_moe_debug", "moe.bias_update_rate=0.001"], tmp_path)
+    refused = run_cli_here(["train", "recipe=qwen3_moe_debug", "moe.bias_update_rate=0.001"], tmp_path)
     assert refused.returncode == 2 and "e_score_correction_bias" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import check_ok, read_metrics, run_cli
+from conftest import check_ok, read_metrics, run_cli, run_cli_here
 
-STEPS = 20
+STEPS = 10
 MULTI = {"OMP_NUM_THREADS": "1"}
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -239,7 +239,7 @@ def test_capacity_layouts_match_single_process(tmp_path, ranks, saved_models, da
     ],
 )
 def test_invalid_layouts_exit_2_before_any_worker(tmp_path, layout, key):
-    proc = run_cli(["train", "recipe=qwen3_moe_debug", *layout], tmp_path)
+    proc = run_cli_here(["train", "recipe=qwen3_moe_debug", *layout], tmp_path)
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert key in line and ("e.g." in line or "use parallel" in line), line
@@ -274,7 +274,7 @@ def test_a_failing_rank_ends_the_job(tmp_path, tiny):
     ],
 )
 def test_tp_on_unmapped_plans_exits_2(tmp_path, saved_models, architecture, extra, style):
-    proc = run_cli(["train", "recipe=qwen3_moe_debug", "model=pretrained", f"model.name_or_path={saved_models[architecture]}",
+    proc = run_cli_here(["train", "recipe=qwen3_moe_debug", "model=pretrained", f"model.name_or_path={saved_models[architecture]}",
                     "launcher.nproc_per_node=2", "parallel.tp=2", "data.vocab_size=1024", "model.attn_implementation=eager", *extra], tmp_path)
     assert proc.returncode == 2 and style in proc.stderr and "parallel.tp=1" in proc.stderr, proc.stderr
 
@@ -283,7 +283,7 @@ def test_a_model_that_attends_across_documents_is_refused(tmp_path, ranks, saved
     """Bloom's alibi attention ignores position ids, so packing's document isolation does not hold:
     refused before spawn with one line naming data.document_masking; with it off, it trains."""
     args = [*common_args(saved_models["bloom"], data_cache, tmp_path / "run"), "model.attn_implementation=eager", "train.steps=2"]
-    proc = run_cli(["train", *args], tmp_path)
+    proc = run_cli_here(["train", *args], tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "Bloom" in proc.stderr and "data.document_masking=false" in proc.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
     ranks.train([*args, "data.document_masking=false"])
@@ -302,7 +302,7 @@ def _plan_bytes(stdout: str) -> dict[str, int]:
 )
 def test_plan_reports_the_bytes_the_shards_hold(tmp_path, ranks, saved_models, data_cache, architecture, layout):
     args = [*common_args(saved_models[architecture], data_cache, tmp_path / "run"), *LAYOUTS[layout], "train.steps=1"]
-    plan = check_ok(run_cli(["plan", *args], tmp_path)).stdout
+    plan = check_ok(run_cli_here(["plan", *args], tmp_path)).stdout
     if "ep=" in layout:  # 4 experts over 2 EP ranks, FSDP-sharded over the other 2 ranks of dp_shard
         assert "EP rank r holds experts 0: 0-1, 1: 2-3 of every MoE layer (2 of 4), FSDP-sharded over 2 rank(s)" in plan, plan
         assert re.search(r"experts\.gate_up_proj\s+\[4, 64, 64\] -> \[1, 64, 64\]\s+efsdp: _S\(0, 2\), ep: S\(0\)", plan), plan
@@ -704,7 +704,7 @@ def test_import_memory_per_rank_stays_below_half_the_model(tmp_path, ranks, data
 def test_pretrained_weights_missing_tensors_exit_2_before_any_worker(tmp_path, saved_models, data_cache):
     """A config asking for more layers than the safetensors hold is refused before spawn, naming the
     first tensors without weights."""
-    proc = run_cli(["train", *common_args(saved_models["qwen3_moe"], data_cache, tmp_path / "run"), "++model.config.num_hidden_layers=3"], tmp_path)
+    proc = run_cli_here(["train", *common_args(saved_models["qwen3_moe"], data_cache, tmp_path / "run"), "++model.config.num_hidden_layers=3"], tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "no weights for" in proc.stderr and "model.layers.2." in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
