@@ -352,20 +352,18 @@ def _shard_linear(linear: nn.Linear, style: str, tp_mesh, sp: bool) -> None:
     for param_name, _ in list(linear.named_parameters(recurse=False)):
         placement = Shard(0) if colwise else Replicate() if param_name == "bias" else Shard(1)
         _distribute_parameter(linear, param_name, placement, tp_mesh)
-    if colwise or linear.bias is None:
+    if colwise:
         _run_on_local_shards(linear)
     else:
-        def biased_rowwise(x):
-            partial = F.linear(x, linear.weight.to_local())
-            return _move(partial, *_LEAVE[sp], 1, tp_mesh) + linear.bias.to_local()
+        def rowwise(x):
+            out = _move(F.linear(x, linear.weight.to_local()), *_LEAVE[sp], 1, tp_mesh)
+            return out if linear.bias is None else out + linear.bias.to_local()
 
-        linear.forward = biased_rowwise
+        linear.forward = rowwise
     if style == "colwise_gather_output":
         linear.register_forward_hook(_MoveOutput(tp_mesh, _GATHER, dim=-1))
     if style == "rowwise_split_input":
         linear.register_forward_pre_hook(_MoveInput(tp_mesh, _SPLIT, dim=-1), with_kwargs=True)
-    if not colwise and linear.bias is None:
-        linear.register_forward_hook(_MoveOutput(tp_mesh, _LEAVE[sp]))
 
 
 def _shard_lm_head(head: nn.Linear, tp_mesh, sp: bool) -> None:
