@@ -65,7 +65,10 @@ fi
 
 if [ "$PART" = kernels ]; then
     # each part under its own time limit, so one slow part leaves the others their turn
-    timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench/moe_kernels.py --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/moe_kernels.log"
+    # KERNEL_BENCH=0 skips the benchmark, FP32_REF=0 the fp32 run (a short lease: the end-to-end pair alone)
+    if [ "${KERNEL_BENCH:-1}" = 1 ]; then
+        timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench/moe_kernels.py --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/moe_kernels.log"
+    fi
     # two layers of Qwen3-30B-A3B's MoE shapes (1.2B parameters): 16k tokens a step in two micro-batches
     size="++model.config.hidden_size=2048 ++model.config.moe_intermediate_size=768 ++model.config.num_experts=128 ++model.config.num_experts_per_tok=8 ++model.config.num_hidden_layers=2 ++model.config.num_attention_heads=16 ++model.config.num_key_value_heads=4 train.seq_len=2048 train.global_batch_size=8 train.micro_batch_size=4 logging.peak_flops=null"
     # bf16 with each kernel, and the torch path in fp32 as the reference both bf16 runs are measured against
@@ -74,8 +77,10 @@ if [ "$PART" = kernels ]; then
     TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-110} train moe_kernel_torch $size $common moe.kernel=torch run.dir=/tmp/k_torch
     # shellcheck disable=SC2086
     TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-110} train moe_kernel_triton $size $common moe.kernel=triton run.dir=/tmp/k_triton
-    # shellcheck disable=SC2086
-    TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-110} train moe_kernel_fp32 $size $common moe.kernel=torch train.mixed_precision=fp32 run.dir=/tmp/k_fp32
+    if [ "${FP32_REF:-1}" = 1 ]; then
+        # shellcheck disable=SC2086
+        TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-110} train moe_kernel_fp32 $size $common moe.kernel=torch train.mixed_precision=fp32 run.dir=/tmp/k_fp32
+    fi
     python3 - <<'EOF'
 import json, os, statistics
 runs = {k: [json.loads(l) for l in open(f"/tmp/k_{k}/metrics.jsonl")] for k in ("torch", "triton", "fp32") if os.path.exists(f"/tmp/k_{k}/metrics.jsonl")}

@@ -71,6 +71,28 @@ def test_kernels_match_the_torch_twin(case, mode, dtype):
     _check(mode, counts, k, n, dtype)
 
 
+def test_a_gradient_in_another_dtype_is_cast_to_the_operands():
+    """On CUDA under bf16 autocast the down GEMM's backward was handed an fp32 output gradient
+    (torch 2.11, an H200): the compiled kernel refused fp32 x bf16 operands, where the interpreter's
+    upcast hid it. The backward computes in the operands' dtype, and a mix at a launch is an error."""
+    from types import SimpleNamespace
+
+    from distrain.kernels.grouped_gemm import _backward, grouped_mm
+
+    # the down GEMM: rows in expert order, each scaled, scattered to its (token, k) slot, k slots summed
+    slots, offsets, tokens = _routing([3, 0, 5], 2, seed=0)
+    a, b = torch.randn(slots.numel(), 40).bfloat16(), torch.randn(3, 40, 24).bfloat16()
+    scale = torch.rand(slots.numel()).bfloat16()
+    ctx = SimpleNamespace(saved_tensors=(a, b, offsets, None, slots, scale), gather_div=1, sum_k=2, needs_input_grad=[True, True] + [False] * 4 + [True])
+    grad = torch.randn(tokens, 24)
+    got = _backward(ctx, grad)
+    want = _backward(ctx, grad.bfloat16())
+    for x, y in zip(got, want):
+        assert (x is None) == (y is None) and (x is None or (x.dtype == torch.bfloat16 and torch.equal(x, y)))
+    with pytest.raises(TypeError, match="float32 and torch.bfloat16"):
+        grouped_mm(a.float(), b, offsets, None, 1, None, None, slots.numel())
+
+
 def test_the_builds_for_sm80_and_sm90_use_tensor_cores(tmp_path):
     """Every autotuning config of both kernels compiles for sm90 with warpgroup MMA (wgmma) and
     for sm80 with mma.sync, in bf16, within the chip's shared memory, its sm90 loop pipelined

@@ -185,11 +185,18 @@ def _tuned(kind: str):
 
 
 
+def _same_dtype(a: torch.Tensor, b: torch.Tensor) -> None:
+    # the compiled kernels' dot takes one dtype (the interpreter's upcast would hide a mix)
+    if a.dtype != b.dtype:
+        raise TypeError(f"distrain grouped GEMM: operands in {a.dtype} and {b.dtype}; cast them to one dtype first")
+
+
 def _rows_bucket(rows: int, num_experts: int) -> int:
     return triton.next_power_of_2(max(1, rows // max(num_experts, 1)))
 
 
 def _launch_mm(a, b, offsets, gather, gather_div: int, scatter, scale, out_rows: int) -> torch.Tensor:
+    _same_dtype(a, b)
     rows = gather.numel() if gather is not None else a.shape[0]
     num_experts, k, n = b.shape
     # NOTE: zeros only where rows stay unwritten (dropped pairs): a scatter of every row (distinct
@@ -211,6 +218,7 @@ def _launch_mm(a, b, offsets, gather, gather_div: int, scatter, scale, out_rows:
 
 
 def _launch_dw(a, g, offsets, a_index, a_div: int, g_index, scale, like) -> torch.Tensor:
+    _same_dtype(a, g)
     out = torch.empty_like(like)  # the weight's layout (a transposed view keeps its strides)
     num_experts, k, n = out.shape
     rows = a_index.numel() if a_index is not None else a.shape[0]
@@ -272,6 +280,9 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad):
     a, b, offsets, gather, scatter, scale = ctx.saved_tensors
     div, sum_k = ctx.gather_div, ctx.sum_k  # the gradient of slot scatter[i] is grad[scatter[i] // sum_k]
+    # NOTE: under CUDA bf16 autocast the down GEMM's output gradient arrived in fp32 (torch 2.11,
+    #       an H200), and the compiled kernels take one dtype
+    grad = grad.to(b.dtype)
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_scale = scale is not None and ctx.needs_input_grad[6]
     rows = gather.numel() if gather is not None else a.shape[0]
