@@ -70,7 +70,7 @@ if [ "$PART" = kernels ]; then
         timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench/moe_kernels.py --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/moe_kernels.log"
     fi
     # two layers of Qwen3-30B-A3B's MoE shapes (1.2B parameters): 16k tokens a step in two micro-batches
-    size="++model.config.hidden_size=2048 ++model.config.moe_intermediate_size=768 ++model.config.num_experts=128 ++model.config.num_experts_per_tok=8 ++model.config.num_hidden_layers=2 ++model.config.num_attention_heads=16 ++model.config.num_key_value_heads=4 train.seq_len=2048 train.global_batch_size=8 train.micro_batch_size=4 logging.peak_flops=null"
+    size="++model.config.hidden_size=2048 ++model.config.moe_intermediate_size=768 ++model.config.num_experts=128 ++model.config.num_experts_per_tok=8 ++model.config.num_hidden_layers=2 ++model.config.num_attention_heads=16 ++model.config.num_key_value_heads=4 train.seq_len=2048 train.global_batch_size=8 train.micro_batch_size=4"
     # bf16 with each kernel, and the torch path in fp32 as the reference both bf16 runs are measured against
     common="train.steps=15 optim.lr=3e-4 checkpoint.interval=0 eval.interval=0 checkpoint.export=false"
     # shellcheck disable=SC2086

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-
 import pytest
+import torch
 
 from distrain.config.schema import ModelConfig, OptimConfig
 from distrain.metrics.flops import active_params, flops_per_token
@@ -52,6 +52,21 @@ def test_tied_lm_head_is_counted_once_as_a_matmul():
     assert spec.tied_embeddings
     total = sum(p.numel() for p in model.parameters())  # the tied table appears once
     assert active_params(model, spec) == total  # embedding excluded, lm_head matmul included
+
+
+def test_a_recipes_cpu_peak_applies_on_cpu_runs_only(monkeypatch):
+    """qwen3_moe_debug's CPU figure (1.7e11) on an H200 gave an MFU of 120-250%: a CPU peak applies
+    to CPU runs; a GPU takes the table; logging.peak_flops is this device's, whatever it is."""
+    from distrain.config import load_job
+    from distrain.metrics.flops import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    logging = load_job("qwen3_moe_debug", []).logging
+    assert logging.peak_flops is None and logging.cpu_peak_flops == 1.7e11
+    assert peak_flops(torch.device("cpu"), logging.peak_flops, logging.cpu_peak_flops) == 1.7e11
+    assert peak_flops(torch.device("cuda", 0), logging.peak_flops, logging.cpu_peak_flops) == 989e12
+    assert peak_flops(torch.device("cuda", 0), 5e14, 1.7e11) == 5e14 and peak_flops(torch.device("cpu"), 5e14, 1.7e11) == 5e14
+    assert peak_flops(torch.device("cpu"), None, None) is None
 
 
 def test_peak_flops_by_gpu_name():

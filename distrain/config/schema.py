@@ -283,13 +283,19 @@ class WandbConfig:
 class LoggingConfig:
     interval: int = 1  # steps between metric records
     console: Literal["progress", "plain"] = "plain"
-    # Peak FLOP/s of one device for MFU. null: looked up for known GPUs; required on CPU.
+    # Peak FLOP/s of one device for MFU, on any device (over the GPU table). null: looked up for
+    # known GPUs, else cpu_peak_flops on a CPU run, else no MFU.
     peak_flops: Optional[float] = None
+    # A CPU's peak, used only where the run trains on the CPU (a recipe's CPU figure gives no
+    # MFU of 250% when the same recipe runs on a GPU).
+    cpu_peak_flops: Optional[float] = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> None:
         _require(self.interval >= 1, f"logging.interval={self.interval}: must be >= 1")
-        _require(self.peak_flops is None or self.peak_flops > 0, f"logging.peak_flops={self.peak_flops}: must be > 0 or null")
+        for key in ("peak_flops", "cpu_peak_flops"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"logging.{key}={value}: must be > 0 or null")
 
 
 @dataclass(frozen=True)

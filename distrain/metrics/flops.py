@@ -66,11 +66,14 @@ def flops_per_token(model: nn.Module, spec: ModelSpec, seq_len: int) -> float:
     return 6 * active_params(model, spec) + attention
 
 
-def peak_flops(device: torch.device, configured: float | None) -> float | None:
-    """Per-device peak FLOP/s: the config's value, else a known GPU's, else None (no MFU)."""
+def peak_flops(device: torch.device, configured: float | None, cpu_configured: float | None = None) -> float | None:
+    """Per-device peak FLOP/s: `logging.peak_flops`, else a known GPU's, else on a CPU
+    `logging.cpu_peak_flops`, else None (no MFU)."""
     if configured is not None:
         return configured
-    return peak_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    if device.type == "cuda":
+        return peak_of(torch.cuda.get_device_name(device))
+    return cpu_configured if device.type == "cpu" else None
 
 
 def peak_of(gpu_name: str) -> float | None:

@@ -162,7 +162,7 @@ class Trainer:
         )
         self.nonfinite_streak = 0
 
-        self.peak_flops = peak_flops(device, job.logging.peak_flops)
+        self.peak_flops = peak_flops(device, job.logging.peak_flops, job.logging.cpu_peak_flops)
         self.state_bytes = None  # this rank's bytes of parameters, gradients, optimizer states
         self.metrics = MetricsLogger(job, self.run_dir, to_dict(job), self.step) if self.is_main else None
         self.profiler = StepProfiler(job.profile, self.run_dir, self.rank, device)
