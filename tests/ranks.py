@@ -90,6 +90,11 @@ class Ranks:
             out.append(f"--- rank {rank} (last {lines} lines)\n" + "\n".join(text[-lines:]))
         return "\n".join(out)
 
+    def job_logs(self, nproc: int) -> list[str]:
+        """What the last job printed on each of its ranks (stdout and stderr)."""
+        marker = f"=== job {self.jobs}: "
+        return [(self.logs / f"rank{rank}.log").read_text(errors="replace").rpartition(marker)[2] for rank in range(nproc)]
+
     def run(self, items: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> list[int]:
         """Compose and validate `distrain train ITEMS`, run it on its ranks and return each
         rank's exit status (rank 0's carries the run's, as with the CLI). A config error is
@@ -102,6 +107,19 @@ class Ranks:
         release()
         return self.call(job.launcher.nproc_per_node, "distrain.launch.worker:run", job, env=env, timeout=timeout, what=" ".join(items))
 
+    def run_killed(self, items: list[str], env: dict[str, str], timeout: float = 300) -> list:
+        """Run `distrain train ITEMS` whose DISTRAIN_FAULT kills it (`kill@...`): as soon as one
+        rank's process dies of SIGKILL the others' are killed too, as the fault kills a job the CLI
+        launched (the launcher and every worker). Returns each rank's (failed, status or how it died)."""
+        from distrain.cli import _load, validate_train
+        from distrain.launch.run_dir import release
+
+        job = _load(items)
+        validate_train(job)
+        release()
+        return self.call(job.launcher.nproc_per_node, "distrain.launch.worker:run", job, env=env, timeout=timeout, what=" ".join(items),
+                         again=False, killed=True)
+
     def train(self, items: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> None:
         """Run a job that must succeed on every rank."""
         statuses = self.run(items, env, timeout)
@@ -109,7 +127,7 @@ class Ranks:
             raise AssertionError(f"job {self.jobs} ({' '.join(items)}) exited {statuses}\n{self.tails()}")
 
     def call(self, nproc: int, function: str, *args, env: dict[str, str] | None = None, timeout: float = 300, what: str = "",
-             again: bool = True) -> list:
+             again: bool = True, killed: bool = False) -> list:
         """`module:function(*args)` on ranks 0..nproc-1 with the torch.distributed environment of
         a world of `nproc` (none for a world of one); returns each rank's result. The function
         initializes and destroys its process group; an exception is a failed job.
@@ -144,12 +162,16 @@ class Ranks:
                 if rank not in results and self.conns[rank].poll(0.05):
                     results[rank] = self.conns[rank].recv()
                     failed, value = results[rank]
+                    if killed and failed and isinstance(value, str) and value.endswith("killed by SIGKILL"):
+                        self._kill_jobs(nproc)
                     if failed or (function.endswith(":run") and value not in (0, *STOP_STATUSES)):
                         deadline = min(deadline, time.monotonic() + 30)  # its peers end soon after it, or never
             if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
                 tails = self.tails()
                 self.stop()
                 raise AssertionError(f"job {self.jobs} ({what}) did not end on every rank within {timeout} s (ended: {results})\n{tails}")
+        if killed:
+            return [results[rank] for rank in range(nproc)]
         died = [value for failed, value in results.values() if failed and isinstance(value, str) and value.startswith(DIED)]
         if died and again:
             warnings.warn(f"job {self.jobs} ({what}): {'; '.join(died)}; running it once more\n{self.tails(40)}", stacklevel=2)
@@ -157,6 +179,18 @@ class Ranks:
         if any(failed for failed, _ in results.values()):
             raise AssertionError(f"job {self.jobs} ({what}) raised on ranks {[r for r, (f, _) in sorted(results.items()) if f]}\n{self.tails()}")
         return [results[rank][1] for rank in range(nproc)]
+
+
+    def _kill_jobs(self, nproc: int) -> None:
+        """SIGKILL the job's process on each of the first `nproc` ranks (each rank's one child)."""
+        from distrain.launch.procs import child_pids
+
+        for proc in self.procs[:nproc]:
+            for pid in child_pids(proc.pid):
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
 
 
 # what every job imports: loaded once, before any job, in the process each job is forked from

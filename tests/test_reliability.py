@@ -393,22 +393,25 @@ KILLS = [
 
 
 @pytest.mark.slow
-def test_kill_9_at_any_moment_of_a_save_resumes_exactly(tmp_path, tiny):
-    """On 2 ranks (one rank runs the same save, less the collectives and the other rank's shards)."""
+def test_kill_9_at_any_moment_of_a_save_resumes_exactly(tmp_path, tiny, ranks):
+    """On 2 ranks (one rank runs the same save, less the collectives and the other rank's shards),
+    in the test ranks: a rank's process that dies of SIGKILL takes the other's with it, as the
+    fault kills a job of the CLI (launcher and workers; the CLI's part is
+    `test_a_killed_launcher_takes_its_workers_and_frees_the_run_directory`)."""
     from distrain.checkpoint.dcp import check_complete
 
     world = 2
     common = ["eval.interval=0", "train.steps=12", "checkpoint.interval=2", "checkpoint.keep=2", f"launcher.nproc_per_node={world}"]
-    check_ok(run_cli(train_args(tiny, tmp_path / "reference", *common), tmp_path, env=MULTI))
+    ranks.train(train_args(tiny, tmp_path / "reference", *common)[1:])
     run_dir = tmp_path / "run"
     for fault, extra in KILLS:
         fault = fault.replace("RANK_LAST", str(world - 1))
-        proc = run_cli(train_args(tiny, run_dir, *common, *extra), tmp_path, env={**MULTI, "DISTRAIN_FAULT": fault})
-        assert proc.returncode == -signal.SIGKILL, (fault, proc.returncode, proc.stderr[-2000:])
+        results = ranks.run_killed(train_args(tiny, run_dir, *common, *extra)[1:], env={"DISTRAIN_FAULT": fault})
+        assert any(value == f"died: rank {rank} killed by SIGKILL" for rank, (_, value) in enumerate(results)), (fault, results)
         for name in checkpoints(run_dir):
             if name.startswith("step_") and name[5:].isdigit():
                 assert check_complete(run_dir / "checkpoints" / name) is None, (fault, name)
-    check_ok(run_cli(train_args(tiny, run_dir, *common), tmp_path, env=MULTI))
+    ranks.train(train_args(tiny, run_dir, *common)[1:])
     assert_same_losses(read_metrics(tmp_path / "reference"), read_metrics(run_dir), range(1, 13))
     assert checkpoints(run_dir) == ["step_00000010", "step_00000012"]
     assert not list((run_dir / "checkpoints" / ".trash").iterdir())  # everything thrown out is gone
