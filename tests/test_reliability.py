@@ -1,5 +1,8 @@
 """Long runs that survive: each test injects a real fault (a kill, a signal, a NaN, a corrupt
-file, a slow export, ranks started apart) through the CLI and checks what a user relies on."""
+file, a slow export, ranks started apart) and checks what a user relies on. What involves the
+launcher (signals, a killed launcher, rendezvous, timeouts) goes through the CLI; what happens in
+the workers runs as jobs of `distrain train` in the test ranks (tests/ranks.py), composed and
+validated as the CLI does."""
 
 from __future__ import annotations
 
@@ -24,6 +27,13 @@ QUIET = ["checkpoint.export=false", "eval.interval=0"]
 
 def train_args(tiny: list[str], run_dir: Path, *extra: str) -> list[str]:
     return ["train", "recipe=qwen3_moe_debug", *tiny, f"run.dir={run_dir}", *extra]
+
+
+def train_here(ranks, tiny: list[str], run_dir: Path, *extra: str, env: dict | None = None) -> tuple[int, list[str]]:
+    """`distrain train` of the run in the test ranks (distrain's rank entry in ranks started once,
+    tests/ranks.py): rank 0's exit status (the run's) and what each rank printed."""
+    statuses = ranks.run(train_args(tiny, run_dir, *extra)[1:], env)
+    return statuses[0], ranks.job_logs(len(statuses))
 
 
 def checkpoints(run_dir: Path) -> list[str]:
@@ -170,11 +180,11 @@ def test_an_export_longer_than_the_collective_timeout_ends_in_success(tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_nonfinite_step_is_skipped_by_every_rank(tmp_path, tiny):
+def test_a_nonfinite_step_is_skipped_by_every_rank(tmp_path, tiny, ranks):
     common = [*QUIET, "train.steps=6", "checkpoint.interval=1", "checkpoint.keep=0", "launcher.nproc_per_node=2"]
     run_dir = tmp_path / "run"
-    proc = check_ok(run_cli(train_args(tiny, run_dir, *common), tmp_path, env={**MULTI, "DISTRAIN_FAULT": "nan@loss:rank=1:step=4"}))
-    assert "step 4: " in proc.stdout and "skipped" in proc.stdout
+    status, logs = train_here(ranks, tiny, run_dir, *common, env={"DISTRAIN_FAULT": "nan@loss:rank=1:step=4"})
+    assert status == 0 and "step 4: " in logs[0] and "skipped" in logs[0], logs[0]
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert records[3]["skipped"] and records[3]["loss"] is None and records[3]["grad_norm"] is None  # valid JSON
@@ -196,7 +206,7 @@ def test_a_nonfinite_step_is_skipped_by_every_rank(tmp_path, tiny):
     state = json.loads(state_file.read_text())
     state["step"], state["data"]["position"] = 4, state["data"]["position"] + 4
     state_file.write_text(json.dumps(state))
-    check_ok(run_cli(train_args(tiny, reference, *common), tmp_path, env=MULTI))
+    ranks.train(train_args(tiny, reference, *common)[1:])
     assert_same_losses(records, read_metrics(reference), range(5, 7))
     final, expected = (read_checkpoint(d / "checkpoints" / "step_00000006", tmp_path) for d in (run_dir, reference))
     for key in expected:
@@ -205,18 +215,17 @@ def test_a_nonfinite_step_is_skipped_by_every_rank(tmp_path, tiny):
 
 
 @pytest.mark.slow
-def test_nonfinite_values_stop_the_run_with_a_finite_checkpoint(tmp_path, tiny):
+def test_nonfinite_values_stop_the_run_with_a_finite_checkpoint(tmp_path, tiny, ranks):
     common = [*QUIET, "train.steps=6", "checkpoint.interval=1", "checkpoint.keep=1"]
     # train.nonfinite=stop: the first non-finite step ends the run; step 3, the last good one, survives
-    stopped = run_cli(train_args(tiny, tmp_path / "stop", *common, "train.nonfinite=stop", "launcher.nproc_per_node=2"), tmp_path,
-                      env={**MULTI, "DISTRAIN_FAULT": "nan@loss:rank=1:step=4"})
-    assert stopped.returncode == 3 and "non-finite" in stopped.stdout and "Traceback" not in stopped.stderr, stopped
+    status, logs = train_here(ranks, tiny, tmp_path / "stop", *common, "train.nonfinite=stop", "launcher.nproc_per_node=2",
+                              env={"DISTRAIN_FAULT": "nan@loss:rank=1:step=4"})
+    assert status == 3 and "non-finite" in logs[0] and not any("Traceback" in log for log in logs), logs
     assert checkpoints(tmp_path / "stop") == ["step_00000003"]
 
     # skip, up to train.max_nonfinite_steps in a row
-    streak = run_cli(train_args(tiny, tmp_path / "streak", *common, "train.max_nonfinite_steps=2"), tmp_path,
-                     env={"DISTRAIN_FAULT": "nan@loss:step=2-6"})
-    assert streak.returncode == 3 and "train.max_nonfinite_steps=2" in streak.stdout, streak
+    status, logs = train_here(ranks, tiny, tmp_path / "streak", *common, "train.max_nonfinite_steps=2", env={"DISTRAIN_FAULT": "nan@loss:step=2-6"})
+    assert status == 3 and "train.max_nonfinite_steps=2" in logs[0], logs
     assert [r["step"] for r in read_metrics(tmp_path / "streak") if r.get("skipped")] == [2, 3, 4]
     # metrics.jsonl stays strict JSON (NaN is not JSON): the non-finite values are null
 
@@ -227,8 +236,8 @@ def test_nonfinite_values_stop_the_run_with_a_finite_checkpoint(tmp_path, tiny):
     assert [r["loss"] for r in records if r.get("skipped")] == [None, None, None]
 
     # a weight gone non-finite (as an overflowing update leaves it) is never checkpointed
-    poisoned = run_cli(train_args(tiny, tmp_path / "poisoned", *common), tmp_path, env={"DISTRAIN_FAULT": "nan@weights:step=3"})
-    assert poisoned.returncode == 3 and "no checkpoint written" in poisoned.stdout, poisoned
+    status, logs = train_here(ranks, tiny, tmp_path / "poisoned", *common, env={"DISTRAIN_FAULT": "nan@weights:step=3"})
+    assert status == 3 and "no checkpoint written" in logs[0], logs
     assert checkpoints(tmp_path / "poisoned") == ["step_00000002"]
     state = read_checkpoint(tmp_path / "poisoned" / "checkpoints" / "step_00000002", tmp_path)
     assert all(torch.isfinite(t).all() for t in state.values() if torch.is_tensor(t))
@@ -237,9 +246,9 @@ def test_nonfinite_values_stop_the_run_with_a_finite_checkpoint(tmp_path, tiny):
 # --------------------------------------------------------------------------- honest resume
 
 
-def test_a_resume_that_changes_the_data_stream_is_refused(tmp_path, tiny):
+def test_a_resume_that_changes_the_data_stream_is_refused(tmp_path, tiny, ranks):
     run_dir = tmp_path / "run"
-    check_ok(run_cli(train_args(tiny, run_dir, *QUIET, "train.steps=2"), tmp_path))
+    ranks.train(train_args(tiny, run_dir, *QUIET, "train.steps=2")[1:])
     config = (run_dir / "config.yaml").read_text()
     for override, key in (("run.seed=1", "run.seed"), ("train.seq_len=32", "train.seq_len"), ("checkpoint.resume=never", "checkpoint.resume=never")):
         proc = run_cli_here(train_args(tiny, run_dir, *QUIET, "train.steps=3", override), tmp_path)
@@ -248,8 +257,8 @@ def test_a_resume_that_changes_the_data_stream_is_refused(tmp_path, tiny):
     assert (run_dir / "config.yaml").read_text() == config and checkpoints(run_dir) == ["step_00000002"]
 
     # other keys may change: the config wins over the checkpoint's optimizer hyperparameters
-    proc = check_ok(run_cli(train_args(tiny, run_dir, *QUIET, "train.steps=3", "optim.weight_decay=0.05", "optim.eps=1e-6"), tmp_path))
-    assert "optim.weight_decay: 0.1 -> 0.05" in proc.stdout and "optim.eps: 1e-08 -> 1e-06" in proc.stdout
+    status, (out,) = train_here(ranks, tiny, run_dir, *QUIET, "train.steps=3", "optim.weight_decay=0.05", "optim.eps=1e-6")
+    assert status == 0 and "optim.weight_decay: 0.1 -> 0.05" in out and "optim.eps: 1e-08 -> 1e-06" in out, out
     state = read_checkpoint(run_dir / "checkpoints" / "step_00000003", tmp_path)
     assert {v for k, v in state.items() if k.endswith(".weight_decay")} == {0.05}
     assert {v for k, v in state.items() if k.endswith(".eps")} == {1e-6}
@@ -258,10 +267,10 @@ def test_a_resume_that_changes_the_data_stream_is_refused(tmp_path, tiny):
     # (a requeue does) continues the new run's own checkpoints, not the path again
     fork = tmp_path / "fork"
     from_path = [*QUIET, "optim.weight_decay=0.05", "optim.eps=1e-6", f"checkpoint.resume={run_dir / 'checkpoints' / 'step_00000002'}"]
-    proc = check_ok(run_cli(train_args(tiny, fork, *from_path, "train.steps=4"), tmp_path))
-    assert "resuming from" in proc.stdout and "step_00000002 at step 2" in proc.stdout
-    proc = check_ok(run_cli(train_args(tiny, fork, *from_path, "train.steps=5"), tmp_path))
-    assert "is ignored" in proc.stdout and f"resuming from {fork}/checkpoints/step_00000004 at step 4" in proc.stdout
+    status, (out,) = train_here(ranks, tiny, fork, *from_path, "train.steps=4")
+    assert status == 0 and "resuming from" in out and "step_00000002 at step 2" in out, out
+    status, (out,) = train_here(ranks, tiny, fork, *from_path, "train.steps=5")
+    assert status == 0 and "is ignored" in out and f"resuming from {fork}/checkpoints/step_00000004 at step 4" in out, out
     assert [r["step"] for r in read_metrics(fork)] == [3, 4, 5]
     # checkpoint.resume=true / false are auto / never
     proc = run_cli_here(train_args(tiny, fork, *QUIET, "train.steps=5", "checkpoint.resume=false"), tmp_path)
@@ -275,10 +284,10 @@ def test_a_model_vocabulary_smaller_than_the_tokenizer_exits_2_before_spawn(tmp_
 
 
 @pytest.mark.slow
-def test_corrupt_checkpoints_are_named_or_skipped(tmp_path, tiny):
+def test_corrupt_checkpoints_are_named_or_skipped(tmp_path, tiny, ranks):
     common = [*QUIET, "train.steps=4", "checkpoint.interval=2", "checkpoint.keep=0"]
     full = tmp_path / "full"
-    check_ok(run_cli(train_args(tiny, full, *common), tmp_path))
+    ranks.train(train_args(tiny, full, *common)[1:])
     run_dir = tmp_path / "run"
     shutil.copytree(full, run_dir)
     shard = max((run_dir / "checkpoints" / "step_00000004").glob("*.distcp"), key=lambda p: p.stat().st_size)
@@ -292,8 +301,8 @@ def test_corrupt_checkpoints_are_named_or_skipped(tmp_path, tiny):
 
     # auto: warns and falls back to the one before, setting the broken one aside (not deleting it)
     (run_dir / "checkpoints" / "step_00000002" / "metadata.bak").rename(run_dir / "checkpoints" / "step_00000002" / ".metadata")
-    proc = check_ok(run_cli(train_args(tiny, run_dir, *common), tmp_path))
-    assert "step_00000004 is unusable" in proc.stdout and "truncated" in proc.stdout and "resuming from" in proc.stdout
+    status, (out,) = train_here(ranks, tiny, run_dir, *common)
+    assert status == 0 and "step_00000004 is unusable" in out and "truncated" in out and "resuming from" in out, out
     assert checkpoints(run_dir) == ["step_00000002", "step_00000004", "step_00000004.corrupt"]
     assert_same_losses(read_metrics(full), read_metrics(run_dir), range(1, 5))
 
@@ -302,8 +311,8 @@ def test_corrupt_checkpoints_are_named_or_skipped(tmp_path, tiny):
     shutil.copytree(full, damaged)
     shard = max((damaged / "checkpoints" / "step_00000004").glob("*.distcp"), key=lambda p: p.stat().st_size)
     shard.write_bytes(os.urandom(shard.stat().st_size))
-    proc = check_ok(run_cli(train_args(tiny, damaged, *common, "launcher.nproc_per_node=2"), tmp_path, env=MULTI))
-    assert "could not be loaded" in proc.stdout and "set aside as step_00000004.corrupt" in proc.stdout, proc.stdout
+    status, logs = train_here(ranks, tiny, damaged, *common, "launcher.nproc_per_node=2")
+    assert status == 0 and "could not be loaded" in logs[0] and "set aside as step_00000004.corrupt" in logs[0], logs[0]
     assert checkpoints(damaged) == ["step_00000002", "step_00000004", "step_00000004.corrupt"]
     assert_same_losses(read_metrics(full), read_metrics(damaged), range(1, 5))
     # as the start of a new run, it is an error naming it
@@ -314,9 +323,9 @@ def test_corrupt_checkpoints_are_named_or_skipped(tmp_path, tiny):
 # --------------------------------------------------------------------------- export keeps files
 
 
-def test_export_never_replaces_what_is_not_an_export(tmp_path, tiny):
+def test_export_never_replaces_what_is_not_an_export(tmp_path, tiny, ranks):
     run_dir = tmp_path / "run"
-    check_ok(run_cli(train_args(tiny, run_dir, *QUIET, "train.steps=1"), tmp_path))
+    ranks.train(train_args(tiny, run_dir, *QUIET, "train.steps=1")[1:])
     checkpoint = run_dir / "checkpoints" / "step_00000001"
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     (tmp_path / "a_file").write_text("keep me")
@@ -329,12 +338,12 @@ def test_export_never_replaces_what_is_not_an_export(tmp_path, tiny):
     assert (tmp_path / "a_file").read_text() == "keep me"
 
     out = tmp_path / "out"
-    check_ok(run_cli(["export", str(checkpoint), str(out)], tmp_path))
+    check_ok(run_cli_here(["export", str(checkpoint), str(out)], tmp_path))
     again = run_cli_here(["export", str(checkpoint), str(out)], tmp_path)
     assert again.returncode == 2 and "--force" in again.stderr
     failed = run_cli(["export", str(checkpoint), str(out), "--force"], tmp_path, env={"DISTRAIN_FAULT": "raise@export"})
     assert failed.returncode == 1 and (out / "model.safetensors").exists()  # the previous export is intact
-    check_ok(run_cli(["export", str(checkpoint), str(out), "--force"], tmp_path))
+    check_ok(run_cli_here(["export", str(checkpoint), str(out), "--force"], tmp_path))
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".old")]
 
     from transformers import AutoModelForCausalLM

@@ -1,4 +1,6 @@
-"""The training loop through the CLI: loss falls, accumulation is exact, resume is exact, wandb."""
+"""The training loop: loss falls, accumulation is exact, resume is exact, wandb. Each run is a
+job of `distrain train` in the test ranks (composed and validated as the CLI does, then distrain's
+rank entry; tests/ranks.py): the CLI's own part is tests/test_cli.py."""
 
 from __future__ import annotations
 
@@ -8,32 +10,32 @@ from pathlib import Path
 
 import pytest
 
-from conftest import check_ok, read_metrics, run_cli
+from conftest import read_metrics
 
 QUIET = ["checkpoint.export=false", "eval.interval=0"]
 
 
-def train(tmp_path: Path, run_dir: Path, args: list[str]) -> list[dict]:
-    check_ok(run_cli(["train", "recipe=qwen3_moe_debug", *args, f"run.dir={run_dir}"], tmp_path))
+def train(ranks, run_dir: Path, args: list[str]) -> list[dict]:
+    ranks.train(["recipe=qwen3_moe_debug", *args, f"run.dir={run_dir}"])
     return read_metrics(run_dir)
 
 
 @pytest.mark.slow
-def test_loss_falls_on_the_default_corpus(tmp_path, tiny):
-    records = train(tmp_path, tmp_path / "run", [*tiny, *QUIET, "train.steps=60", "optim.lr=5e-3", "optim.warmup_steps=5", "train.seq_len=128", "train.global_batch_size=8", "train.micro_batch_size=8"])
+def test_loss_falls_on_the_default_corpus(tmp_path, tiny, ranks):
+    records = train(ranks, tmp_path / "run", [*tiny, *QUIET, "train.steps=60", "optim.lr=5e-3", "optim.warmup_steps=5", "train.seq_len=128", "train.global_batch_size=8", "train.micro_batch_size=8"])
     first = sum(r["loss"] for r in records[:5]) / 5
     last = sum(r["loss"] for r in records[-5:]) / 5
     assert first > 6.0  # about ln(1024) at init
     assert last < first - 1.0, [round(r["loss"], 3) for r in records]
 
 
-def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path, tiny):
+def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path, tiny, ranks):
     # Samples hold different numbers of targets (padding, document starts), so this holds only
     # if the loss is normalized by the global target count rather than per micro-batch.
     # The load-balancing loss is off: it balances each micro-batch, so it differs here by design.
     common = [*tiny, *QUIET, "train.steps=3", "train.global_batch_size=4", "checkpoint.interval=0", "moe.aux_loss_coef=0"]
-    whole = train(tmp_path, tmp_path / "a", [*common, "train.micro_batch_size=4"])
-    accumulated = train(tmp_path, tmp_path / "b", [*common, "train.micro_batch_size=1"])
+    whole = train(ranks, tmp_path / "a", [*common, "train.micro_batch_size=4"])
+    accumulated = train(ranks, tmp_path / "b", [*common, "train.micro_batch_size=1"])
     for a, b in zip(whole, accumulated, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
@@ -69,9 +71,9 @@ def read_wandb_history(run_file: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_resume_after_a_crash_repeats_the_uninterrupted_run(tmp_path, tiny):
+def test_resume_after_a_crash_repeats_the_uninterrupted_run(tmp_path, tiny, ranks):
     args = [*tiny, *QUIET, "train.steps=6", "checkpoint.interval=3", "checkpoint.keep=0", "logging.wandb.mode=offline"]
-    full = train(tmp_path, tmp_path / "full", args)
+    full = train(ranks, tmp_path / "full", args)
     assert [r["step"] for r in full] == [1, 2, 3, 4, 5, 6]
 
     # the wandb offline run holds every logged step with the same losses as metrics.jsonl
@@ -82,10 +84,10 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run(tmp_path, tiny):
 
     # a real crash at step 6: steps 4 and 5 are logged (metrics.jsonl, wandb) but not checkpointed
     run_dir = tmp_path / "run"
-    crashed = run_cli(["train", "recipe=qwen3_moe_debug", *args, f"run.dir={run_dir}"], tmp_path, env={"DISTRAIN_FAULT": "raise@step:step=6"})
-    assert crashed.returncode == 1 and "injected fault" in crashed.stderr
+    assert ranks.run(["recipe=qwen3_moe_debug", *args, f"run.dir={run_dir}"], env={"DISTRAIN_FAULT": "raise@step:step=6"}) == [1]
+    assert "injected fault" in ranks.job_logs(1)[0]
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
-    resumed = train(tmp_path, run_dir, args)
+    resumed = train(ranks, run_dir, args)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]  # rewound to step 3, then 4-6 once
     for a, b in zip(full, resumed):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6)
@@ -99,19 +101,20 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_run(tmp_path, tiny):
     assert [int(h["_step"]) for h in read_wandb_history(next(runs[1].glob("run-*.wandb")))] == [4, 5, 6]
 
 
-def test_incomplete_checkpoint_is_ignored(tmp_path, tiny):
+def test_incomplete_checkpoint_is_ignored(tmp_path, tiny, ranks):
     run_dir = tmp_path / "run"
-    train(tmp_path, run_dir, [*tiny, *QUIET, "train.steps=2", "checkpoint.interval=1", "checkpoint.keep=0"])
+    train(ranks, run_dir, [*tiny, *QUIET, "train.steps=2", "checkpoint.interval=1", "checkpoint.keep=0"])
     # a crash mid-save leaves a .tmp folder: resume must take the newest complete checkpoint
     shutil.copytree(run_dir / "checkpoints" / "step_00000002", run_dir / "checkpoints" / "step_00000003.tmp")
     (run_dir / "checkpoints" / "step_00000003.tmp" / ".metadata").unlink()
-    proc = check_ok(run_cli(["train", "recipe=qwen3_moe_debug", *tiny, *QUIET, "train.steps=3", f"run.dir={run_dir}"], tmp_path))
-    assert "resuming from" in proc.stdout and "step_00000002 at step 2" in proc.stdout
+    train(ranks, run_dir, [*tiny, *QUIET, "train.steps=3"])
+    out = ranks.job_logs(1)[0]
+    assert "resuming from" in out and "step_00000002 at step 2" in out, out
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name[0] != ".") == ["step_00000002", "step_00000003"]  # keep=2, no .tmp
     assert (run_dir / "checkpoints" / "step_00000003" / ".metadata").exists()
 
 
-def test_local_jsonl_dataset_with_an_autotokenizer(tmp_path, tiny, data_cache):
+def test_local_jsonl_dataset_with_an_autotokenizer(tmp_path, tiny, data_cache, ranks):
     import json
 
     from distrain.config.schema import DataConfig
@@ -122,7 +125,7 @@ def test_local_jsonl_dataset_with_an_autotokenizer(tmp_path, tiny, data_cache):
     (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
     args = [*tiny, *QUIET, "data=local_jsonl", f"data.files=[{tmp_path / 'docs.jsonl'}]", f"data.tokenizer={tokenizer_dir}",
             f"data.cache_dir={tmp_path / 'cache'}", "train.steps=3"]
-    records = train(tmp_path, tmp_path / "run", args)
+    records = train(ranks, tmp_path / "run", args)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert list((tmp_path / "cache").glob("hf-*/train_tokens.bin"))  # tokenized through datasets into a token store
 
