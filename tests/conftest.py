@@ -117,10 +117,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ranks(tmp_path_factory):
-    """Gloo ranks started once for the test module (see tests/ranks.py); stopped after it, so no
-    idle rank competes with the rest of the suite."""
+    """Gloo ranks started once for the test session, at the first test that asks for them (see
+    tests/ranks.py): a start imports torch and transformers in 4 processes, about 15 s on 2 cores.
+    Between jobs they wait on a socket (no CPU); each holds its imports in memory."""
     from ranks import Ranks
 
     started = Ranks(tmp_path_factory.mktemp("ranks"))

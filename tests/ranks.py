@@ -1,4 +1,4 @@
-"""Gloo ranks started once per test module, each running distrain's own rank entry
+"""Gloo ranks started once per test session, each running distrain's own rank entry
 (`distrain.launch.worker.run`), or any function that sets up its own process group, for one job
 after another.
 
