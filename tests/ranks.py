@@ -95,22 +95,13 @@ class Ranks:
         marker = f"=== job {self.jobs}: "
         return [(self.logs / f"rank{rank}.log").read_text(errors="replace").rpartition(marker)[2] for rank in range(nproc)]
 
-    def run(self, items: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> list[int]:
+    def run(self, items: list[str], env: dict[str, str] | None = None, timeout: float = 300, killed: bool = False) -> list:
         """Compose and validate `distrain train ITEMS`, run it on its ranks and return each
         rank's exit status (rank 0's carries the run's, as with the CLI). A config error is
-        raised here, before any rank starts the job."""
-        from distrain.cli import _load, validate_train
-        from distrain.launch.run_dir import release
-
-        job = _load(items)
-        validate_train(job)
-        release()
-        return self.call(job.launcher.nproc_per_node, "distrain.launch.worker:run", job, env=env, timeout=timeout, what=" ".join(items))
-
-    def run_killed(self, items: list[str], env: dict[str, str], timeout: float = 300) -> list:
-        """Run `distrain train ITEMS` whose DISTRAIN_FAULT kills it (`kill@...`): as soon as one
-        rank's process dies of SIGKILL the others' are killed too, as the fault kills a job the CLI
-        launched (the launcher and every worker). Returns each rank's (failed, status or how it died)."""
+        raised here, before any rank starts the job. `killed`: a job whose DISTRAIN_FAULT kills it
+        (`kill@...`): as soon as one rank's process dies of SIGKILL the others' are killed too, as
+        the fault kills a job the CLI launched (the launcher and every worker); each rank's
+        (failed, status or how it died) is returned."""
         from distrain.cli import _load, validate_train
         from distrain.launch.run_dir import release
 
@@ -118,7 +109,7 @@ class Ranks:
         validate_train(job)
         release()
         return self.call(job.launcher.nproc_per_node, "distrain.launch.worker:run", job, env=env, timeout=timeout, what=" ".join(items),
-                         again=False, killed=True)
+                         killed=killed)
 
     def train(self, items: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> None:
         """Run a job that must succeed on every rank."""
@@ -136,7 +127,8 @@ class Ranks:
         that names the rank, the signal and the Python stack it died in (a gloo rank on CPU died
         of a heap corruption at random steps inside DTensor's asynchronous reduce-scatter, CI stop
         20: distrain's TP no longer issues those, `test_tp_collectives_are_waited_where_they_are_issued`;
-        a warning here is a crash to look into). A job that dies twice fails."""
+        a warning here is a crash to look into). A job that dies twice fails. `killed`: see `run`
+        (no second run; each rank's (failed, value) is returned)."""
         from distrain.train.stop import STOP_STATUSES
 
         assert nproc <= self.world, f"the test ranks are {self.world}; the job asks for {nproc}"
@@ -179,7 +171,6 @@ class Ranks:
         if any(failed for failed, _ in results.values()):
             raise AssertionError(f"job {self.jobs} ({what}) raised on ranks {[r for r, (f, _) in sorted(results.items()) if f]}\n{self.tails()}")
         return [results[rank][1] for rank in range(nproc)]
-
 
     def _kill_jobs(self, nproc: int) -> None:
         """SIGKILL the job's process on each of the first `nproc` ranks (each rank's one child)."""

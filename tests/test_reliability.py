@@ -416,7 +416,7 @@ def test_kill_9_at_any_moment_of_a_save_resumes_exactly(tmp_path, tiny, ranks):
     run_dir = tmp_path / "run"
     for fault, extra in KILLS:
         fault = fault.replace("RANK_LAST", str(world - 1))
-        results = ranks.run_killed(train_args(tiny, run_dir, *common, *extra)[1:], env={"DISTRAIN_FAULT": fault})
+        results = ranks.run(train_args(tiny, run_dir, *common, *extra)[1:], env={"DISTRAIN_FAULT": fault}, killed=True)
         assert any(value == f"died: rank {rank} killed by SIGKILL" for rank, (_, value) in enumerate(results)), (fault, results)
         for name in checkpoints(run_dir):
             if name.startswith("step_") and name[5:].isdigit():
