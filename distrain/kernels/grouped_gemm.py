@@ -15,8 +15,9 @@ the hidden states exists; the `down` GEMM multiplies by the routing weight, scat
 (token, k) slot inside its stores and sums each token's k slots (`sum_k` = k: a fixed order, no
 atomics). Its backward then reads the token's gradient row for every slot by index (`scatter[i] //
 k`), never materializing the k copies autograd's sum would expand it to. The backward passes run
-the same kernels with gather and scatter swapped. Index arithmetic is int64 (rows x features passes
-2^31 at real sizes).
+the same kernels with gather and scatter swapped; dW reads rows out of expert order either by index
+in its loop or from copies made first, whichever ran faster when timed once per shape on CUDA
+(`grouped_mm_dw`). Index arithmetic is int64 (rows x features passes 2^31 at real sizes).
 
 Each kernel is a `torch.library.custom_op` with a fake implementation and autograd, so
 `torch.compile`, selective activation checkpointing and the op counters see ops, not Python.
@@ -168,21 +169,21 @@ def _dw_configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_R": br}, num_warps=w, num_stages=s)
         for bk, bn, br, w, s in [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-                                 (64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (128, 128, 32, 8, 4)]
+                                 (64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (128, 128, 32, 8, 4),
+                                 # deeper: an indexed loop's rows get (num_stages + 1) // 2 buffers (grouped_mm_dw)
+                                 (128, 128, 64, 8, 5), (128, 128, 32, 8, 7), (128, 256, 32, 8, 6), (64, 128, 64, 4, 6)]
     ]
 
 
 @functools.cache
 def _tuned(kind: str):
-    """The autotuned kernel for CUDA (keyed on the shapes that vary), or the plain one when
-    interpreting (the interpreter cannot autotune)."""
+    """The autotuned kernel for CUDA (keyed on the shapes that vary and on the fused indexing, which
+    moves the best tiles), or the plain one when interpreting (the interpreter cannot autotune)."""
     if INTERPRET:
         return (_grouped_mm_kernel, _INTERPRET_FWD) if kind == "fwd" else (_grouped_dw_kernel, _INTERPRET_DW)
     if kind == "fwd":
-        return triton.autotune(_fwd_configs(), key=["N", "K", "ROWS_BUCKET"])(_grouped_mm_kernel), {}
-    return triton.autotune(_dw_configs(), key=["K", "N", "ROWS_BUCKET"])(_grouped_dw_kernel), {}
-
-
+        return triton.autotune(_fwd_configs(), key=["N", "K", "ROWS_BUCKET", "GATHER", "SCATTER", "SCALE"])(_grouped_mm_kernel), {}
+    return triton.autotune(_dw_configs(), key=["K", "N", "ROWS_BUCKET", "A_INDEX", "G_INDEX", "SCALE"])(_grouped_dw_kernel), {}
 
 
 def _same_dtype(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -262,8 +263,26 @@ def grouped_mm_dw(
     g_index: Optional[torch.Tensor], scale: Optional[torch.Tensor], like: torch.Tensor,
 ) -> torch.Tensor:
     """dW [E, K, N] shaped and laid out like `like`: for each expert e, the sum over its rows i of
-    `a[a_index[i] // a_div]^T (scale[i] * g[g_index[i]])`; exact zeros for an expert without rows."""
-    return _launch_dw(a, g, offsets, a_index, a_div, g_index, scale, like)
+    `a[a_index[i] // a_div]^T (scale[i] * g[g_index[i]])`; exact zeros for an expert without rows.
+
+    Rows out of expert order are read one of two ways: by index inside the contraction loop, or
+    from copies in expert order made first (a pass over the rows). The indexed loop needs twice the
+    pipeline stages for the same depth (its indices load a stage before the rows: sm90 builds of
+    Triton 3.6-3.9 hold (num_stages + 1) // 2 buffers), and with too few it ran at half speed (an
+    H100). Which is faster depends on the GPU and the shapes, so on CUDA both are timed once per
+    shape and the faster kept (`_fastest`); `DW_PATH` forces one."""
+    if a_index is None and g_index is None:
+        return _launch_dw(a, g, offsets, None, 1, None, scale, like)
+    paths = {
+        "indexed": lambda: _launch_dw(a, g, offsets, a_index, a_div, g_index, scale, like),
+        "copied": lambda: _launch_dw(a if a_index is None else a[a_index // a_div], g if g_index is None else g[g_index],
+                                     offsets, None, 1, None, scale, like),
+    }
+    if DW_PATH is not None:
+        return paths[DW_PATH]()
+    rows = (a_index if a_index is not None else g_index).numel()
+    key = (a.shape[1], g.shape[1], _rows_bucket(rows, like.shape[0]), a_index is not None, g_index is not None, scale is not None, a.dtype, str(a.device))
+    return _fastest(key, paths, a.device)
 
 
 @grouped_mm_dw.register_fake
@@ -303,22 +322,46 @@ def _backward(ctx, grad):
         else:  # each row to its (token, k) slot, then the sum over k: no atomics, a fixed order
             da = grouped_mm(grad, b_t, offsets, scatter, sum_k, gather, scale, a.shape[0] * div, div)
     if need_b:
-        # dW reads its operands' rows in expert order from copies: an indexed load inside the
-        # contraction loop stops Triton's software pipeliner (sm90 build: one buffer whatever
-        # num_stages), which halved dW's speed on an H100 (scripts/bench/moe_kernels.py); a copy of the
-        # rows costs one pass over them
-        a_sorted = a if gather is None else a[gather // div]
-        g_sorted = grad if scatter is None else grad[scatter // sum_k]
+        a_rows = None if gather is None else gather // div
+        g_rows = None if scatter is None else scatter // sum_k
         if scale is not None:
-            # a_i^T (s_i g_i) = (s_i a_i)^T g_i: the scale goes into the narrower operand's rows
-            # (the down GEMM's: intermediate, not hidden), in a copy: a scale inside the loop
-            # routes the tile through registers
-            if a_sorted.shape[1] <= g_sorted.shape[1]:
-                a_sorted = a_sorted * scale.unsqueeze(-1).to(a_sorted.dtype)
+            # a_i^T (s_i g_i) = (s_i a_i)^T g_i: the scale goes into a copy of the narrower operand's
+            # rows (the down GEMM's: intermediate, not hidden); a scale inside dW's loop routes the
+            # tile through registers and makes the warpgroup MMA synchronous (sm90 build)
+            if a.shape[1] <= grad.shape[1]:
+                a, a_rows = (a if a_rows is None else a[a_rows]) * scale.unsqueeze(-1).to(a.dtype), None
             else:
-                g_sorted = g_sorted * scale.unsqueeze(-1).to(g_sorted.dtype)
-        db = grouped_mm_dw(a_sorted, g_sorted, offsets, None, 1, None, None, b)
+                grad, g_rows = (grad if g_rows is None else grad[g_rows]) * scale.unsqueeze(-1).to(grad.dtype), None
+        db = grouped_mm_dw(a, grad, offsets, a_rows, 1, g_rows, None, b)
     return da, db, None, None, None, None, dscale, None, None
+
+
+# "indexed" / "copied": how grouped_mm_dw reads rows out of expert order (None: the faster, timed on CUDA)
+DW_PATH: Optional[str] = None
+_chosen_paths: dict[tuple, str] = {}
+
+
+def _fastest(key: tuple, paths: dict, device: torch.device) -> torch.Tensor:
+    """The result of the faster of equivalent `paths` (name: callable). On CUDA each runs and is
+    timed once per `key`, as Triton's autotuner times tile sizes, and the choice is kept for the
+    process; elsewhere (the interpreter) the first runs."""
+    choice = _chosen_paths.get(key)
+    if choice is not None:
+        return paths[choice]()
+    if INTERPRET or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return next(iter(paths.values()))()
+    times, outs = {}, {}
+    for name, run in paths.items():
+        run()  # compiles and autotunes its kernel
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            outs[name] = run()
+        end.record()
+        end.synchronize()
+        times[name] = start.elapsed_time(end)
+    choice = _chosen_paths[key] = min(times, key=times.get)
+    return outs[choice]
 
 
 def _sum_slots(sorted_rows: torch.Tensor, slots: torch.Tensor, tokens: int, div: int) -> torch.Tensor:

@@ -14,7 +14,8 @@ distrain's torch path runs them), with one dense cuBLAS GEMM pair of equal FLOPs
 of these shapes. Times are CUDA-event medians; the table gives TFLOP/s and ratios.
 
 `--compile-only` compiles every autotuning config of both kernels for sm80 and sm90 (bf16; the
-forward with gather, scatter and scale on, dW as the backward runs it) with Triton's ahead-of-time
+forward with gather, scatter and scale on, dW as the backward runs it: rows in expert order, and for
+sm90 also one operand's rows indexed) with Triton's ahead-of-time
 compiler and writes, per build, the tensor-core instruction its PTX uses (wgmma / mma.sync), its
 shared memory against one pipeline stage's tiles, and its warps (the tests assert them).
 """
@@ -43,10 +44,12 @@ def compile_builds() -> list[dict]:
     kernels = {
         "forward": (gg._grouped_mm_kernel, gg._fwd_configs(), {"GATHER": True, "SCATTER": True, "SCALE": True, "IEEE": False, "UPCAST": False, "E_BLOCK": E},
                     {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1}),
-        # dW as the backward runs it: rows already in expert order (an indexed load in its loop
-        # stops the pipeliner), the routing weight already applied
+        # dW as the backward runs it (the routing weight already applied): rows in expert order,
+        # or one operand's rows read by index in the loop (the indices take pipeline stages too)
         "dw": (gg._grouped_dw_kernel, gg._dw_configs(), {"A_INDEX": False, "G_INDEX": False, "SCALE": False, "IEEE": False, "UPCAST": False},
                {"stride_ak": 1, "stride_gn": 1, "stride_ck": 1}),
+        "dw, rows indexed": (gg._grouped_dw_kernel, gg._dw_configs(), {"A_INDEX": True, "G_INDEX": False, "SCALE": False, "IEEE": False, "UPCAST": False},
+                             {"stride_ak": 1, "stride_gn": 1, "stride_ck": 1}),
     }
     builds = []
     for name, (kernel, configs, flags, unit_strides) in kernels.items():
@@ -64,7 +67,7 @@ def compile_builds() -> list[dict]:
                     hints[(i,)] = [["tt.divisibility", 16]]
         for config in configs:
             constexprs = {**flags, **unit_strides, **config.kwargs}
-            for arch in (80, 90):
+            for arch in (80, 90) if name != "dw, rows indexed" else (90,):  # (its pipelining is what sm90 checks)
                 start = time.perf_counter()
                 compiled = triton.compile(
                     triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=hints),
@@ -75,9 +78,11 @@ def compile_builds() -> list[dict]:
                     "kernel": name, "arch": arch, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
                     "tensor_core_op": "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else None),
                     "shared_bytes": compiled.metadata.shared, "pipelined_loads": compiled.asm["ttgir"].count("async_copy_global_to_local"),
-                    # one stage's operand tiles (bf16): a loop pipelined num_stages deep holds num_stages of them
+                    # one stage's operand tiles (bf16): a loop pipelined num_stages deep holds num_stages of them,
+                    # an indexed one (num_stages + 1) // 2 (its indices are loaded a stage ahead of the rows)
                     "stage_bytes": 2 * (config.kwargs["BLOCK_K"] * (config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"]) if name == "forward"
                                         else config.kwargs["BLOCK_R"] * (config.kwargs["BLOCK_K"] + config.kwargs["BLOCK_N"])),
+                    "buffers": (config.num_stages + 1) // 2 if flags.get("A_INDEX") else config.num_stages,
                     "compile_s": round(time.perf_counter() - start, 2),
                 })
     return builds
@@ -202,7 +207,7 @@ def per_gemm(tokens: int, skewed: bool) -> list[dict]:
     the time goes, for tuning."""
     import torch
 
-    from distrain.kernels.grouped_gemm import grouped_mm, grouped_mm_dw
+    from distrain.kernels.grouped_gemm import _launch_dw, grouped_mm
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     tg = _torch_grouped_mm()
@@ -226,15 +231,16 @@ def per_gemm(tokens: int, skewed: bool) -> list[dict]:
                        lambda: tg(g_gu, w_gu, offs=offsets)),
         "dX down": (2 * rows * H * I, lambda: grouped_mm(g_out, w_d, offsets, order, TOP_K, None, None, rows),
                     lambda: tg(g_sorted, w_d, offs=offsets)),
-        "dW gate_up": (2 * rows * H * 2 * I, lambda: grouped_mm_dw(x, g_gu, offsets, order, TOP_K, None, None, w_gu.transpose(1, 2)),
-                       lambda: tg(xs.T, g_gu, offs=offsets)),
-        "dW down": (2 * rows * I * H, lambda: grouped_mm_dw(h, g_out, offsets, None, 1, order // TOP_K, scale, w_d.transpose(1, 2)),
-                    lambda: tg(h.T, g_sorted, offs=offsets)),
-        # as the backward runs them: the rows copied into expert order first (the copy timed too)
-        "dW gate_up, rows copied": (2 * rows * H * 2 * I, lambda: grouped_mm_dw(x[order // TOP_K], g_gu, offsets, None, 1, None, None, w_gu.transpose(1, 2)),
+        # dW as the backward runs it, both ways it reads rows out of expert order (grouped_mm_dw times
+        # them once per shape and keeps the faster): by index in its loop, or from copies made first
+        "dW gate_up, rows indexed": (2 * rows * H * 2 * I, lambda: _launch_dw(x, g_gu, offsets, order // TOP_K, 1, None, None, w_gu.transpose(1, 2)),
+                                     lambda: tg(xs.T, g_gu, offs=offsets)),
+        "dW gate_up, rows copied": (2 * rows * H * 2 * I, lambda: _launch_dw(x[order // TOP_K], g_gu, offsets, None, 1, None, None, w_gu.transpose(1, 2)),
                                     lambda: tg(xs.T, g_gu, offs=offsets)),
-        "dW down, rows copied and scaled": (2 * rows * I * H, lambda: grouped_mm_dw(h * scale.unsqueeze(-1), g_out[order // TOP_K], offsets, None, 1, None, None, w_d.transpose(1, 2)),
-                                 lambda: tg(h.T, g_sorted, offs=offsets)),
+        "dW down, rows indexed (scaled copy of h)": (2 * rows * I * H, lambda: _launch_dw(h * scale.unsqueeze(-1), g_out, offsets, None, 1, order // TOP_K, None, w_d.transpose(1, 2)),
+                                                     lambda: tg(h.T, g_sorted, offs=offsets)),
+        "dW down, rows copied (and h scaled)": (2 * rows * I * H, lambda: _launch_dw(h * scale.unsqueeze(-1), g_out[order // TOP_K], offsets, None, 1, None, None, w_d.transpose(1, 2)),
+                                                lambda: tg(h.T, g_sorted, offs=offsets)),
     }
     table = []
     for name, (flops, ours, theirs) in gemms.items():
@@ -276,6 +282,7 @@ def main() -> None:
         report("moe_kernels_per_gemm", gemm_rows, args.out)
     rows = bench(args.tokens)
     tuned = {kind: {str(key): str(config) for key, config in gg._tuned(kind)[0].cache.items()} for kind in ("fwd", "dw")}
+    tuned["dW paths"] = {str(key): path for key, path in gg._chosen_paths.items()}
     report("moe_kernels", rows, args.out, {"E": E, "H": H, "I": I, "K": TOP_K, "dtype": "bf16", "tuned configs": tuned,
                                            "goal": "triton >= 450 TFLOP/s forward and >= 400 forward+backward on an H100"})
 
