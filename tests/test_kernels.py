@@ -83,6 +83,18 @@ def test_kernels_match_the_torch_twin(case, mode, dtype):
     _check(mode, counts, k, n, dtype)
 
 
+@pytest.mark.parametrize("mode", ["plain", "fused", "sum"], ids=["plain", "gather-scale-scatter", "gather-scale-scatter-sum"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_program_a_tile_matches_the_twin(case, mode, monkeypatch):
+    """The forward kernel's other schedule (the interpreter runs the persistent one: its programs
+    take several tiles each): one program a tile, as the autotuner may pick on a GPU."""
+    from distrain.kernels import grouped_gemm
+
+    monkeypatch.setitem(grouped_gemm._INTERPRET_FWD, "PERSISTENT", False)
+    counts, k, n = CASES[case]
+    _check(mode, counts, k, n, torch.float32)
+
+
 def test_a_gradient_in_another_dtype_is_cast_to_the_operands():
     """On CUDA under bf16 autocast the down GEMM's backward was handed an fp32 output gradient
     (torch 2.11, an H200): the compiled kernel refused fp32 x bf16 operands, where the interpreter's
@@ -108,7 +120,8 @@ def test_a_gradient_in_another_dtype_is_cast_to_the_operands():
 def test_the_builds_for_sm80_and_sm90_use_tensor_cores(tmp_path):
     """Every autotuning config of both kernels compiles for sm90 with warpgroup MMA (wgmma) and
     for sm80 with mma.sync, in bf16, within the chip's shared memory, its sm90 loop pipelined
-    num_stages deep, or (num_stages + 1) // 2 with dW's rows read by index (no GPU needed)."""
+    num_stages deep, or (num_stages + 1) // 2 with dW's rows read by index, the persistent forward's
+    tile and K loops flattened into one (no GPU needed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "builds.json"
     subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "moe_kernels.py"), "--compile-only", "--out", str(out)],
@@ -121,3 +134,5 @@ def test_the_builds_for_sm80_and_sm90_use_tensor_cores(tmp_path):
         assert build["pipelined_loads"] > 0, build  # loads software-pipelined into shared memory (cp.async)
         if build["arch"] == 90:  # num_stages buffers deep (an indexed loop half that): an unpipelined loop holds one
             assert build["shared_bytes"] >= build["buffers"] * build["stage_bytes"], build
+            # a persistent kernel's tile and K loops flatten into one pipeline (stores inside it)
+            assert build["stores_in_mma_loop"] == build.get("PERSISTENT", False), build

@@ -21,7 +21,10 @@ in its loop or from copies made first, whichever ran faster when timed once per 
 
 Each kernel is a `torch.library.custom_op` with a fake implementation and autograd, so
 `torch.compile`, selective activation checkpointing and the op counters see ops, not Python.
-On CUDA the tile sizes are autotuned per (N, K, rows-per-expert bucket) for sm80 / sm90; under
+On CUDA the tile sizes are autotuned per (N, K, rows-per-expert bucket, fused indexing) for sm80 /
+sm90, and so is the forward's schedule: a program a tile, or persistent (a program an SM taking
+tiles in turn, its tile and K loops flattened into one software pipeline, so a tile's first loads
+overlap the previous tile's stores: the `down` GEMM's K=768 gives a tile only 12 steps); under
 `TRITON_INTERPRET=1` (CPU, tests) one fixed config runs. The interpreter's bf16 arithmetic is wrong
 (ENV.md): test in fp32 / fp16. `reference_grouped_mm` is the torch twin the tests compare against.
 """
@@ -40,20 +43,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _expert_of_tile(offsets_ptr, pid_m, num_experts, BLOCK_M: tl.constexpr, E_BLOCK: tl.constexpr):
-    """The expert whose rows the pid_m-th M tile covers (-1: past the last tile) and the tile's
-    first row. All experts' tile counts at once: one vector load and a cumulative sum, no loop."""
+def _tile_table(offsets_ptr, num_experts, BLOCK_M: tl.constexpr, E_BLOCK: tl.constexpr):
+    """Every expert's first row and M-tile count, and the tiles through it: one vector load and a
+    cumulative sum, no loop."""
     e = tl.arange(0, E_BLOCK)
     real = e < num_experts
     ends = tl.load(offsets_ptr + e, mask=real, other=0).to(tl.int64)
     starts = tl.load(offsets_ptr + e - 1, mask=real & (e > 0), other=0).to(tl.int64)
     tiles = tl.where(real, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
-    tiles_through = tl.cumsum(tiles, 0)
-    pid = pid_m.to(tl.int64)
-    expert = tl.sum((tiles_through <= pid).to(tl.int64), 0)  # experts wholly before this tile
-    mine = e == expert
-    first_row = tl.sum(tl.where(mine, starts, 0), 0) + (pid - tl.sum(tl.where(mine, tiles_through - tiles, 0), 0)) * BLOCK_M
-    return tl.where(expert < num_experts, expert, -1), first_row
+    return e, starts, ends, tiles, tl.cumsum(tiles, 0)
 
 
 @triton.jit
@@ -72,24 +70,48 @@ def _grouped_mm_kernel(
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
     ROWS_BUCKET,  # the autotuning key's rows-per-expert bucket (unused in the body)
     GATHER: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    E_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    E_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     # N tiles vary fastest: the programs running at once share a few M tiles (rows of A, read
     # from memory once, then from L2) and their experts' weights (in L2 across the expert's M tiles)
-    pid = tl.program_id(0)
+    e, starts, ends, tiles, tiles_through = _tile_table(offsets_ptr, num_experts, BLOCK_M, E_BLOCK)
+    num_tiles = tl.sum(tiles, 0) * tl.cdiv(N, BLOCK_N)
+    if PERSISTENT:
+        # the grid's programs (one an SM) take the tiles in turn; the tile loop and the K loop flatten into
+        # one software pipeline, so a tile's first loads overlap the previous tile's stores (K=768
+        # gives a tile only 12 steps of 64)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+            _mm_tile(tile, e, starts, ends, tiles, tiles_through, a_ptr, b_ptr, c_ptr, gather_ptr, scatter_ptr, scale_ptr,
+                     N, K, gather_div, stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
+                     GATHER, SCATTER, SCALE, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:  # a program a tile (the grid's bound on the tiles: the rest exit at once)
+        if tl.program_id(0) < num_tiles:
+            _mm_tile(tl.program_id(0), e, starts, ends, tiles, tiles_through, a_ptr, b_ptr, c_ptr, gather_ptr, scatter_ptr, scale_ptr,
+                     N, K, gather_div, stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
+                     GATHER, SCATTER, SCALE, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _mm_tile(
+    tile, e, starts, ends, tiles, tiles_through, a_ptr, b_ptr, c_ptr, gather_ptr, scatter_ptr, scale_ptr,
+    N, K, gather_div, stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One BLOCK_M x BLOCK_N tile of C (the tile-th, N tiles fastest)."""
     tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // tiles_n
-    pid_n = pid % tiles_n
-    expert, first_row = _expert_of_tile(offsets_ptr, pid_m, num_experts, BLOCK_M, E_BLOCK)
-    if expert < 0:
-        return
-    end = tl.load(offsets_ptr + expert).to(tl.int64)
+    pid_m = (tile // tiles_n).to(tl.int64)
+    pid_n = tile % tiles_n
+    expert = tl.sum((tiles_through <= pid_m).to(tl.int64), 0)  # experts wholly before this tile
+    mine = e == expert
+    first_row = tl.sum(tl.where(mine, starts, 0), 0) + (pid_m - tl.sum(tl.where(mine, tiles_through - tiles, 0), 0)) * BLOCK_M
+    end = tl.sum(tl.where(mine, ends, 0), 0)
     rows = first_row + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < end
     a_rows = _indexed_rows(gather_ptr, rows, row_ok, gather_div, GATHER)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     col_ok = cols < N
-    b_base = b_ptr + expert.to(tl.int64) * stride_be
+    b_base = b_ptr + expert * stride_be
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -150,8 +172,9 @@ def _grouped_dw_kernel(
 
 
 # NOTE: tile sizes of at least 16 (tl.dot's minimum on sm80/sm90); the interpreter runs one config,
-#       32 wide: it pays per program instance, and 16-wide tiles ran a tiny MoE's step 2.5x slower
-_INTERPRET_FWD = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
+#       32 wide and persistent: it pays per program instance (16-wide tiles ran a tiny MoE's step
+#       2.5x slower; a program a tile made the kernel tests 1.3x slower)
+_INTERPRET_FWD = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "PERSISTENT": True}
 _INTERPRET_DW = {"BLOCK_K": 32, "BLOCK_N": 32, "BLOCK_R": 32}
 
 
@@ -161,7 +184,9 @@ def _fwd_configs() -> list[triton.Config]:
         (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3),
         (64, 256, 64, 8, 4), (128, 128, 64, 4, 4), (64, 64, 64, 4, 4),
     ]:
-        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
+        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PERSISTENT": False}, num_warps=warps, num_stages=stages))
+    for bm, bn, bk, warps, stages in [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4)]:
+        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PERSISTENT": True}, num_warps=warps, num_stages=stages))
     return configs
 
 
@@ -192,6 +217,12 @@ def _same_dtype(a: torch.Tensor, b: torch.Tensor) -> None:
         raise TypeError(f"distrain grouped GEMM: operands in {a.dtype} and {b.dtype}; cast them to one dtype first")
 
 
+@functools.cache
+def _processors(device: torch.device) -> int:
+    """The persistent kernel's programs: the GPU's SMs (the interpreter: 3, so programs take several tiles)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+
+
 def _rows_bucket(rows: int, num_experts: int) -> int:
     return triton.next_power_of_2(max(1, rows // max(num_experts, 1)))
 
@@ -205,8 +236,9 @@ def _launch_mm(a, b, offsets, gather, gather_div: int, scatter, scale, out_rows:
     c = (torch.zeros if scatter is not None and scatter.numel() < out_rows else torch.empty)(out_rows, n, dtype=a.dtype, device=a.device)
     kernel, fixed = _tuned("fwd")
 
-    def grid(meta):  # an upper bound on the M tiles of all experts (the rest exit at once), times the N tiles
-        return ((triton.cdiv(rows, meta["BLOCK_M"]) + num_experts) * triton.cdiv(n, meta["BLOCK_N"]),)
+    def grid(meta):  # an upper bound on the M tiles of all experts, times the N tiles; persistent: one program an SM
+        bound = (triton.cdiv(rows, meta["BLOCK_M"]) + num_experts) * triton.cdiv(n, meta["BLOCK_N"])
+        return (min(bound, _processors(a.device)) if meta["PERSISTENT"] else bound,)
 
     kernel[grid](
         a, b, c, offsets if gather is None else gather, offsets if scatter is None else scatter, offsets if scale is None else scale, offsets,

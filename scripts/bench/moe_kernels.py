@@ -73,11 +73,12 @@ def compile_builds() -> list[dict]:
                     triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=hints),
                     target=GPUTarget("cuda", arch, 32), options={"num_warps": config.num_warps, "num_stages": config.num_stages},
                 )
-                ptx = compiled.asm["ptx"]
+                ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
                 builds.append({
                     "kernel": name, "arch": arch, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
                     "tensor_core_op": "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else None),
-                    "shared_bytes": compiled.metadata.shared, "pipelined_loads": compiled.asm["ttgir"].count("async_copy_global_to_local"),
+                    "shared_bytes": compiled.metadata.shared, "pipelined_loads": ttgir.count("async_copy_global_to_local"),
+                    "stores_in_mma_loop": _stores_in_mma_loop(ttgir),
                     # one stage's operand tiles (bf16): a loop pipelined num_stages deep holds num_stages of them,
                     # an indexed one (num_stages + 1) // 2 (its indices are loaded a stage ahead of the rows)
                     "stage_bytes": 2 * (config.kwargs["BLOCK_K"] * (config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"]) if name == "forward"
@@ -86,6 +87,18 @@ def compile_builds() -> list[dict]:
                     "compile_s": round(time.perf_counter() - start, 2),
                 })
     return builds
+
+
+def _stores_in_mma_loop(ttgir: str) -> bool:
+    """Whether the loop around the kernel's (first) tensor-core op also stores: a persistent
+    kernel's tile and K loops flattened into one pipeline, the next tile's loads issued before
+    this tile's stores; a tile a program stores after its K loop."""
+    lines = ttgir.splitlines()
+    mma = next(i for i, line in enumerate(lines) if "warp_group_dot " in line or "tt.dot " in line or "ttg.mma" in line)
+    start = max(i for i in range(mma) if "scf.for" in lines[i])
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(" " * indent + "}"))
+    return any("tt.store" in line for line in lines[start:end])
 
 
 def _routing(tokens: int, skewed: bool, device):
