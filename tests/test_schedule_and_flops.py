@@ -1,4 +1,5 @@
-"""LR schedules at their corners, and the MFU FLOP count against a count by hand."""
+"""LR schedules at their corners, the MFU FLOP count against a count by hand, and the parameters
+weight decay applies to."""
 
 from __future__ import annotations
 
@@ -78,3 +79,32 @@ def test_peak_flops_by_gpu_name():
     assert peak_of("NVIDIA L40") == 181e12 and peak_of("NVIDIA L40S") == 362e12 and peak_of("NVIDIA L4") == 121e12
     assert peak_of("NVIDIA H20") == 148e12 and peak_of("NVIDIA H200") == 989e12 and peak_of("NVIDIA GH200 480GB") == 989e12
     assert peak_of("NVIDIA GeForce GTX 1080") is None
+
+
+@pytest.mark.parametrize("decay_1d", [False, True], ids=["default", "decay_norms_and_biases"])
+def test_norms_and_biases_get_no_weight_decay(decay_1d):
+    """AdamW's decay shrinks matrices (and embeddings) by lr x weight_decay a step; norm gains and
+    biases keep their values unless optim.decay_norms_and_biases (Megatron-LM's and HF Trainer's
+    default). A step with zero gradients is the decay alone."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from distrain.train.trainer import _hyperparameters, _param_groups
+
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    optim = OptimConfig(lr=0.1, weight_decay=0.5, decay_norms_and_biases=decay_1d)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(_param_groups(model, optim), lr=optim.lr)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    one_d = [name for name, p in model.named_parameters() if p.ndim == 1]
+    assert any(name.endswith("q_proj.bias") for name in one_d) and any("norm" in name for name in one_d)
+    for name, p in model.named_parameters():
+        shrink = 1 - 0.1 * 0.5 if (p.ndim >= 2 or decay_1d) else 1.0
+        torch.testing.assert_close(p.detach(), before[name] * shrink, msg=name)
+    # a resume applies the config's hyperparameters group by group, the same split
+    for group in optimizer.param_groups:
+        group["weight_decay"] = 9.0
+        group.update(_hyperparameters(group["params"][0], optim))
+    assert sorted({g["weight_decay"] for g in optimizer.param_groups}) == ([0.5] if decay_1d else [0.0, 0.5])

@@ -142,6 +142,8 @@ class MoEConfig:
 class OptimConfig:
     lr: float = 3e-4
     weight_decay: float = 0.1
+    # weight decay on 1-D parameters (norm gains, biases) too: off, as in Megatron-LM and HF's Trainer
+    decay_norms_and_biases: bool = False
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8

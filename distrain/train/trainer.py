@@ -24,6 +24,7 @@ from distrain import faults
 from distrain.checkpoint.dcp import Checkpointer, CheckpointLoadError, all_finite, checkpoint_name, load_checkpoint, read_train_state
 from distrain.checkpoint.resume import Resume, set_aside
 from distrain.config import JobConfig, to_dict
+from distrain.config.schema import OptimConfig
 from distrain.data.corpus import load_corpus
 from distrain.data.loader import GlobalBatchLoader, eval_batches
 from distrain.data.packing import IGNORE_INDEX, PackedDataset
@@ -119,14 +120,7 @@ class Trainer:
             torch.cuda.manual_seed(stream_seed)
 
         # optimizer and schedule
-        self.optimizer = torch.optim.AdamW(
-            _param_groups(self.model),
-            lr=job.optim.lr,
-            betas=(job.optim.beta1, job.optim.beta2),
-            eps=job.optim.eps,
-            weight_decay=job.optim.weight_decay,
-            foreach=True,
-        )
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, job.optim), lr=job.optim.lr, foreach=True)
         # checkpoints and resume
         self.config_path = self.run_dir / "config.yaml"  # written by rank 0 (distrain.launch.run_dir)
         self.checkpointer = Checkpointer(
@@ -154,9 +148,7 @@ class Trainer:
         #       what changed); the learning rate is a function of the step alone, so the scheduler
         #       is rebuilt at the resumed step rather than loaded (its lists follow the layout).
         for group in self.optimizer.param_groups:
-            group.update(
-                initial_lr=job.optim.lr, betas=(job.optim.beta1, job.optim.beta2), eps=job.optim.eps, weight_decay=job.optim.weight_decay
-            )
+            group.update(_hyperparameters(group["params"][0], job.optim))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_multiplier(step, job.train.steps, job.optim), last_epoch=self.step - 1
         )
@@ -427,13 +419,22 @@ def _poison(model: torch.nn.Module) -> None:
         _local(next(model.parameters())).view(-1)[0] = float("nan")
 
 
-def _param_groups(model: torch.nn.Module) -> list[dict]:
-    """One group per mesh: foreach kernels cannot mix plain tensors and DTensors, or meshes."""
+def _param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
+    """One group per mesh (foreach kernels cannot mix plain tensors and DTensors, or meshes) and
+    per weight decay (1-D parameters apart)."""
     groups: dict[object, list] = {}
     for param in model.parameters():
-        key = param.device_mesh if isinstance(param, DTensor) else None
+        key = (param.device_mesh if isinstance(param, DTensor) else None, _hyperparameters(param, optim)["weight_decay"])
         groups.setdefault(key, []).append(param)
-    return [{"params": params} for params in groups.values()]
+    return [{"params": params, **_hyperparameters(params[0], optim)} for params in groups.values()]
+
+
+def _hyperparameters(param: torch.Tensor, optim: OptimConfig) -> dict:
+    """The config's AdamW hyperparameters for the group holding `param`: no weight decay on 1-D
+    parameters (norm gains, biases; a DTensor's ndim is its global one) unless
+    optim.decay_norms_and_biases."""
+    decayed = param.ndim >= 2 or optim.decay_norms_and_biases
+    return {"initial_lr": optim.lr, "betas": (optim.beta1, optim.beta2), "eps": optim.eps, "weight_decay": optim.weight_decay if decayed else 0.0}
 
 
 def _local_bytes(tensors) -> int:
