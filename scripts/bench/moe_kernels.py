@@ -32,61 +32,72 @@ from pathlib import Path
 E, H, I, TOP_K = 128, 2048, 768, 8
 
 
-def compile_builds() -> list[dict]:
-    import triton
-    from triton.backends.compiler import GPUTarget
-
+def _build_specs():
+    """name: (kernel, configs, flags, unit strides, archs) of each build the compile check makes."""
     from distrain.kernels import grouped_gemm as gg
 
     # the layer's real layouts (hidden states and gradients row-major, weights [E, out, in] read
     # transposed): what Triton's launcher specializes at run time, strides of 1 as constants and
     # pointers, sizes and strides divisible by 16 as hints, is given here the same way
-    kernels = {
+    return {
         "forward": (gg._grouped_mm_kernel, gg._fwd_configs(), {"GATHER": True, "SCATTER": True, "SCALE": True, "IEEE": False, "UPCAST": False, "E_BLOCK": E},
-                    {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1}),
+                    {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1}, (80, 90)),
         # dW as the backward runs it (the routing weight already applied): rows in expert order,
-        # or one operand's rows read by index in the loop (the indices take pipeline stages too)
+        # or one operand's rows read by index in the loop (the indices take pipeline stages too;
+        # sm90 only: its pipelining is what the check is about)
         "dw": (gg._grouped_dw_kernel, gg._dw_configs(), {"A_INDEX": False, "G_INDEX": False, "SCALE": False, "IEEE": False, "UPCAST": False},
-               {"stride_ak": 1, "stride_gn": 1, "stride_ck": 1}),
+               {"stride_ak": 1, "stride_gn": 1, "stride_ck": 1}, (80, 90)),
         "dw, rows indexed": (gg._grouped_dw_kernel, gg._dw_configs(), {"A_INDEX": True, "G_INDEX": False, "SCALE": False, "IEEE": False, "UPCAST": False},
-                             {"stride_ak": 1, "stride_gn": 1, "stride_ck": 1}),
+                             {"stride_ak": 1, "stride_gn": 1, "stride_ck": 1}, (90,)),
     }
-    builds = []
-    for name, (kernel, configs, flags, unit_strides) in kernels.items():
-        signature, hints = {}, {}
-        for i, param in enumerate(kernel.params):
-            arg = param.name
-            if param.is_constexpr or arg in unit_strides:
-                signature[arg] = "constexpr"
-            elif arg.endswith("_ptr"):
-                signature[arg] = "*i64" if "index" in arg or arg in ("gather_ptr", "scatter_ptr") else ("*i32" if arg == "offsets_ptr" else "*bf16")
+
+
+def compile_builds() -> list[dict]:
+    """Every build of `_build_specs`, compiled in a process per core (each takes 1-3 s)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(name, i, arch) for name, (_, configs, _, _, archs) in _build_specs().items() for i in range(len(configs)) for arch in archs]
+    with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        return list(pool.map(_compile_one, jobs))
+
+
+def _compile_one(job: tuple[str, int, int]) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    name, index, arch = job
+    kernel, configs, flags, unit_strides, _ = _build_specs()[name]
+    config = configs[index]
+    signature, hints = {}, {}
+    for i, param in enumerate(kernel.params):
+        arg = param.name
+        if param.is_constexpr or arg in unit_strides:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*i64" if "index" in arg or arg in ("gather_ptr", "scatter_ptr") else ("*i32" if arg == "offsets_ptr" else "*bf16")
+            hints[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[arg] = "i32"  # as Triton specializes ints below 2^31 at launch
+            if arg.startswith("stride") or arg in ("N", "K"):
                 hints[(i,)] = [["tt.divisibility", 16]]
-            else:
-                signature[arg] = "i32"  # as Triton specializes ints below 2^31 at launch
-                if arg.startswith("stride") or arg in ("N", "K"):
-                    hints[(i,)] = [["tt.divisibility", 16]]
-        for config in configs:
-            constexprs = {**flags, **unit_strides, **config.kwargs}
-            for arch in (80, 90) if name != "dw, rows indexed" else (90,):  # (its pipelining is what sm90 checks)
-                start = time.perf_counter()
-                compiled = triton.compile(
-                    triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=hints),
-                    target=GPUTarget("cuda", arch, 32), options={"num_warps": config.num_warps, "num_stages": config.num_stages},
-                )
-                ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
-                builds.append({
-                    "kernel": name, "arch": arch, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
-                    "tensor_core_op": "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else None),
-                    "shared_bytes": compiled.metadata.shared, "pipelined_loads": ttgir.count("async_copy_global_to_local"),
-                    "stores_in_mma_loop": _stores_in_mma_loop(ttgir),
-                    # one stage's operand tiles (bf16): a loop pipelined num_stages deep holds num_stages of them,
-                    # an indexed one (num_stages + 1) // 2 (its indices are loaded a stage ahead of the rows)
-                    "stage_bytes": 2 * (config.kwargs["BLOCK_K"] * (config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"]) if name == "forward"
-                                        else config.kwargs["BLOCK_R"] * (config.kwargs["BLOCK_K"] + config.kwargs["BLOCK_N"])),
-                    "buffers": (config.num_stages + 1) // 2 if flags.get("A_INDEX") else config.num_stages,
-                    "compile_s": round(time.perf_counter() - start, 2),
-                })
-    return builds
+    start = time.perf_counter()
+    compiled = triton.compile(
+        triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs={**flags, **unit_strides, **config.kwargs}, attrs=hints),
+        target=GPUTarget("cuda", arch, 32), options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+    )
+    ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
+    return {
+        "kernel": name, "arch": arch, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
+        "tensor_core_op": "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else None),
+        "shared_bytes": compiled.metadata.shared, "pipelined_loads": ttgir.count("async_copy_global_to_local"),
+        "stores_in_mma_loop": _stores_in_mma_loop(ttgir),
+        # one stage's operand tiles (bf16): a loop pipelined num_stages deep holds num_stages of them,
+        # an indexed one (num_stages + 1) // 2 (its indices are loaded a stage ahead of the rows)
+        "stage_bytes": 2 * (config.kwargs["BLOCK_K"] * (config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"]) if name == "forward"
+                            else config.kwargs["BLOCK_R"] * (config.kwargs["BLOCK_K"] + config.kwargs["BLOCK_N"])),
+        "buffers": (config.num_stages + 1) // 2 if flags.get("A_INDEX") else config.num_stages,
+        "compile_s": round(time.perf_counter() - start, 2),
+    }
 
 
 def _stores_in_mma_loop(ttgir: str) -> bool:
