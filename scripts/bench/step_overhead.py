@@ -41,7 +41,8 @@ def main() -> None:
     from distrain.train.trainer import Trainer
 
     run_dir = tempfile.mkdtemp(prefix="distrain-bench-")
-    job = load_job(args.recipe, [f"run.dir={run_dir}", "eval.interval=0", "logging.wandb.mode=disabled", *args.overrides])
+    # (weight decay on every parameter, as the plain loop's AdamW applies it)
+    job = load_job(args.recipe, [f"run.dir={run_dir}", "eval.interval=0", "logging.wandb.mode=disabled", "optim.decay_norms_and_biases=true", *args.overrides])
     device = resolve_device(job)
     init_distributed(job, device)
     trainer = Trainer(job, device)

@@ -196,7 +196,7 @@ def distrain_worker(layout: str, model_dir: str, steps: int, tmp: str, size: str
         f"train.seq_len={seq_len}", f"train.global_batch_size={batch_size}", f"train.micro_batch_size={batch_size // dp}",
         f"run.device={device}", f"train.mixed_precision={'bf16' if device == 'cuda' else 'fp32'}", "logging.peak_flops=null",
         "train.grad_clip=0", f"optim.lr={LR}", f"optim.beta1={BETAS[0]}", f"optim.beta2={BETAS[1]}",
-        f"optim.weight_decay={WEIGHT_DECAY}", "optim.schedule=constant", "optim.warmup_steps=0", "moe.aux_loss_coef=0",
+        f"optim.weight_decay={WEIGHT_DECAY}", "optim.decay_norms_and_biases=true", "optim.schedule=constant", "optim.warmup_steps=0", "moe.aux_loss_coef=0",
         "checkpoint.export=false", f"launcher.nproc_per_node={world}", *overrides,
     ]
     with trainer_in_own_group("qwen3_moe_debug", overrides) as trainer:
