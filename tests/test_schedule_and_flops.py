@@ -88,7 +88,7 @@ def test_norms_and_biases_get_no_weight_decay(decay_1d):
     default). A step with zero gradients is the decay alone."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from distrain.train.trainer import _hyperparameters, _param_groups
+    from distrain.train.trainer import _decayed, _hyperparameters, _param_groups
 
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))
@@ -104,7 +104,11 @@ def test_norms_and_biases_get_no_weight_decay(decay_1d):
         shrink = 1 - 0.1 * 0.5 if (p.ndim >= 2 or decay_1d) else 1.0
         torch.testing.assert_close(p.detach(), before[name] * shrink, msg=name)
     # a resume applies the config's hyperparameters group by group, the same split
+    names = {p: name for name, p in model.named_parameters()}
     for group in optimizer.param_groups:
         group["weight_decay"] = 9.0
-        group.update(_hyperparameters(group["params"][0], optim))
+        group.update(_hyperparameters(_decayed(names[group["params"][0]], group["params"][0], optim), optim))
     assert sorted({g["weight_decay"] for g in optimizer.param_groups}) == ([0.5] if decay_1d else [0.0, 0.5])
+    # biases stacked per expert (GPT-OSS's [E, N]) are biases too
+    assert not _decayed("model.layers.0.mlp.experts.down_proj_bias", torch.zeros(4, 8), OptimConfig())
+    assert _decayed("model.layers.0.mlp.experts.down_proj", torch.zeros(4, 8, 8), OptimConfig())

@@ -281,7 +281,7 @@ def grouped_mm(
     then summed (the MoE layer's sum over each token's k slots). b: [E, K, N], any strides.
     `gather` / `scatter` entries are distinct."""
     out = _launch_mm(a, b, offsets, gather, gather_div, scatter, scale, out_rows)
-    return out if sum_k == 1 else out.view(out_rows // sum_k, sum_k, -1).sum(1)
+    return out if sum_k == 1 else out.view(out_rows // sum_k, sum_k, out.shape[-1]).sum(1)  # (explicit: 0 rows happen)
 
 
 @grouped_mm.register_fake
@@ -368,37 +368,45 @@ def _backward(ctx, grad):
     return da, db, None, None, None, None, dscale, None, None
 
 
-# "indexed" / "copied": how grouped_mm_dw reads rows out of expert order (None: the faster, timed on CUDA)
-DW_PATH: Optional[str] = None
+# "indexed" / "copied": how grouped_mm_dw reads rows out of expert order; unset: the faster,
+# timed on CUDA (DISTRAIN_DW_PATH sets it for a run's workers)
+DW_PATH: Optional[str] = os.environ.get("DISTRAIN_DW_PATH") or None
+if DW_PATH not in (None, "indexed", "copied"):
+    raise ValueError(f"DISTRAIN_DW_PATH={DW_PATH}: must be indexed or copied (or unset: the faster, timed on CUDA)")
 _chosen_paths: dict[tuple, str] = {}
 
 
 def _fastest(key: tuple, paths: dict, device: torch.device) -> torch.Tensor:
     """The result of the faster of equivalent `paths` (name: callable). On CUDA each runs and is
-    timed once per `key`, as Triton's autotuner times tile sizes, and the choice is kept for the
-    process; elsewhere (the interpreter) the first runs."""
+    timed once per `key` (the best of 3 runs, after one that compiles and autotunes its kernel), as
+    Triton's autotuner times tile sizes, and the choice is kept for the process; elsewhere (the
+    interpreter) the first runs. Only the fastest path's output stays alive (dW is E x K x N)."""
     choice = _chosen_paths.get(key)
     if choice is not None:
         return paths[choice]()
     if INTERPRET or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return next(iter(paths.values()))()
-    times, outs = {}, {}
+    best, best_ms, out = None, float("inf"), None
     for name, run in paths.items():
-        run()  # compiles and autotunes its kernel
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        result = run()  # compiles and autotunes its kernel
         for _ in range(3):
-            outs[name] = run()
-        end.record()
-        end.synchronize()
-        times[name] = start.elapsed_time(end)
-    choice = _chosen_paths[key] = min(times, key=times.get)
-    return outs[choice]
+            del result
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)  # (the backward's other streams: the time is this path's alone)
+            start.record()
+            result = run()
+            end.record()
+            end.synchronize()
+            if start.elapsed_time(end) < best_ms:
+                best, best_ms, out = name, start.elapsed_time(end), result  # (frees the previous best)
+        del result
+    _chosen_paths[key] = best
+    return out
 
 
 def _sum_slots(sorted_rows: torch.Tensor, slots: torch.Tensor, tokens: int, div: int) -> torch.Tensor:
     pairs = sorted_rows.new_zeros(tokens * div, sorted_rows.shape[-1]).index_copy_(0, slots, sorted_rows)
-    return pairs.view(tokens, div, -1).sum(1)
+    return pairs.view(tokens, div, pairs.shape[-1]).sum(1)
 
 
 grouped_mm.register_autograd(_backward, setup_context=_setup_context)

@@ -70,7 +70,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     # back to (token, k) order; a dropped pair adds nothing
     unsorted = (out.new_zeros if capacity_factor is not None else torch.empty)(num_tokens * top_k, out.shape[-1], dtype=out.dtype, device=out.device)
     unsorted.index_copy_(0, order, out)
-    return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+    return unsorted.view(num_tokens, top_k, out.shape[-1]).sum(dim=1).to(hidden_states.dtype)
 
 
 def count_per_expert(index: torch.Tensor, num_experts: int) -> torch.Tensor:

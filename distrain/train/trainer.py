@@ -147,8 +147,9 @@ class Trainer:
         # NOTE: the config wins over the hyperparameters a checkpoint brings back (rank 0 lists
         #       what changed); the learning rate is a function of the step alone, so the scheduler
         #       is rebuilt at the resumed step rather than loaded (its lists follow the layout).
+        names = {param: name for name, param in self.model.named_parameters()}
         for group in self.optimizer.param_groups:
-            group.update(_hyperparameters(group["params"][0], job.optim))
+            group.update(_hyperparameters(_decayed(names[group["params"][0]], group["params"][0], job.optim), job.optim))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_multiplier(step, job.train.steps, job.optim), last_epoch=self.step - 1
         )
@@ -421,19 +422,23 @@ def _poison(model: torch.nn.Module) -> None:
 
 def _param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
     """One group per mesh (foreach kernels cannot mix plain tensors and DTensors, or meshes) and
-    per weight decay (1-D parameters apart)."""
+    per weight decay (norms and biases apart)."""
     groups: dict[object, list] = {}
-    for param in model.parameters():
-        key = (param.device_mesh if isinstance(param, DTensor) else None, _hyperparameters(param, optim)["weight_decay"])
+    for name, param in model.named_parameters():
+        key = (param.device_mesh if isinstance(param, DTensor) else None, _decayed(name, param, optim))
         groups.setdefault(key, []).append(param)
-    return [{"params": params, **_hyperparameters(params[0], optim)} for params in groups.values()]
+    return [{"params": params, **_hyperparameters(decayed, optim)} for (_, decayed), params in groups.items()]
 
 
-def _hyperparameters(param: torch.Tensor, optim: OptimConfig) -> dict:
-    """The config's AdamW hyperparameters for the group holding `param`: no weight decay on 1-D
-    parameters (norm gains, biases; a DTensor's ndim is its global one) unless
-    optim.decay_norms_and_biases."""
-    decayed = param.ndim >= 2 or optim.decay_norms_and_biases
+def _decayed(name: str, param: torch.Tensor, optim: OptimConfig) -> bool:
+    """Weight decay applies to matrices (and embeddings), not to 1-D parameters (norm gains, biases,
+    GPT-OSS's attention sinks; a DTensor's ndim is its global one) nor to biases stacked per expert
+    (GPT-OSS's [E, N] ones), unless optim.decay_norms_and_biases."""
+    return optim.decay_norms_and_biases or (param.ndim >= 2 and not name.endswith("bias"))
+
+
+def _hyperparameters(decayed: bool, optim: OptimConfig) -> dict:
+    """The config's AdamW hyperparameters for a group (a resume applies them over a checkpoint's)."""
     return {"initial_lr": optim.lr, "betas": (optim.beta1, optim.beta2), "eps": optim.eps, "weight_decay": optim.weight_decay if decayed else 0.0}
 
 

@@ -15,7 +15,7 @@ of these shapes. Times are CUDA-event medians; the table gives TFLOP/s and ratio
 
 `--compile-only` compiles every autotuning config of both kernels for sm80 and sm90 (bf16; the
 forward with gather, scatter and scale on, dW as the backward runs it: rows in expert order, and for
-sm90 also one operand's rows indexed) with Triton's ahead-of-time
+sm90 also either operand's rows indexed) with Triton's ahead-of-time
 compiler and writes, per build, the tensor-core instruction its PTX uses (wgmma / mma.sync), its
 shared memory against one pipeline stage's tiles, and its warps (the tests assert them).
 """
@@ -49,6 +49,9 @@ def _build_specs():
                {"stride_ak": 1, "stride_gn": 1, "stride_ck": 1}, (80, 90)),
         "dw, rows indexed": (gg._grouped_dw_kernel, gg._dw_configs(), {"A_INDEX": True, "G_INDEX": False, "SCALE": False, "IEEE": False, "UPCAST": False},
                              {"stride_ak": 1, "stride_gn": 1, "stride_ck": 1}, (90,)),
+        # the down GEMM's: the gradient's rows by index (the scaled intermediate rows copied)
+        "dw, gradient rows indexed": (gg._grouped_dw_kernel, gg._dw_configs(), {"A_INDEX": False, "G_INDEX": True, "SCALE": False, "IEEE": False, "UPCAST": False},
+                                      {"stride_ak": 1, "stride_gn": 1, "stride_ck": 1}, (90,)),
     }
 
 
@@ -57,7 +60,7 @@ def compile_builds() -> list[dict]:
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = [(name, i, arch) for name, (_, configs, _, _, archs) in _build_specs().items() for i in range(len(configs)) for arch in archs]
-    with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+    with ProcessPoolExecutor(max_workers=min(len(jobs), len(os.sched_getaffinity(0)), 8)) as pool:  # (each holds ~1 GB)
         return list(pool.map(_compile_one, jobs))
 
 
@@ -95,7 +98,7 @@ def _compile_one(job: tuple[str, int, int]) -> dict:
         # an indexed one (num_stages + 1) // 2 (its indices are loaded a stage ahead of the rows)
         "stage_bytes": 2 * (config.kwargs["BLOCK_K"] * (config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"]) if name == "forward"
                             else config.kwargs["BLOCK_R"] * (config.kwargs["BLOCK_K"] + config.kwargs["BLOCK_N"])),
-        "buffers": (config.num_stages + 1) // 2 if flags.get("A_INDEX") else config.num_stages,
+        "buffers": (config.num_stages + 1) // 2 if flags.get("A_INDEX") or flags.get("G_INDEX") else config.num_stages,
         "compile_s": round(time.perf_counter() - start, 2),
     }
 
