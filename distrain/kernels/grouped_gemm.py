@@ -338,11 +338,14 @@ def _backward(ctx, grad):
     need_scale = scale is not None and ctx.needs_input_grad[6]
     rows = gather.numel() if gather is not None else a.shape[0]
     b_t = b.transpose(1, 2)
+    # the operand rows each sorted row reads (None: in expert order already)
+    a_index = None if gather is None else gather // div
+    g_index = None if scatter is None else scatter // sum_k
     da = db = dscale = None
     if need_scale:
         # d scale[i] = <a_row(i), (g_i @ b^T)>: the unscaled dX rows in sorted order, then a row dot
         unscaled = grouped_mm(grad, b_t, offsets, scatter, sum_k, None, None, rows)
-        a_rows = a if gather is None else a[gather // div]
+        a_rows = a if a_index is None else a[a_index]
         # a batch of row dots (fp32 accumulation, no fp32 copies of the rows)
         dscale = torch.bmm(a_rows.unsqueeze(1), unscaled.to(a_rows.dtype).unsqueeze(2)).view(-1).to(scale.dtype)
         if need_a:
@@ -354,17 +357,15 @@ def _backward(ctx, grad):
         else:  # each row to its (token, k) slot, then the sum over k: no atomics, a fixed order
             da = grouped_mm(grad, b_t, offsets, scatter, sum_k, gather, scale, a.shape[0] * div, div)
     if need_b:
-        a_rows = None if gather is None else gather // div
-        g_rows = None if scatter is None else scatter // sum_k
         if scale is not None:
             # a_i^T (s_i g_i) = (s_i a_i)^T g_i: the scale goes into a copy of the narrower operand's
             # rows (the down GEMM's: intermediate, not hidden); a scale inside dW's loop routes the
             # tile through registers and makes the warpgroup MMA synchronous (sm90 build)
             if a.shape[1] <= grad.shape[1]:
-                a, a_rows = (a if a_rows is None else a[a_rows]) * scale.unsqueeze(-1).to(a.dtype), None
+                a, a_index = (a if a_index is None else a[a_index]) * scale.unsqueeze(-1).to(a.dtype), None
             else:
-                grad, g_rows = (grad if g_rows is None else grad[g_rows]) * scale.unsqueeze(-1).to(grad.dtype), None
-        db = grouped_mm_dw(a, grad, offsets, a_rows, 1, g_rows, None, b)
+                grad, g_index = (grad if g_index is None else grad[g_index]) * scale.unsqueeze(-1).to(grad.dtype), None
+        db = grouped_mm_dw(a, grad, offsets, a_index, 1, g_index, None, b)
     return da, db, None, None, None, None, dscale, None, None
 
 
