@@ -1,6 +1,6 @@
 """distrain's Triton grouped GEMMs against torch's, at Qwen3-30B-A3B expert shapes, in bf16 on a GPU.
 
-    python scripts/bench/moe_kernels.py [--tokens 8192 16384 32768] [--out results/bench]
+    python scripts/bench/moe_kernels.py [--tokens 8192 16384 32768] [--per-gemm 16384] [--profile 16384] [--out results/bench]
     python scripts/bench/moe_kernels.py --compile-only [--out builds.json]   (no GPU needed)
 
 Per token count T and routing (balanced: uniform top-k; skewed: expert e drawn with weight
@@ -39,9 +39,21 @@ def _build_specs():
     # the layer's real layouts (hidden states and gradients row-major, weights [E, out, in] read
     # transposed): what Triton's launcher specializes at run time, strides of 1 as constants and
     # pointers, sizes and strides divisible by 16 as hints, is given here the same way
+    fwd = {"IEEE": False, "UPCAST": False, "E_BLOCK": E}
+    pointers = [c for c in gg._fwd_configs() if not c.kwargs["TMA"]]
+    descriptors = [c for c in gg._fwd_configs() if c.kwargs["TMA"]]  # (sm90+: the launcher makes none on sm80)
     return {
-        "forward": (gg._grouped_mm_kernel, gg._fwd_configs(), {"GATHER": True, "SCATTER": True, "SCALE": True, "IEEE": False, "UPCAST": False, "E_BLOCK": E},
+        # the gate_up GEMM's: rows gathered (through pointers), the weights through a descriptor or pointers
+        "forward": (gg._grouped_mm_kernel, pointers, {**fwd, "GATHER": True, "SCATTER": True, "SCALE": True, "A_TMA": False, "B_TMA": 0},
                     {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1}, (80, 90)),
+        "forward, descriptors": (gg._grouped_mm_kernel, descriptors, {**fwd, "GATHER": True, "SCATTER": False, "SCALE": False, "A_TMA": False, "B_TMA": 1},
+                                 {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1}, (90,)),
+        # the down GEMM's forward (rows in order, weights [E, out, in]) and gate_up's dX (weights as stored): both by descriptor
+        "forward, rows in order, descriptors": (gg._grouped_mm_kernel, descriptors,
+                                                {**fwd, "GATHER": False, "SCATTER": True, "SCALE": True, "A_TMA": True, "B_TMA": 1},
+                                                {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1}, (90,)),
+        "dX, rows in order, descriptors": (gg._grouped_mm_kernel, descriptors, {**fwd, "GATHER": False, "SCATTER": True, "SCALE": False, "A_TMA": True, "B_TMA": 2},
+                                           {"stride_ak": 1, "stride_bn": 1, "stride_cn": 1}, (90,)),
         # dW as the backward runs it (the routing weight already applied): rows in expert order,
         # or one operand's rows read by index in the loop (the indices take pipeline stages too;
         # sm90 only: its pipelining is what the check is about)
@@ -65,8 +77,12 @@ def compile_builds() -> list[dict]:
 
 
 def _compile_one(job: tuple[str, int, int]) -> dict:
+    from types import SimpleNamespace
+
     import triton
     from triton.backends.compiler import GPUTarget
+
+    from distrain.kernels import grouped_gemm as gg
 
     name, index, arch = job
     kernel, configs, flags, unit_strides, _ = _build_specs()[name]
@@ -76,6 +92,11 @@ def _compile_one(job: tuple[str, int, int]) -> dict:
         arg = param.name
         if param.is_constexpr or arg in unit_strides:
             signature[arg] = "constexpr"
+        elif arg in ("a_desc", "b_desc"):  # a descriptor with the config's block shape (`_set_blocks`), or the tensor
+            nargs = {**flags, **config.kwargs, "a_desc": SimpleNamespace(), "b_desc": SimpleNamespace()}
+            gg._set_blocks(nargs)
+            block = getattr(nargs[arg], "block_shape", None)
+            signature[arg] = f"tensordesc<bf16[{block[0]}, {block[1]}]>" if block else "*bf16"
         elif arg.endswith("_ptr"):
             signature[arg] = "*i64" if "index" in arg or arg in ("gather_ptr", "scatter_ptr") else ("*i32" if arg == "offsets_ptr" else "*bf16")
             hints[(i,)] = [["tt.divisibility", 16]]
@@ -92,11 +113,12 @@ def _compile_one(job: tuple[str, int, int]) -> dict:
     return {
         "kernel": name, "arch": arch, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
         "tensor_core_op": "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else None),
-        "shared_bytes": compiled.metadata.shared, "pipelined_loads": ttgir.count("async_copy_global_to_local"),
+        "shared_bytes": compiled.metadata.shared, "pipelined_loads": ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy_global_to_local"),
+        "descriptor_loads": ttgir.count("async_tma_copy_global_to_local"),
         "stores_in_mma_loop": _stores_in_mma_loop(ttgir),
         # one stage's operand tiles (bf16): a loop pipelined num_stages deep holds num_stages of them,
         # an indexed one (num_stages + 1) // 2 (its indices are loaded a stage ahead of the rows)
-        "stage_bytes": 2 * (config.kwargs["BLOCK_K"] * (config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"]) if name == "forward"
+        "stage_bytes": 2 * (config.kwargs["BLOCK_K"] * (config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"]) if kernel is gg._grouped_mm_kernel
                             else config.kwargs["BLOCK_R"] * (config.kwargs["BLOCK_K"] + config.kwargs["BLOCK_N"])),
         "buffers": (config.num_stages + 1) // 2 if flags.get("A_INDEX") or flags.get("G_INDEX") else config.num_stages,
         "compile_s": round(time.perf_counter() - start, 2),
@@ -221,6 +243,76 @@ def bench(tokens_list: list[int]) -> list[dict]:
     return rows_out
 
 
+def profile_layer(tokens: int) -> list[dict]:
+    """Where one fused layer's forward + backward spends its GPU time (balanced routing): the
+    kernels by total time per step, with their share, from torch's profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    params, order, offsets, grad = _layer_inputs(tokens, False)
+    steps = 5
+    for _ in range(3):  # (autotuned and timed already by `bench`; this warms the rest)
+        torch.autograd.grad(_layer(None, *params, order, offsets, fused=True), params, grad)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            torch.autograd.grad(_layer(None, *params, order, offsets, fused=True), params, grad)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    total = sum(e.self_device_time_total for e in events)
+    rows = [{"tokens": tokens, "kernel": e.key[:70], "calls per step": e.count / steps, "ms per step": e.self_device_time_total / steps / 1e3,
+             "share": round(e.self_device_time_total / total, 3)} for e in sorted(events, key=lambda e: -e.self_device_time_total)]
+    return rows[:20]
+
+
+def compare_descriptors(tokens: int) -> list[dict]:
+    """The forward kernel's four GEMMs and the fused layer (balanced routing), autotuned among
+    the configs that load through pointers only, then among those that load through descriptors
+    (where the launcher makes them), side by side in one process."""
+    import torch
+
+    from distrain.kernels import grouped_gemm as gg
+
+    tuner = gg._tuned("fwd")[0]
+    prune = tuner.early_config_prune  # (descriptor configs wherever the launcher made a descriptor)
+    gemms = ("fwd gate_up", "fwd down", "dX gate_up", "dX down")
+    results = {}
+    for variant, tma in (("pointers", False), ("descriptors", True)):
+        tuner.cache.clear()
+        tuner.early_config_prune = lambda configs, nargs, tma=tma, **kw: [
+            c for c in configs if c.kwargs["TMA"] == (tma and bool(kw["A_TMA"] or kw["B_TMA"]))]
+        for row in per_gemm(tokens, False, gemms):
+            results.setdefault(row["gemm"], {})[variant] = row["triton TFLOP/s"]
+        params, order, offsets, grad = _layer_inputs(tokens, False)
+        flops = 6 * tokens * TOP_K * H * I
+        with torch.no_grad():
+            results.setdefault("layer fwd", {})[variant] = flops / _median_ms(lambda: _layer(None, *params, order, offsets, fused=True), 20) / 1e9
+        results.setdefault("layer fwd+bwd", {})[variant] = 3 * flops / _median_ms(
+            lambda: torch.autograd.grad(_layer(None, *params, order, offsets, fused=True), params, grad), 20) / 1e9
+        results.setdefault("tuned", {})[variant] = "; ".join(f"{key[:2]}: {config}" for key, config in tuner.cache.items())
+        print(variant, {name: round(r[variant], 1) for name, r in results.items() if name != "tuned"}, flush=True)
+    tuner.early_config_prune = prune
+    tuner.cache.clear()
+    tuned = results.pop("tuned")
+    print(json.dumps(tuned, indent=1))
+    return [{"tokens": tokens, "what": name, "pointers TFLOP/s": r["pointers"], "descriptors TFLOP/s": r["descriptors"],
+             "descriptors / pointers": r["descriptors"] / r["pointers"]} for name, r in results.items()]
+
+
+def _layer_inputs(tokens: int, skewed: bool):
+    """One layer's expert inputs at these shapes: (x, w_gate_up, w_down, routing weights), order, offsets, an output gradient."""
+    import torch
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    torch.manual_seed(0)
+    w_gate_up = (torch.randn(E, 2 * I, H, device=device, dtype=dtype) * H**-0.5).requires_grad_()
+    w_down = (torch.randn(E, H, I, device=device, dtype=dtype) * I**-0.5).requires_grad_()
+    order, offsets, _ = _routing(tokens, skewed, device)
+    x = torch.randn(tokens, H, device=device, dtype=dtype, requires_grad=True)
+    weights = torch.rand(tokens, TOP_K, device=device, dtype=dtype).reshape(-1).requires_grad_()
+    return (x, w_gate_up, w_down, weights), order, offsets, torch.randn(tokens, H, device=device, dtype=dtype)
+
+
 def _torch_grouped_mm():
     import torch
     import torch.nn.functional as F
@@ -228,7 +320,7 @@ def _torch_grouped_mm():
     return getattr(F, "grouped_mm", None) or torch._grouped_mm  # public from torch 2.10
 
 
-def per_gemm(tokens: int, skewed: bool) -> list[dict]:
+def per_gemm(tokens: int, skewed: bool, only: tuple[str, ...] | None = None) -> list[dict]:
     """Each of the six expert GEMMs alone, distrain's kernel (gather, scatter and scale inside)
     against torch's grouped GEMM on rows already in expert order (the copies not counted): where
     the time goes, for tuning."""
@@ -271,6 +363,8 @@ def per_gemm(tokens: int, skewed: bool) -> list[dict]:
     }
     table = []
     for name, (flops, ours, theirs) in gemms.items():
+        if only is not None and name not in only:
+            continue
         row = {"tokens": tokens, "routing": "skewed" if skewed else "balanced", "gemm": name, "triton TFLOP/s": flops / _median_ms(ours, 20) / 1e9}
         try:
             row["torch TFLOP/s"] = flops / _median_ms(theirs, 20) / 1e9
@@ -283,10 +377,12 @@ def per_gemm(tokens: int, skewed: bool) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384, 32768])
+    parser.add_argument("--tokens", type=int, nargs="*", default=[8192, 16384, 32768])
     parser.add_argument("--out", default="results/bench")
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--per-gemm", type=int, nargs="*", default=[16384], help="token counts for the per-GEMM table")
+    parser.add_argument("--profile", type=int, nargs="*", default=[], help="token counts for a profile of the fused layer's kernels")
+    parser.add_argument("--compare-descriptors", type=int, nargs="*", default=[], help="token counts for pointer against descriptor loads")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     if args.compile_only:
@@ -304,14 +400,21 @@ def main() -> None:
 
     from distrain.kernels import grouped_gemm as gg
 
+    compared = [row for tokens in args.compare_descriptors for row in compare_descriptors(tokens)]
+    if compared:
+        report("moe_kernels_descriptors", compared, args.out)
     gemm_rows = [row for tokens in args.per_gemm for skewed in (False, True) for row in per_gemm(tokens, skewed)]
     if gemm_rows:
         report("moe_kernels_per_gemm", gemm_rows, args.out)
     rows = bench(args.tokens)
     tuned = {kind: {str(key): str(config) for key, config in gg._tuned(kind)[0].cache.items()} for kind in ("fwd", "dw")}
     tuned["dW paths"] = {str(key): path for key, path in gg._chosen_paths.items()}
-    report("moe_kernels", rows, args.out, {"E": E, "H": H, "I": I, "K": TOP_K, "dtype": "bf16", "tuned configs": tuned,
-                                           "goal": "triton >= 450 TFLOP/s forward and >= 400 forward+backward on an H100"})
+    if rows:
+        report("moe_kernels", rows, args.out, {"E": E, "H": H, "I": I, "K": TOP_K, "dtype": "bf16", "tuned configs": tuned,
+                                               "goal": "triton >= 450 TFLOP/s forward and >= 400 forward+backward on an H100"})
+    profiles = [row for tokens in args.profile for row in profile_layer(tokens)]
+    if profiles:
+        report("moe_kernels_profile", profiles, args.out)
 
 
 if __name__ == "__main__":
