@@ -145,3 +145,28 @@ def test_the_builds_for_sm80_and_sm90_use_tensor_cores(tmp_path):
             assert build["shared_bytes"] >= build["buffers"] * build["stage_bytes"], build
             # a persistent kernel's tile and K loops flatten into one pipeline (stores inside it)
             assert build["stores_in_mma_loop"] == build.get("PERSISTENT", False), build
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_swiglu_matches_the_torch_twin(dtype):
+    """The fused SwiGLU (one pass forward, one backward) against transformers' default gate,
+    `silu(gate) * up`, in fp32 on the same inputs: rows and the intermediate width not multiples of
+    the tiles, no rows, a strided input (a column slice of a wider tensor)."""
+    from distrain.kernels.swiglu import reference_swiglu, swiglu
+
+    generator = torch.Generator().manual_seed(0)
+    for rows, inner in [(37, 70), (1, 3), (0, 8), (20, 64)]:
+        wide = torch.randn(rows, 2 * inner + 6, generator=generator).mul(3).to(dtype)
+        for gate_up in (wide[:, : 2 * inner].contiguous(), wide[:, 3 : 3 + 2 * inner]):
+            gate_up = gate_up.detach().requires_grad_()
+            exact = gate_up.detach().float().requires_grad_()
+            out, want = swiglu(gate_up), reference_swiglu(exact)
+            assert out.dtype == dtype and out.shape == (rows, inner)
+            torch.testing.assert_close(out.float(), want, **TOLERANCE[dtype])
+            grad = torch.randn(rows, inner, generator=generator).to(dtype)
+            (got,) = torch.autograd.grad(out, gate_up, grad)
+            (expected,) = torch.autograd.grad(want, exact, grad.float())
+            assert got.dtype == dtype and got.shape == gate_up.shape
+            torch.testing.assert_close(got.float(), expected, **TOLERANCE[dtype])
+    with pytest.raises(ValueError, match="2 x intermediate"):
+        swiglu(torch.randn(4, 5))

@@ -18,7 +18,8 @@ earliest in token order, before step 2; the others are dropped.
 The GEMMs run on torch's `grouped_mm` (`moe.kernel=torch`) or distrain's Triton kernels
 (`distrain.kernels.grouped_gemm`, `moe.kernel=triton`), which also take over steps 1's gather and
 3's weighting and un-permuting into their loads and stores where the rows stay on this rank (no
-EP) and the experts have no biases or post-expert norm.
+EP) and the experts have no biases or post-expert norm; there transformers' default gate with SiLU
+runs as one fused op (`distrain.kernels.swiglu`).
 
 With expert parallelism (`distrain.moe.dispatch`) step 2 runs on the rank that holds the expert:
 the sorted rows travel there and back by all-to-all. Under expert-TP the weights are DTensors
@@ -29,6 +30,7 @@ MoE block's TP region reduces.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -124,8 +126,7 @@ def _fused_experts(self, hidden_states, order, counts, top_k_weights) -> torch.T
     offsets = torch.cumsum(counts, 0).to(torch.int32)
     gate_up = _as_in_out(self, _local(self.gate_up_proj if self.has_gate else self.up_proj))
     dtype = _compute_dtype(hidden_states, gate_up)
-    out = triton_grouped_mm(hidden_states.to(dtype), gate_up.to(dtype), offsets, order, top_k, None, None, order.numel())
-    out = self._apply_gate(out) if self.has_gate else self.act_fn(out)
+    out = _gate(self, triton_grouped_mm(hidden_states.to(dtype), gate_up.to(dtype), offsets, order, top_k, None, None, order.numel()))
     down = _as_in_out(self, _local(self.down_proj)).to(dtype)
     weights = top_k_weights.reshape(-1)[order].to(dtype)
     return triton_grouped_mm(out.to(dtype), down, offsets, None, 1, order, weights, num_tokens * top_k, top_k).to(hidden_states.dtype)
@@ -156,13 +157,37 @@ def local_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tenso
         expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=rows.device), counts, output_size=rows.shape[0])
     weight = _local(self.gate_up_proj if self.has_gate else self.up_proj)
     bias = _local(self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
-    out = _grouped_linear(rows, _as_in_out(self, weight), offsets, bias, expert_of_row, _kernel(self))
-    out = self._apply_gate(out) if self.has_gate else self.act_fn(out)
+    out = _gate(self, _grouped_linear(rows, _as_in_out(self, weight), offsets, bias, expert_of_row, _kernel(self)))
     down_bias = _local(self.down_proj_bias) if self.has_bias else None
     out = _grouped_linear(out, _as_in_out(self, _local(self.down_proj)), offsets, down_bias, expert_of_row, _kernel(self))
     if self.has_post_expert_norm:
         out = self.post_expert_norm(out)
     return out
+
+
+def _gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+    """The model's gate (or activation) on the `gate_up` GEMM's output. On the Triton path
+    transformers' default gate with SiLU, `silu(gate) * up` on the two halves, runs as one fused op
+    (`distrain.kernels.swiglu`: one pass each way instead of five over strided halves)."""
+    if not self.has_gate:
+        return self.act_fn(gate_up)
+    if _kernel(self) == "triton" and _plain_swiglu(type(self), type(getattr(self, "act_fn", None))):
+        from distrain.kernels.swiglu import swiglu
+
+        return swiglu(gate_up)
+    return self._apply_gate(gate_up)
+
+
+@functools.cache
+def _plain_swiglu(experts_class: type, act_class: type) -> bool:
+    """Whether the experts gate with transformers' default `_apply_gate` (halves, not interleaved;
+    no clamp) and a plain SiLU."""
+    from transformers import activations
+    from transformers.integrations import moe
+
+    default = getattr(moe, "_default_apply_gate", None)
+    silu = {torch.nn.SiLU, getattr(activations, "SiLUActivation", torch.nn.SiLU)}
+    return default is not None and getattr(experts_class, "_apply_gate", None) is default and act_class in silu
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:

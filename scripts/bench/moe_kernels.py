@@ -172,17 +172,15 @@ def _layer(gemm, x, w_gate_up, w_down, weights, order, offsets, fused: bool):
     import torch.nn.functional as F
 
     from distrain.kernels.grouped_gemm import grouped_mm
+    from distrain.kernels.swiglu import swiglu
 
     tokens = x.shape[0]
-    if fused:
-        gate_up = grouped_mm(x, w_gate_up.transpose(1, 2), offsets, order, TOP_K, None, None, order.numel())
-    else:
-        gate_up = gemm(x[order // TOP_K], w_gate_up.transpose(1, 2), offs=offsets)
-    gate, up = gate_up.chunk(2, dim=-1)
-    h = F.silu(gate) * up
-    if fused:  # scaled, scattered to the (token, k) slots and summed over k inside the op
+    if fused:  # the gate in one pass (as the layer runs transformers' default one on the Triton path); the
+        # down GEMM's rows scaled, scattered to the (token, k) slots and summed over k inside the op
+        h = swiglu(grouped_mm(x, w_gate_up.transpose(1, 2), offsets, order, TOP_K, None, None, order.numel()))
         return grouped_mm(h, w_down.transpose(1, 2), offsets, None, 1, order, weights[order], tokens * TOP_K, TOP_K)
-    out = gemm(h, w_down.transpose(1, 2), offs=offsets) * weights[order].unsqueeze(-1)
+    gate, up = gemm(x[order // TOP_K], w_gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+    out = gemm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offsets) * weights[order].unsqueeze(-1)
     out = torch.empty_like(out).index_copy_(0, order, out)
     return out.view(tokens, TOP_K, -1).sum(1)
 
