@@ -258,7 +258,7 @@ def profile_layer(tokens: int) -> list[dict]:
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
     total = sum(e.self_device_time_total for e in events)
-    rows = [{"tokens": tokens, "kernel": e.key[:70], "calls per step": e.count / steps, "ms per step": e.self_device_time_total / steps / 1e3,
+    rows = [{"tokens": tokens, "kernel": e.key[:100], "calls per step": e.count / steps, "ms per step": e.self_device_time_total / steps / 1e3,
              "share": round(e.self_device_time_total / total, 3)} for e in sorted(events, key=lambda e: -e.self_device_time_total)]
     return rows[:20]
 
