@@ -87,13 +87,14 @@ def test_kernels_match_the_torch_twin(case, mode, dtype):
 @pytest.mark.parametrize("mode", ["plain", "fused", "sum"], ids=["plain", "gather-scale-scatter", "gather-scale-scatter-sum"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_program_a_tile_matches_the_twin(case, mode, monkeypatch):
-    """The forward kernel's other schedule and loads (the interpreter runs the persistent one, its
-    programs taking several tiles each, and loads through descriptors where the launcher makes
-    them): one program a tile, every tile loaded through pointers, as the autotuner may pick on a GPU."""
+    """The kernels' other schedule and loads (the interpreter runs the persistent forward, its
+    programs taking several tiles each, and both kernels load through descriptors where the launcher
+    makes them): one program a tile, every tile loaded through pointers, as the autotuner may pick on a GPU."""
     from distrain.kernels import grouped_gemm
 
     monkeypatch.setitem(grouped_gemm._INTERPRET_FWD, "PERSISTENT", False)
     monkeypatch.setitem(grouped_gemm._INTERPRET_FWD, "TMA", False)
+    monkeypatch.setitem(grouped_gemm._INTERPRET_DW, "TMA", False)
     counts, k, n = CASES[case]
     _check(mode, counts, k, n, torch.float32)
 
@@ -124,8 +125,8 @@ def test_the_builds_for_sm80_and_sm90_use_tensor_cores(tmp_path):
     """Every autotuning config of both kernels compiles for sm90 with warpgroup MMA (wgmma) and
     for sm80 with mma.sync, in bf16, within the chip's shared memory, its sm90 loop pipelined
     num_stages deep, or (num_stages + 1) // 2 with dW's rows read by index, the persistent forward's
-    tile and K loops flattened into one, and the descriptor configs' tiles loaded by the tensor
-    memory accelerator, each in both weight layouts (no GPU needed)."""
+    tile and K loops flattened into one, and the descriptor configs' in-order tiles loaded by the
+    tensor memory accelerator (the forward's in both weight layouts; no GPU needed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "builds.json"
     subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "moe_kernels.py"), "--compile-only", "--out", str(out)],
@@ -133,14 +134,15 @@ def test_the_builds_for_sm80_and_sm90_use_tensor_cores(tmp_path):
     builds = json.loads(out.read_text())
     assert {(b["kernel"], b["arch"]) for b in builds} == {
         ("forward", 80), ("forward", 90), ("forward, descriptors", 90), ("forward, rows in order, descriptors", 90),
-        ("dX, rows in order, descriptors", 90), ("dw", 80), ("dw", 90), ("dw, rows indexed", 90), ("dw, gradient rows indexed", 90)}
+        ("dX, rows in order, descriptors", 90), ("dw", 80), ("dw", 90), ("dw, rows indexed", 90), ("dw, gradient rows indexed", 90),
+        ("dw, descriptors", 90), ("dw, rows indexed, descriptors", 90), ("dw, gradient rows indexed, descriptors", 90)}
     for build in builds:
         assert build["tensor_core_op"] == ("wgmma" if build["arch"] == 90 else "mma.sync"), build
         assert build["shared_bytes"] <= {80: 163 * 1024, 90: 227 * 1024}[build["arch"]], build
         assert build["pipelined_loads"] > 0, build  # loads software-pipelined into shared memory (cp.async or TMA)
-        # the weight tiles by descriptor (its loads in each of num_stages buffers), and A's too with its rows in order
-        descriptors = build.get("TMA", False) * build["num_stages"] * (2 if "rows in order" in build["kernel"] else 1)
-        assert build["descriptor_loads"] == descriptors, build
+        # the descriptor configs' in-order operands through the accelerator: a TMA copy into each buffer
+        assert build["descriptor_operands"] == (build["TMA"] and (2 if "rows in order" in build["kernel"] or build["kernel"] == "dw, descriptors" else 1))
+        assert build["descriptor_loads"] == build["descriptor_operands"] * build["buffers"], build
         if build["arch"] == 90:  # num_stages buffers deep (an indexed loop half that): an unpipelined loop holds one
             assert build["shared_bytes"] >= build["buffers"] * build["stage_bytes"], build
             # a persistent kernel's tile and K loops flatten into one pipeline (stores inside it)

@@ -148,12 +148,13 @@ def _mm_tile(
 
 @triton.jit
 def _grouped_dw_kernel(
-    a_ptr, g_ptr, c_ptr, a_index_ptr, g_index_ptr, scale_ptr, offsets_ptr,
+    a_ptr, g_ptr, c_ptr, a_desc, g_desc, a_index_ptr, g_index_ptr, scale_ptr, offsets_ptr,
     K, N, a_div,
     stride_am, stride_ak, stride_gm, stride_gn, stride_ce, stride_ck, stride_cn,
     ROWS_BUCKET,
     A_INDEX: tl.constexpr, G_INDEX: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    A_TMA: tl.constexpr, G_TMA: tl.constexpr,  # which descriptors the launcher made (`_dw_descriptors`)
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -165,24 +166,50 @@ def _grouped_dw_kernel(
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     n_ok = ns < N
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_R):
+    masked_from = start
+    if TMA and (A_TMA or G_TMA):
+        # the expert's whole row tiles with the in-order operands through descriptors (a tile past
+        # the expert's end would read the next expert's rows, which a descriptor cannot mask)
+        masked_from = start + (end - start) // BLOCK_R * BLOCK_R
+        for r0 in range(start.to(tl.int32), masked_from.to(tl.int32), BLOCK_R):  # (a descriptor's coordinates are int32)
+            rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+            if A_TMA:
+                a = a_desc.load([r0, pid_k * BLOCK_K])
+            else:
+                a_rows = _indexed_rows(a_index_ptr, rows, rows < end, a_div, A_INDEX)
+                a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
+            if G_TMA:
+                g = g_desc.load([r0, pid_n * BLOCK_N])
+            else:
+                g_rows = _indexed_rows(g_index_ptr, rows, rows < end, 1, G_INDEX)
+                g = tl.load(g_ptr + g_rows[:, None] * stride_gm + ns[None, :] * stride_gn, mask=n_ok[None, :], other=0.0)
+            acc = _dw_step(acc, a, g, scale_ptr, rows, rows < end, SCALE, IEEE, UPCAST)
+    # the rest through masked pointer loads (without descriptors: every row)
+    for r0 in range(masked_from, end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         row_ok = rows < end
         a_rows = _indexed_rows(a_index_ptr, rows, row_ok, a_div, A_INDEX)
         g_rows = _indexed_rows(g_index_ptr, rows, row_ok, 1, G_INDEX)
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         g = tl.load(g_ptr + g_rows[:, None] * stride_gm + ns[None, :] * stride_gn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        if SCALE:
-            g = (g.to(tl.float32) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]).to(a.dtype)
-        if UPCAST:
-            a = a.to(tl.float32)
-            g = g.to(tl.float32)
-        if IEEE or UPCAST:
-            acc = tl.dot(tl.trans(a), g, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(tl.trans(a), g, acc)
+        acc = _dw_step(acc, a, g, scale_ptr, rows, row_ok, SCALE, IEEE, UPCAST)
     tl.store(c_ptr + expert.to(tl.int64) * stride_ce + ks[:, None] * stride_ck + ns[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
              mask=k_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _dw_step(acc, a, g, scale_ptr, rows, row_ok, SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a^T (scale g) for one tile of rows."""
+    if SCALE:
+        g = (g.to(tl.float32) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]).to(a.dtype)
+    if UPCAST:
+        a = a.to(tl.float32)
+        g = g.to(tl.float32)
+    if IEEE or UPCAST:
+        acc = tl.dot(tl.trans(a), g, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(tl.trans(a), g, acc)
+    return acc
 
 
 @triton.jit
@@ -210,7 +237,7 @@ def _scaled_rows_kernel(x_ptr, y_ptr, scale_ptr, dot_ptr, xs_ptr, ys_ptr, rows, 
 #       2.5x slower; a program a tile made the kernel tests 1.3x slower), with descriptors where
 #       the launcher makes them (the tests run without them too)
 _INTERPRET_FWD = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "PERSISTENT": True, "TMA": True}
-_INTERPRET_DW = {"BLOCK_K": 32, "BLOCK_N": 32, "BLOCK_R": 32}
+_INTERPRET_DW = {"BLOCK_K": 32, "BLOCK_N": 32, "BLOCK_R": 32, "TMA": True}
 # an N-major weight descriptor ([E x K, N]) needs BLOCK_K to divide K: every config's BLOCK_K divides this
 _N_MAJOR_K = _INTERPRET_FWD["BLOCK_K"] if INTERPRET else 64
 
@@ -253,13 +280,30 @@ def _prune_fwd(configs, nargs, **kwargs):
 
 
 def _dw_configs() -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_R": br}, num_warps=w, num_stages=s)
+    configs = [
+        triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_R": br, "TMA": False}, num_warps=w, num_stages=s, pre_hook=_set_dw_blocks)
         for bk, bn, br, w, s in [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
                                  (64, 128, 64, 4, 4), (64, 64, 128, 4, 4), (128, 128, 32, 8, 4),
                                  # deeper: an indexed loop's rows get (num_stages + 1) // 2 buffers (grouped_mm_dw)
                                  (128, 128, 64, 8, 5), (128, 128, 32, 8, 7), (128, 256, 32, 8, 6), (64, 128, 64, 4, 6)]
     ]
+    # whole row tiles of the in-order operands through descriptors (sm90+; not yet timed on a GPU, so
+    # the autotuner still weighs them against the pointer configs)
+    configs += [triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_R": br, "TMA": True}, num_warps=w, num_stages=s, pre_hook=_set_dw_blocks)
+                for bk, bn, br, w, s in [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (256, 128, 64, 8, 3)]]
+    return configs
+
+
+def _set_dw_blocks(nargs: dict) -> None:
+    if nargs["A_TMA"]:
+        nargs["a_desc"].block_shape = [nargs["BLOCK_R"], nargs["BLOCK_K"]]
+    if nargs["G_TMA"]:
+        nargs["g_desc"].block_shape = [nargs["BLOCK_R"], nargs["BLOCK_N"]]
+
+
+def _prune_dw(configs, nargs, **kwargs):
+    """Descriptor configs only where the launcher made a descriptor."""
+    return [c for c in configs if not c.kwargs["TMA"] or kwargs["A_TMA"] or kwargs["G_TMA"]]
 
 
 @functools.cache
@@ -271,7 +315,8 @@ def _tuned(kind: str):
     if kind == "fwd":
         return triton.autotune(_fwd_configs(), key=["N", "K", "ROWS_BUCKET", "GATHER", "SCATTER", "SCALE", "A_TMA", "B_TMA"],
                                prune_configs_by={"early_config_prune": _prune_fwd})(_grouped_mm_kernel), {}
-    return triton.autotune(_dw_configs(), key=["K", "N", "ROWS_BUCKET", "A_INDEX", "G_INDEX", "SCALE"])(_grouped_dw_kernel), {}
+    return triton.autotune(_dw_configs(), key=["K", "N", "ROWS_BUCKET", "A_INDEX", "G_INDEX", "SCALE", "A_TMA", "G_TMA"],
+                           prune_configs_by={"early_config_prune": _prune_dw})(_grouped_dw_kernel), {}
 
 
 def _same_dtype(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -294,27 +339,36 @@ def _descriptors(a: torch.Tensor, b: torch.Tensor, gather) -> tuple:
     """(a or its descriptor, b or its descriptor, A_TMA, B_TMA) for the forward kernel: on sm90+ (and
     when interpreting), a descriptor of A where its rows are read in order, and of the weights seen
     as [E x N, K] (B_TMA 1: K contiguous, the forward's [E, out, in] read transposed) or [E x K, N]
-    (2: the backward's, where BLOCK_K divides K). The tensor memory accelerator needs 16-byte aligned
-    bases and strides and a contiguous last dimension; elsewhere the kernel loads through pointers.
-    Block shapes are set per config (`_set_blocks`)."""
-    if not INTERPRET and not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9):
+    (2: the backward's, where BLOCK_K divides K). Block shapes are set per config (`_set_blocks`)."""
+    if not _tma(a.device):
         return a, b, False, 0
-
-    def aligned(t, stride) -> bool:
-        return t.data_ptr() % 16 == 0 and stride * t.element_size() % 16 == 0
-
-    a_desc, a_tma = a, False
-    if gather is None and a.shape[0] > 0 and a.shape[1] > 0 and a.stride(1) == 1 and aligned(a, a.stride(0)):
-        a_desc, a_tma = TensorDescriptor(a, [a.shape[0], a.shape[1]], [a.stride(0), 1], [16, 16]), True
+    a_desc = _rows_descriptor(a) if gather is None else None
     experts, k, n = b.shape
-    b_desc, b_tma = b, 0
+    b_desc, b_tma = None, 0
     if b.numel() == 0:
         pass
-    elif b.stride(1) == 1 and b.stride(0) == n * b.stride(2) and aligned(b, b.stride(2)):
+    elif b.stride(1) == 1 and b.stride(0) == n * b.stride(2) and _aligned(b, b.stride(2)):
         b_desc, b_tma = TensorDescriptor(b, [experts * n, k], [b.stride(2), 1], [16, 16]), 1
-    elif b.stride(2) == 1 and b.stride(0) == k * b.stride(1) and k % _N_MAJOR_K == 0 and aligned(b, b.stride(1)):
+    elif b.stride(2) == 1 and b.stride(0) == k * b.stride(1) and k % _N_MAJOR_K == 0 and _aligned(b, b.stride(1)):
         b_desc, b_tma = TensorDescriptor(b, [experts * k, n], [b.stride(1), 1], [16, 16]), 2
-    return a_desc, b_desc, a_tma, b_tma
+    return a if a_desc is None else a_desc, b if b_desc is None else b_desc, a_desc is not None, b_tma
+
+
+def _tma(device: torch.device) -> bool:
+    """Whether tiles may load through descriptors (the tensor memory accelerator, sm90+; the interpreter emulates them)."""
+    return INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _aligned(t: torch.Tensor, stride: int) -> bool:
+    # the accelerator's rules: a 16-byte aligned base and strides (and a contiguous last dimension)
+    return t.data_ptr() % 16 == 0 and stride * t.element_size() % 16 == 0
+
+
+def _rows_descriptor(t: torch.Tensor) -> Optional[TensorDescriptor]:
+    """A descriptor of row-major [rows, width] `t` (its block shape set per config), or None."""
+    if t.shape[0] > 0 and t.shape[1] > 0 and t.stride(1) == 1 and _aligned(t, t.stride(0)):
+        return TensorDescriptor(t, [t.shape[0], t.shape[1]], [t.stride(0), 1], [16, 16])
+    return None
 
 
 def _launch_mm(a, b, offsets, gather, gather_div: int, scatter, scale, out_rows: int) -> torch.Tensor:
@@ -349,16 +403,22 @@ def _launch_dw(a, g, offsets, a_index, a_div: int, g_index, scale, like) -> torc
     num_experts, k, n = out.shape
     rows = a_index.numel() if a_index is not None else a.shape[0]
     kernel, fixed = _tuned("dw")
+    # descriptors of the operands whose rows are read in expert order
+    a_desc = _rows_descriptor(a) if a_index is None and _tma(a.device) else None
+    g_desc = _rows_descriptor(g) if g_index is None and _tma(g.device) else None
+    a_desc, g_desc, a_tma, g_tma = a if a_desc is None else a_desc, g if g_desc is None else g_desc, a_desc is not None, g_desc is not None
+    if fixed:  # (the autotuner calls _set_dw_blocks itself)
+        _set_dw_blocks({"a_desc": a_desc, "g_desc": g_desc, "A_TMA": a_tma, "G_TMA": g_tma, **fixed})
 
     def grid(meta):
         return (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(n, meta["BLOCK_N"]), num_experts)
 
     kernel[grid](
-        a, g, out, offsets if a_index is None else a_index, offsets if g_index is None else g_index, offsets if scale is None else scale, offsets,
-        k, n, a_div,
+        a, g, out, a_desc, g_desc, offsets if a_index is None else a_index, offsets if g_index is None else g_index,
+        offsets if scale is None else scale, offsets, k, n, a_div,
         a.stride(0), a.stride(1), g.stride(0), g.stride(1), out.stride(0), out.stride(1), out.stride(2), _rows_bucket(rows, num_experts),
         A_INDEX=a_index is not None, G_INDEX=g_index is not None, SCALE=scale is not None, IEEE=a.dtype == torch.float32,
-        UPCAST=INTERPRET and a.dtype == torch.bfloat16, **fixed,
+        UPCAST=INTERPRET and a.dtype == torch.bfloat16, A_TMA=a_tma, G_TMA=g_tma, **fixed,
     )
     return out
 

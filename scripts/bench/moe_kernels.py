@@ -42,6 +42,10 @@ def _build_specs():
     fwd = {"IEEE": False, "UPCAST": False, "E_BLOCK": E}
     pointers = [c for c in gg._fwd_configs() if not c.kwargs["TMA"]]
     descriptors = [c for c in gg._fwd_configs() if c.kwargs["TMA"]]  # (sm90+: the launcher makes none on sm80)
+    dw = {"SCALE": False, "IEEE": False, "UPCAST": False, "A_TMA": False, "G_TMA": False}
+    dw_pointers = [c for c in gg._dw_configs() if not c.kwargs["TMA"]]
+    dw_descriptors = [c for c in gg._dw_configs() if c.kwargs["TMA"]]
+    dw_strides = {"stride_ak": 1, "stride_gn": 1, "stride_ck": 1}
     return {
         # the gate_up GEMM's: rows gathered (through pointers), the weights through a descriptor or pointers
         "forward": (gg._grouped_mm_kernel, pointers, {**fwd, "GATHER": True, "SCATTER": True, "SCALE": True, "A_TMA": False, "B_TMA": 0},
@@ -56,14 +60,18 @@ def _build_specs():
                                            {"stride_ak": 1, "stride_bn": 1, "stride_cn": 1}, (90,)),
         # dW as the backward runs it (the routing weight already applied): rows in expert order,
         # or one operand's rows read by index in the loop (the indices take pipeline stages too;
-        # sm90 only: its pipelining is what the check is about)
-        "dw": (gg._grouped_dw_kernel, gg._dw_configs(), {"A_INDEX": False, "G_INDEX": False, "SCALE": False, "IEEE": False, "UPCAST": False},
-               {"stride_ak": 1, "stride_gn": 1, "stride_ck": 1}, (80, 90)),
-        "dw, rows indexed": (gg._grouped_dw_kernel, gg._dw_configs(), {"A_INDEX": True, "G_INDEX": False, "SCALE": False, "IEEE": False, "UPCAST": False},
-                             {"stride_ak": 1, "stride_gn": 1, "stride_ck": 1}, (90,)),
+        # sm90 only: its pipelining is what the check is about); through pointers, or the in-order
+        # operands' whole row tiles through descriptors
+        "dw": (gg._grouped_dw_kernel, dw_pointers, {**dw, "A_INDEX": False, "G_INDEX": False}, dw_strides, (80, 90)),
+        "dw, rows indexed": (gg._grouped_dw_kernel, dw_pointers, {**dw, "A_INDEX": True, "G_INDEX": False}, dw_strides, (90,)),
         # the down GEMM's: the gradient's rows by index (the scaled intermediate rows copied)
-        "dw, gradient rows indexed": (gg._grouped_dw_kernel, gg._dw_configs(), {"A_INDEX": False, "G_INDEX": True, "SCALE": False, "IEEE": False, "UPCAST": False},
-                                      {"stride_ak": 1, "stride_gn": 1, "stride_ck": 1}, (90,)),
+        "dw, gradient rows indexed": (gg._grouped_dw_kernel, dw_pointers, {**dw, "A_INDEX": False, "G_INDEX": True}, dw_strides, (90,)),
+        "dw, descriptors": (gg._grouped_dw_kernel, dw_descriptors, {**dw, "A_INDEX": False, "G_INDEX": False, "A_TMA": True, "G_TMA": True},
+                            dw_strides, (90,)),
+        "dw, rows indexed, descriptors": (gg._grouped_dw_kernel, dw_descriptors, {**dw, "A_INDEX": True, "G_INDEX": False, "G_TMA": True},
+                                          dw_strides, (90,)),
+        "dw, gradient rows indexed, descriptors": (gg._grouped_dw_kernel, dw_descriptors, {**dw, "A_INDEX": False, "G_INDEX": True, "A_TMA": True},
+                                                   dw_strides, (90,)),
     }
 
 
@@ -92,9 +100,9 @@ def _compile_one(job: tuple[str, int, int]) -> dict:
         arg = param.name
         if param.is_constexpr or arg in unit_strides:
             signature[arg] = "constexpr"
-        elif arg in ("a_desc", "b_desc"):  # a descriptor with the config's block shape (`_set_blocks`), or the tensor
-            nargs = {**flags, **config.kwargs, "a_desc": SimpleNamespace(), "b_desc": SimpleNamespace()}
-            gg._set_blocks(nargs)
+        elif arg.endswith("_desc"):  # a descriptor with the config's block shape (`_set_blocks`), or the tensor
+            nargs = {**flags, **config.kwargs, "a_desc": SimpleNamespace(), "b_desc": SimpleNamespace(), "g_desc": SimpleNamespace()}
+            (gg._set_blocks if kernel is gg._grouped_mm_kernel else gg._set_dw_blocks)(nargs)
             block = getattr(nargs[arg], "block_shape", None)
             signature[arg] = f"tensordesc<bf16[{block[0]}, {block[1]}]>" if block else "*bf16"
         elif arg.endswith("_ptr"):
@@ -115,6 +123,7 @@ def _compile_one(job: tuple[str, int, int]) -> dict:
         "tensor_core_op": "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else None),
         "shared_bytes": compiled.metadata.shared, "pipelined_loads": ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy_global_to_local"),
         "descriptor_loads": ttgir.count("async_tma_copy_global_to_local"),
+        "descriptor_operands": int(config.kwargs["TMA"]) * (int(bool(flags.get("A_TMA"))) + int(bool(flags.get("B_TMA") or flags.get("G_TMA")))),
         "stores_in_mma_loop": _stores_in_mma_loop(ttgir),
         # one stage's operand tiles (bf16): a loop pipelined num_stages deep holds num_stages of them,
         # an indexed one (num_stages + 1) // 2 (its indices are loaded a stage ahead of the rows)
