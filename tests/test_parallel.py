@@ -735,3 +735,21 @@ def test_a_rank_that_crashes_is_answered_for_with_its_python_stack(ranks, tmp_pa
     said = [str(w.message) for w in caught if "running it once more" in str(w.message)]
     assert len(said) == 2 and all("rank 1 killed by SIGABRT" in m and "in abort_on" in m for m in said), said
     assert ranks.call(2, "rank_jobs:abort_on", 5) == [None, None]
+
+
+def test_tp_checks_the_head_counts_only_where_the_plan_splits_heads():
+    """Head counts must divide by tp where TP shards attention (a plan naming attention projections
+    colwise, or no plan: the structural one), not where the plan leaves attention whole on every
+    rank (DeepSeek-V3's MLA)."""
+    from transformers import AutoConfig
+
+    from distrain.config.schema import ConfigError, ParallelConfig
+    from distrain.parallel.mesh import _check_model_fits
+
+    cfg = ParallelConfig(tp=2)
+    whole = AutoConfig.for_model("deepseek_v3", hidden_size=96, num_attention_heads=3, num_key_value_heads=3)
+    _check_model_fits(cfg, whole, 64)  # attention whole: 3 heads are fine
+    for split in (AutoConfig.for_model("llama", hidden_size=96, num_attention_heads=3, num_key_value_heads=3),
+                  AutoConfig.for_model("llama", hidden_size=96, num_attention_heads=3, num_key_value_heads=3, base_model_tp_plan={})):
+        with pytest.raises(ConfigError, match="does not divide the model's 3 attention heads"):
+            _check_model_fits(cfg, split, 64)

@@ -9,6 +9,8 @@ exists, so a bad layout fails with exit 2 before a worker starts.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,12 +149,21 @@ def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
+def _attention_sharded(hf_config) -> bool:
+    """Whether TP splits the attention heads: a declared plan that shards an attention projection,
+    or none declared (the structural plan shards q, k and v). A plan that shards none (DeepSeek-V3's
+    MLA) leaves attention whole on every TP rank, whatever its head counts
+    (`tensor_parallel._whole_attention`)."""
+    plan = getattr(hf_config, "base_model_tp_plan", None)
+    return not plan or any(style.startswith("colwise") and re.search(r"attn|attention", key) for key, style in plan.items())
+
+
 def _check_model_fits(cfg: ParallelConfig, hf_config, seq_len: int | None) -> None:
     tp = cfg.tp
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
     for name, count in (("attention heads", heads), ("key/value heads", kv_heads)):
-        if count % tp:
+        if count % tp and _attention_sharded(hf_config):
             working = max(d for d in _divisors(heads, tp) if kv_heads % d == 0)
             raise ConfigError(
                 f"parallel.tp={tp} does not divide the model's {count} {name} "
