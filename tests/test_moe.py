@@ -226,3 +226,19 @@ def test_triton_on_a_cpu_without_the_interpreter_exits_2(tmp_path):
 
     proc = run_cli(["train", "recipe=qwen3_moe_debug", "moe.kernel=triton", "run.device=cpu"], tmp_path, unset=("TRITON_INTERPRET",))
     assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_selective_checkpointing_keeps_the_gemms_and_recomputes_the_gate():
+    """Selective activation checkpointing keeps the grouped GEMMs' outputs and recomputes the
+    fused SwiGLU from its saved input, as it recomputed the eager silu and product (keeping h too
+    would hold another R x I per MoE layer)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    import distrain.kernels.swiglu  # noqa: F401 (registers the ops)
+    from distrain.parallel.parallelize import selective_policy
+
+    ops = torch.ops.distrain
+    assert [selective_policy(None, op) for op in (ops.grouped_mm.default, ops.grouped_mm_dw.default, torch.ops.aten.mm.default)] == [
+        CheckpointPolicy.MUST_SAVE] * 3
+    assert [selective_policy(None, op) for op in (ops.swiglu.default, ops.swiglu_backward.default, torch.ops.aten.silu.default)] == [
+        CheckpointPolicy.PREFER_RECOMPUTE] * 3

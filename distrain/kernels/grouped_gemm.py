@@ -275,7 +275,7 @@ def _set_blocks(nargs: dict) -> None:
 def _prune_fwd(configs, nargs, **kwargs):
     """Descriptor configs where the launcher made a descriptor, pointer configs elsewhere: each of
     the four GEMMs ran 1.03-1.16x faster through descriptors, the layer's forward + backward 1.07x
-    (an H200, each side autotuned among its own: `moe_kernels.py --compare-descriptors`)."""
+    with dW unchanged (an H200, each side autotuned among its own: `moe_kernels.py --compare-descriptors`)."""
     return [c for c in configs if c.kwargs["TMA"] == bool(kwargs["A_TMA"] or kwargs["B_TMA"])]
 
 
@@ -347,9 +347,9 @@ def _descriptors(a: torch.Tensor, b: torch.Tensor, gather) -> tuple:
     b_desc, b_tma = None, 0
     if b.numel() == 0:
         pass
-    elif b.stride(1) == 1 and b.stride(0) == n * b.stride(2) and _aligned(b, b.stride(2)):
+    elif b.stride(1) == 1 and b.stride(2) >= k and b.stride(0) == n * b.stride(2) and _aligned(b, b.stride(2)):
         b_desc, b_tma = TensorDescriptor(b, [experts * n, k], [b.stride(2), 1], [16, 16]), 1
-    elif b.stride(2) == 1 and b.stride(0) == k * b.stride(1) and k % _N_MAJOR_K == 0 and _aligned(b, b.stride(1)):
+    elif b.stride(2) == 1 and b.stride(1) >= n and b.stride(0) == k * b.stride(1) and k % _N_MAJOR_K == 0 and _aligned(b, b.stride(1)):
         b_desc, b_tma = TensorDescriptor(b, [experts * k, n], [b.stride(1), 1], [16, 16]), 2
     return a if a_desc is None else a_desc, b if b_desc is None else b_desc, a_desc is not None, b_tma
 
@@ -366,7 +366,7 @@ def _aligned(t: torch.Tensor, stride: int) -> bool:
 
 def _rows_descriptor(t: torch.Tensor) -> Optional[TensorDescriptor]:
     """A descriptor of row-major [rows, width] `t` (its block shape set per config), or None."""
-    if t.shape[0] > 0 and t.shape[1] > 0 and t.stride(1) == 1 and _aligned(t, t.stride(0)):
+    if t.shape[0] > 0 and t.shape[1] > 0 and t.stride(1) == 1 and t.stride(0) >= t.shape[1] and _aligned(t, t.stride(0)):  # (no broadcast rows)
         return TensorDescriptor(t, [t.shape[0], t.shape[1]], [t.stride(0), 1], [16, 16])
     return None
 
@@ -486,8 +486,8 @@ def scaled_rows(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, scale_x: 
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = y if y.stride(-1) == 1 else y.contiguous()
     dot = torch.empty(rows, dtype=torch.float32, device=x.device)
-    xs = torch.empty_like(x) if scale_x else x.new_empty(0)
-    ys = torch.empty_like(y) if scale_y else y.new_empty(0)
+    xs = x.new_empty(x.shape) if scale_x else x.new_empty(0)
+    ys = y.new_empty(y.shape) if scale_y else y.new_empty(0)
     if rows:
         block_r = 16 if INTERPRET else 8
         _scaled_rows_kernel[(triton.cdiv(rows, block_r),)](
@@ -500,8 +500,8 @@ def scaled_rows(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, scale_x: 
 
 @scaled_rows.register_fake
 def _(x, y, scale, scale_x, scale_y):
-    return (x.new_empty(x.shape[0], dtype=torch.float32), torch.empty_like(x) if scale_x else x.new_empty(0),
-            torch.empty_like(y) if scale_y else y.new_empty(0))
+    return (x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(x.shape) if scale_x else x.new_empty(0),
+            y.new_empty(y.shape) if scale_y else y.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -79,7 +79,7 @@ def swiglu_backward(grad: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
 
 @swiglu_backward.register_fake
 def _(grad, gate_up):
-    return torch.empty_like(gate_up)
+    return gate_up.new_empty(gate_up.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:

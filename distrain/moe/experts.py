@@ -30,7 +30,6 @@ MoE block's TP region reduces.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -85,11 +84,13 @@ def count_per_expert(index: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 def configure(moe_blocks, capacity_factor: float | None, kernel: str, dispatch_chunks: int = 1) -> None:
     """Per experts module: `moe.capacity_factor` (see `_drop_over_capacity`; None: nothing is
-    ever dropped), the GEMM kernels, "torch" or "triton" (`resolve_kernel`), and under expert
+    ever dropped), the GEMM kernels, "torch" or "triton" (`resolve_kernel`; with "triton" also the
+    fused SwiGLU where the experts gate as transformers' default does), and under expert
     parallelism the pieces each exchange is split into (`moe.dispatch_chunks`)."""
     for block in moe_blocks:
         block.experts._distrain_capacity_factor = capacity_factor
         block.experts._distrain_kernel = kernel
+        block.experts._distrain_swiglu = kernel == "triton" and _plain_swiglu(block.experts)
         block.experts._distrain_dispatch_chunks = dispatch_chunks
 
 
@@ -171,15 +172,14 @@ def _gate(self, gate_up: torch.Tensor) -> torch.Tensor:
     (`distrain.kernels.swiglu`: one pass each way instead of five over strided halves)."""
     if not self.has_gate:
         return self.act_fn(gate_up)
-    if _kernel(self) == "triton" and _plain_swiglu(type(self), type(getattr(self, "act_fn", None))):
+    if getattr(self, "_distrain_swiglu", False):  # (decided once, in `configure`)
         from distrain.kernels.swiglu import swiglu
 
         return swiglu(gate_up)
     return self._apply_gate(gate_up)
 
 
-@functools.cache
-def _plain_swiglu(experts_class: type, act_class: type) -> bool:
+def _plain_swiglu(experts) -> bool:
     """Whether the experts gate with transformers' default `_apply_gate` (halves, not interleaved;
     no clamp) and a plain SiLU."""
     from transformers import activations
@@ -187,7 +187,8 @@ def _plain_swiglu(experts_class: type, act_class: type) -> bool:
 
     default = getattr(moe, "_default_apply_gate", None)
     silu = {torch.nn.SiLU, getattr(activations, "SiLUActivation", torch.nn.SiLU)}
-    return default is not None and getattr(experts_class, "_apply_gate", None) is default and act_class in silu
+    return (default is not None and getattr(type(experts), "_apply_gate", None) is default and experts.has_gate
+            and type(getattr(experts, "act_fn", None)) in silu)
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:

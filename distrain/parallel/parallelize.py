@@ -67,6 +67,11 @@ _SAVED_OPS = {
 }
 
 
+# distrain's Triton grouped GEMMs (matmuls, as above); its elementwise ops (the fused SwiGLU) are
+# recomputed from their saved inputs, as the eager ops they replace were
+_SAVED_DISTRAIN_OPS = {"distrain::grouped_mm", "distrain::grouped_mm_dw"}
+
+
 # Ops that FSDP's hooks of a nested unit (the experts under EP) dispatch a different number of times
 # in a recompute than in the forward it repeats: its profiler annotations, and the views of the
 # autograd function that registers its post-backward hook (a unit grouping several blocks' experts
@@ -78,11 +83,20 @@ _FSDP_HOOK_OPS = {
 }
 
 
+def selective_policy(ctx, op, *args, **kwargs):
+    """Selective checkpointing's choice per op: keep the matmuls, attention and collectives' outputs
+    (`_SAVED_OPS`, `_SAVED_DISTRAIN_OPS`), recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    saved = op in _SAVED_OPS or (getattr(op, "namespace", None) == "distrain" and op.name() in _SAVED_DISTRAIN_OPS)
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def apply_activation_checkpointing(spec: ModelSpec, selective: bool) -> None:
     """Checkpoint each block's forward. The block's `forward` is wrapped rather than the block
     replaced, so parameter names (and checkpoints) are unchanged and FSDP's hooks, which run in
     `__call__`, stay outside the recomputed region."""
-    from torch.utils.checkpoint import SAC_IGNORED_OPS, CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+    from torch.utils.checkpoint import SAC_IGNORED_OPS, checkpoint, create_selective_checkpoint_contexts
 
     # NOTE: a nested FSDP unit (the experts under EP) recomputed before its pre-backward hook has
     #       run executes FSDP's forward hooks again, which dispatch some ops a different number of
@@ -90,13 +104,8 @@ def apply_activation_checkpointing(spec: ModelSpec, selective: bool) -> None:
     #       ops (annotations and views: no computation, nothing it saves) are left out of it
     SAC_IGNORED_OPS.update(_FSDP_HOOK_OPS)
 
-    def policy(ctx, op, *args, **kwargs):
-        # (distrain's own ops are its Triton grouped GEMMs)
-        saved = op in _SAVED_OPS or getattr(op, "namespace", None) == "distrain"
-        return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
-
     def context():
-        return create_selective_checkpoint_contexts(policy)
+        return create_selective_checkpoint_contexts(selective_policy)
 
     for block in spec.blocks:
         forward = block.forward

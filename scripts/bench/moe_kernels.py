@@ -273,21 +273,23 @@ def profile_layer(tokens: int) -> list[dict]:
 
 
 def compare_descriptors(tokens: int) -> list[dict]:
-    """The forward kernel's four GEMMs and the fused layer (balanced routing), autotuned among
-    the configs that load through pointers only, then among those that load through descriptors
-    (where the launcher makes them), side by side in one process."""
+    """Both kernels autotuned among the configs that load through pointers only, then among those
+    that load through descriptors where the launcher makes them: the forward kernel's four GEMMs
+    and the fused layer (balanced routing), side by side in one process."""
     import torch
 
     from distrain.kernels import grouped_gemm as gg
 
-    tuner = gg._tuned("fwd")[0]
-    prune = tuner.early_config_prune  # (descriptor configs wherever the launcher made a descriptor)
+    tuners = [gg._tuned("fwd")[0], gg._tuned("dw")[0]]
+    prunes = [tuner.early_config_prune for tuner in tuners]
     gemms = ("fwd gate_up", "fwd down", "dX gate_up", "dX down")
     results = {}
     for variant, tma in (("pointers", False), ("descriptors", True)):
-        tuner.cache.clear()
-        tuner.early_config_prune = lambda configs, nargs, tma=tma, **kw: [
-            c for c in configs if c.kwargs["TMA"] == (tma and bool(kw["A_TMA"] or kw["B_TMA"]))]
+        for tuner in tuners:
+            tuner.cache.clear()
+            tuner.early_config_prune = lambda configs, nargs, tma=tma, **kw: [
+                c for c in configs if c.kwargs["TMA"] == (tma and bool(kw["A_TMA"] or kw.get("B_TMA") or kw.get("G_TMA")))]
+        gg._chosen_paths.clear()  # (dW's way of reading rows, timed again with these configs)
         for row in per_gemm(tokens, False, gemms):
             results.setdefault(row["gemm"], {})[variant] = row["triton TFLOP/s"]
         params, order, offsets, grad = _layer_inputs(tokens, False)
@@ -296,10 +298,12 @@ def compare_descriptors(tokens: int) -> list[dict]:
             results.setdefault("layer fwd", {})[variant] = flops / _median_ms(lambda: _layer(None, *params, order, offsets, fused=True), 20) / 1e9
         results.setdefault("layer fwd+bwd", {})[variant] = 3 * flops / _median_ms(
             lambda: torch.autograd.grad(_layer(None, *params, order, offsets, fused=True), params, grad), 20) / 1e9
-        results.setdefault("tuned", {})[variant] = "; ".join(f"{key[:2]}: {config}" for key, config in tuner.cache.items())
+        results.setdefault("tuned", {})[variant] = "; ".join(f"{key[:2]}: {config}" for tuner in tuners for key, config in tuner.cache.items())
         print(variant, {name: round(r[variant], 1) for name, r in results.items() if name != "tuned"}, flush=True)
-    tuner.early_config_prune = prune
-    tuner.cache.clear()
+    for tuner, prune in zip(tuners, prunes):
+        tuner.early_config_prune = prune
+        tuner.cache.clear()
+    gg._chosen_paths.clear()
     tuned = results.pop("tuned")
     print(json.dumps(tuned, indent=1))
     return [{"tokens": tokens, "what": name, "pointers TFLOP/s": r["pointers"], "descriptors TFLOP/s": r["descriptors"],
