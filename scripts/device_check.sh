@@ -7,7 +7,7 @@
 #   bash scripts/device_check.sh [checkpoints|kernels|vs]   # logs and benchmark JSON under $OUT (default /tmp/distrain-device)
 #
 # `checkpoints`: only the async-save runs (a stop, a resume, exact losses) and the checkpoint benchmark.
-# `kernels`: the MoE kernel benchmark (scripts/bench/moe_kernels.py) and 20 steps of a GPU-sized
+# `kernels`: the MoE kernel benchmark (scripts/bench/moe_kernels.py, with the fused layer's kernel profile at 16k) and 15 steps of a GPU-sized
 # qwen3_moe_debug with moe.kernel=triton against moe.kernel=torch (losses, tokens/s).
 # `vs`: scripts/bench/vs_transformers.py on one GPU (a ~1B MoE, bf16): tokens/s and MFU against transformers.
 set -uo pipefail
@@ -67,7 +67,7 @@ if [ "$PART" = kernels ]; then
     # each part under its own time limit, so one slow part leaves the others their turn
     # KERNEL_BENCH=0 skips the benchmark, FP32_REF=0 the fp32 run (a short lease: the end-to-end pair alone)
     if [ "${KERNEL_BENCH:-1}" = 1 ]; then
-        timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench/moe_kernels.py --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/moe_kernels.log"
+        timeout "${BENCH_TIMEOUT:-330}" python3 scripts/bench/moe_kernels.py --profile 16384 --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/moe_kernels.log"
     fi
     # two layers of Qwen3-30B-A3B's MoE shapes (1.2B parameters): 16k tokens a step in two micro-batches
     size="++model.config.hidden_size=2048 ++model.config.moe_intermediate_size=768 ++model.config.num_experts=128 ++model.config.num_experts_per_tok=8 ++model.config.num_hidden_layers=2 ++model.config.num_attention_heads=16 ++model.config.num_key_value_heads=4 train.seq_len=2048 train.global_batch_size=8 train.micro_batch_size=4"
