@@ -126,7 +126,8 @@ def test_the_builds_for_sm80_and_sm90_use_tensor_cores(tmp_path):
     for sm80 with mma.sync, in bf16, within the chip's shared memory, its sm90 loop pipelined
     num_stages deep, or (num_stages + 1) // 2 with dW's rows read by index, the persistent forward's
     tile and K loops flattened into one, and the descriptor configs' in-order tiles loaded by the
-    tensor memory accelerator (the forward's in both weight layouts; no GPU needed)."""
+    tensor memory accelerator (the forward's in both weight layouts); the elementwise kernels
+    (fused gate, scaled rows) build with 16-byte loads and stores (no GPU needed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "builds.json"
     subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "moe_kernels.py"), "--compile-only", "--out", str(out)],
@@ -135,8 +136,11 @@ def test_the_builds_for_sm80_and_sm90_use_tensor_cores(tmp_path):
     assert {(b["kernel"], b["arch"]) for b in builds} == {
         ("forward", 80), ("forward", 90), ("forward, descriptors", 90), ("forward, rows in order, descriptors", 90),
         ("dX, rows in order, descriptors", 90), ("dw", 80), ("dw", 90), ("dw, rows indexed", 90), ("dw, gradient rows indexed", 90),
-        ("dw, descriptors", 90), ("dw, rows indexed, descriptors", 90), ("dw, gradient rows indexed, descriptors", 90)}
-    for build in builds:
+        ("dw, descriptors", 90), ("dw, rows indexed, descriptors", 90), ("dw, gradient rows indexed, descriptors", 90),
+        *((name, arch) for name in ("swiglu forward", "swiglu backward", "scaled rows") for arch in (80, 90))}
+    for build in [b for b in builds if b.get("elementwise")]:  # memory-bound: 16-byte loads and stores
+        assert build["vector_loads"] > 0 and build["vector_stores"] > 0, build
+    for build in [b for b in builds if not b.get("elementwise")]:
         assert build["tensor_core_op"] == ("wgmma" if build["arch"] == 90 else "mma.sync"), build
         assert build["shared_bytes"] <= {80: 163 * 1024, 90: 227 * 1024}[build["arch"]], build
         assert build["pipelined_loads"] > 0, build  # loads software-pipelined into shared memory (cp.async or TMA)

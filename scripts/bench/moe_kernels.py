@@ -17,7 +17,8 @@ of these shapes. Times are CUDA-event medians; the table gives TFLOP/s and ratio
 forward with gather, scatter and scale on, dW as the backward runs it: rows in expert order, and for
 sm90 also either operand's rows indexed) with Triton's ahead-of-time
 compiler and writes, per build, the tensor-core instruction its PTX uses (wgmma / mma.sync), its
-shared memory against one pipeline stage's tiles, and its warps (the tests assert them).
+shared memory against one pipeline stage's tiles, and its warps; and the layer's elementwise kernels
+(fused gate, scaled rows) with their 16-byte loads and stores (the tests assert them).
 """
 
 from __future__ import annotations
@@ -82,8 +83,40 @@ def compile_builds() -> list[dict]:
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = [(name, i, arch) for name, (_, configs, _, _, archs) in _build_specs().items() for i in range(len(configs)) for arch in archs]
+    elementwise = [(name, arch) for name in _ELEMENTWISE for arch in (80, 90)]
     with ProcessPoolExecutor(max_workers=min(len(jobs), len(os.sched_getaffinity(0)), 8)) as pool:  # (each holds ~1 GB)
-        return list(pool.map(_compile_one, jobs))
+        return list(pool.map(_compile_one, jobs)) + list(pool.map(_compile_elementwise, elementwise))
+
+
+# the layer's elementwise kernels: (module, kernel, pointer types, constexprs), bf16 as on a GPU
+_ELEMENTWISE = {
+    "swiglu forward": ("swiglu", "_swiglu_kernel", {"gu_ptr": "*bf16", "dh_ptr": "*bf16", "out_ptr": "*bf16"}, {"BACKWARD": False, "BLOCK_R": 8, "BLOCK_C": 128}),
+    "swiglu backward": ("swiglu", "_swiglu_kernel", {"gu_ptr": "*bf16", "dh_ptr": "*bf16", "out_ptr": "*bf16"}, {"BACKWARD": True, "BLOCK_R": 8, "BLOCK_C": 128}),
+    "scaled rows": ("grouped_gemm", "_scaled_rows_kernel", {"x_ptr": "*bf16", "y_ptr": "*bf16", "scale_ptr": "*bf16", "dot_ptr": "*fp32", "xs_ptr": "*bf16",
+                                                             "ys_ptr": "*bf16"}, {"SCALED_X": True, "SCALED_Y": True, "BLOCK_R": 8, "BLOCK_C": 256}),
+}
+
+
+def _compile_elementwise(job: tuple[str, int]) -> dict:
+    """An elementwise kernel's build, with how many of its loads and stores move 16 bytes (row
+    strides and widths divisible by 16, as the launcher specializes the layer's)."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    name, arch = job
+    module, kernel_name, pointers, constexprs = _ELEMENTWISE[name]
+    kernel = getattr(importlib.import_module(f"distrain.kernels.{module}"), kernel_name)
+    signature, hints = {}, {}
+    for i, param in enumerate(kernel.params):
+        signature[param.name] = "constexpr" if param.name in constexprs else pointers.get(param.name, "i32")
+        if param.name in pointers or param.name.startswith("stride") or param.name in ("I", "width"):
+            hints[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=hints),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    ptx = compiled.asm["ptx"]
+    return {"kernel": name, "arch": arch, "elementwise": True, "vector_loads": ptx.count("ld.global.v4"), "vector_stores": ptx.count("st.global.v4")}
 
 
 def _compile_one(job: tuple[str, int, int]) -> dict:
