@@ -21,12 +21,16 @@ in its loop or from copies made first, whichever ran faster when timed once per 
 
 Each kernel is a `torch.library.custom_op` with a fake implementation and autograd, so
 `torch.compile`, selective activation checkpointing and the op counters see ops, not Python.
-On CUDA the tile sizes are autotuned per (N, K, rows-per-expert bucket, fused indexing) for sm80 /
-sm90, and so is the forward's schedule: a program a tile, or persistent (a program an SM taking
-tiles in turn, its tile and K loops flattened into one software pipeline, so a tile's first loads
-overlap the previous tile's stores: the `down` GEMM's K=768 gives a tile only 12 steps); under
+On sm90+ tiles whose rows are read in order (the weights always; A and dW's operands where not
+indexed) load through tensor descriptors, the tensor memory accelerator's copies (`_descriptors`).
+On CUDA the tile sizes are autotuned per (N, K, rows-per-expert bucket, fused indexing, descriptors)
+for sm80 / sm90, and so is the forward's schedule: a program a tile, or persistent (a program an SM
+taking tiles in turn, its tile and K loops flattened into one software pipeline, so a tile's first
+loads overlap the previous tile's stores: the `down` GEMM's K=768 gives a tile only 12 steps); under
 `TRITON_INTERPRET=1` (CPU, tests) one fixed config runs. The interpreter's bf16 arithmetic is wrong
 (ENV.md): test in fp32 / fp16. `reference_grouped_mm` is the torch twin the tests compare against.
+`scaled_rows` does the scaled GEMM's backward row work (the routing weights' gradient, the scaled
+row copies) in one pass.
 """
 
 from __future__ import annotations
