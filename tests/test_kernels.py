@@ -134,7 +134,7 @@ def test_the_builds_for_sm80_and_sm90_use_tensor_cores(tmp_path):
                    check=True, env=env, timeout=600, capture_output=True)
     builds = json.loads(out.read_text())
     assert {(b["kernel"], b["arch"]) for b in builds} == {
-        ("forward", 80), ("forward", 90), ("forward, descriptors", 90), ("forward, rows in order, descriptors", 90),
+        ("forward", 80), ("forward, pointers", 90), ("forward, descriptors", 90), ("forward, rows in order, descriptors", 90),
         ("dX, rows in order, descriptors", 90), ("dw", 80), ("dw", 90), ("dw, rows indexed", 90), ("dw, gradient rows indexed", 90),
         ("dw, descriptors", 90), ("dw, rows indexed, descriptors", 90), ("dw, gradient rows indexed, descriptors", 90),
         *((name, arch) for name in ("swiglu forward", "swiglu backward", "scaled rows") for arch in (80, 90))}

@@ -50,7 +50,11 @@ def _build_specs():
     return {
         # the gate_up GEMM's: rows gathered (through pointers), the weights through a descriptor or pointers
         "forward": (gg._grouped_mm_kernel, pointers, {**fwd, "GATHER": True, "SCATTER": True, "SCALE": True, "A_TMA": False, "B_TMA": 0},
-                    {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1}, (80, 90)),
+                    {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1}, (80,)),
+        # on sm90 pointer loads run only where no descriptor can be made: a program-a-tile config and the persistent ones
+        "forward, pointers": (gg._grouped_mm_kernel, [pointers[2], *(c for c in pointers if c.kwargs["PERSISTENT"])],
+                              {**fwd, "GATHER": True, "SCATTER": True, "SCALE": True, "A_TMA": False, "B_TMA": 0},
+                              {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1}, (90,)),
         "forward, descriptors": (gg._grouped_mm_kernel, descriptors, {**fwd, "GATHER": True, "SCATTER": False, "SCALE": False, "A_TMA": False, "B_TMA": 1},
                                  {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1}, (90,)),
         # the down GEMM's forward (rows in order, weights [E, out, in]) and gate_up's dX (weights as stored): both by descriptor
@@ -64,10 +68,10 @@ def _build_specs():
         # sm90 only: its pipelining is what the check is about); through pointers, or the in-order
         # operands' whole row tiles through descriptors
         "dw": (gg._grouped_dw_kernel, dw_pointers, {**dw, "A_INDEX": False, "G_INDEX": False}, dw_strides, (80, 90)),
-        "dw, rows indexed": (gg._grouped_dw_kernel, dw_pointers, {**dw, "A_INDEX": True, "G_INDEX": False}, dw_strides, (90,)),
-        # the down GEMM's: the gradient's rows by index (the scaled intermediate rows copied). The
-        # indexed variants build a shallow and a deep config each (their depth is what is checked;
+        # the indexed variants build a shallow and a deep config each (their depth is what is checked;
         # every config builds in the kinds above: the suite's time)
+        "dw, rows indexed": (gg._grouped_dw_kernel, [dw_pointers[0], dw_pointers[8]], {**dw, "A_INDEX": True, "G_INDEX": False}, dw_strides, (90,)),
+        # the down GEMM's: the gradient's rows by index (the scaled intermediate rows copied)
         "dw, gradient rows indexed": (gg._grouped_dw_kernel, [dw_pointers[0], dw_pointers[8]], {**dw, "A_INDEX": False, "G_INDEX": True}, dw_strides, (90,)),
         "dw, descriptors": (gg._grouped_dw_kernel, dw_descriptors, {**dw, "A_INDEX": False, "G_INDEX": False, "A_TMA": True, "G_TMA": True},
                             dw_strides, (90,)),
