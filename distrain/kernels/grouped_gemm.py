@@ -349,11 +349,9 @@ def _descriptors(a: torch.Tensor, b: torch.Tensor, gather) -> tuple:
     a_desc = _rows_descriptor(a) if gather is None else None
     experts, k, n = b.shape
     b_desc, b_tma = None, 0
-    if b.numel() == 0:
-        pass
-    elif b.stride(1) == 1 and b.stride(2) >= k and b.stride(0) == n * b.stride(2) and _aligned(b, b.stride(2)):
+    if b.numel() and b.stride(1) == 1 and b.stride(2) >= k and b.stride(0) == n * b.stride(2) and _aligned(b, b.stride(2)):
         b_desc, b_tma = TensorDescriptor(b, [experts * n, k], [b.stride(2), 1], [16, 16]), 1
-    elif b.stride(2) == 1 and b.stride(1) >= n and b.stride(0) == k * b.stride(1) and k % _N_MAJOR_K == 0 and _aligned(b, b.stride(1)):
+    elif b.numel() and b.stride(2) == 1 and b.stride(1) >= n and b.stride(0) == k * b.stride(1) and k % _N_MAJOR_K == 0 and _aligned(b, b.stride(1)):
         b_desc, b_tma = TensorDescriptor(b, [experts * k, n], [b.stride(1), 1], [16, 16]), 2
     return a if a_desc is None else a_desc, b if b_desc is None else b_desc, a_desc is not None, b_tma
 
