@@ -11,7 +11,11 @@ Per token count T and routing (balanced: uniform top-k; skewed: expert e drawn w
 for distrain's kernels (gather and scatter fused into the loads and stores) and for torch's path
 (`torch._grouped_mm` through `F.grouped_mm`, with the gather and scatter as separate copies, as
 distrain's torch path runs them), with one dense cuBLAS GEMM pair of equal FLOPs as the roofline
-of these shapes. Times are CUDA-event medians; the table gives TFLOP/s and ratios.
+of these shapes. Times are medians of `triton.testing.do_bench` (calls queued back to back, as a
+model's layers run, the L2 cache flushed between them); the layer rows also give the median with
+each call timed alone (synchronized before it: the host's launch latency in the time, as this
+script measured before) and the host's time to queue one call (the GPU kept busy meanwhile). The
+table gives TFLOP/s and ratios.
 
 `--compile-only` compiles every autotuning config of both kernels for sm80 and sm90 (bf16; the
 forward with gather, scatter and scale on, dW as the backward runs it: rows in expert order, and for
@@ -197,7 +201,33 @@ def _routing(tokens: int, skewed: bool, device):
     return order, torch.cumsum(counts, 0).to(torch.int32), counts
 
 
+def _queued_ms(fn) -> float:
+    """The median time of `fn` among calls queued back to back (Triton's `do_bench`: CUDA events
+    around each call, the L2 cache flushed before it, one synchronization at the end)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def _host_ms(fn, calls: int = 10) -> float:
+    """The host's time to queue one call of `fn` while the GPU is busy (so it never waits on it):
+    what the layer costs the CPU, beside the GPU's time."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # (about 0.1 s of GPU spinning)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls * 1e3
+    torch.cuda.synchronize()
+    return host
+
+
 def _median_ms(fn, reps: int = 10) -> float:
+    """The median time of `fn` with each call timed alone (synchronized before it: the host's
+    latency to the first kernel counts)."""
     import torch
 
     fn()
@@ -276,12 +306,17 @@ def bench(tokens_list: list[int]) -> list[dict]:
                 row[f"{name} rel err out/dx/dw1/dw2/dweights"] = " ".join(f"{e:.1e}" for e in errors)
             del reference, got
             for name, forward in paths.items():
+                both = lambda: torch.autograd.grad(forward(), params, grad)  # noqa: E731
                 with torch.no_grad():
-                    row[f"{name} fwd TFLOP/s"] = flops / _median_ms(forward) / 1e9
-                row[f"{name} fwd+bwd TFLOP/s"] = 3 * flops / _median_ms(lambda: torch.autograd.grad(forward(), params, grad)) / 1e9
+                    row[f"{name} fwd TFLOP/s"] = flops / _queued_ms(forward) / 1e9
+                    row[f"{name} fwd TFLOP/s, each call alone"] = flops / _median_ms(forward) / 1e9
+                    row[f"{name} fwd host ms"] = _host_ms(forward)
+                row[f"{name} fwd+bwd TFLOP/s"] = 3 * flops / _queued_ms(both) / 1e9
+                row[f"{name} fwd+bwd TFLOP/s, each call alone"] = 3 * flops / _median_ms(both) / 1e9
+                row[f"{name} fwd+bwd host ms"] = _host_ms(both)
             dense_a = torch.randn(tokens * TOP_K, H, device=device, dtype=dtype)
             dense_w1, dense_w2 = w_gate_up[0].detach().T.contiguous(), w_down[0].detach().T.contiguous()
-            row["dense fwd TFLOP/s"] = flops / _median_ms(lambda: (dense_a @ dense_w1)[:, :I] @ dense_w2) / 1e9
+            row["dense fwd TFLOP/s"] = flops / _queued_ms(lambda: (dense_a @ dense_w1)[:, :I] @ dense_w2) / 1e9
             row["triton/torch fwd"] = row["triton fwd TFLOP/s"] / row["torch fwd TFLOP/s"]
             row["triton/torch fwd+bwd"] = row["triton fwd+bwd TFLOP/s"] / row["torch fwd+bwd TFLOP/s"]
             rows_out.append(row)
@@ -334,9 +369,9 @@ def compare_descriptors(tokens: int) -> list[dict]:
         params, order, offsets, grad = _layer_inputs(tokens, False)
         flops = 6 * tokens * TOP_K * H * I
         with torch.no_grad():
-            results.setdefault("layer fwd", {})[variant] = flops / _median_ms(lambda: _layer(None, *params, order, offsets, fused=True), 20) / 1e9
-        results.setdefault("layer fwd+bwd", {})[variant] = 3 * flops / _median_ms(
-            lambda: torch.autograd.grad(_layer(None, *params, order, offsets, fused=True), params, grad), 20) / 1e9
+            results.setdefault("layer fwd", {})[variant] = flops / _queued_ms(lambda: _layer(None, *params, order, offsets, fused=True)) / 1e9
+        results.setdefault("layer fwd+bwd", {})[variant] = 3 * flops / _queued_ms(
+            lambda: torch.autograd.grad(_layer(None, *params, order, offsets, fused=True), params, grad)) / 1e9
         results.setdefault("tuned", {})[variant] = "; ".join(f"{key[:2]}: {config}" for tuner in tuners for key, config in tuner.cache.items())
         print(variant, {name: round(r[variant], 1) for name, r in results.items() if name != "tuned"}, flush=True)
     for tuner, prune in zip(tuners, prunes):
@@ -415,9 +450,9 @@ def per_gemm(tokens: int, skewed: bool, only: tuple[str, ...] | None = None) -> 
     for name, (flops, ours, theirs) in gemms.items():
         if only is not None and name not in only:
             continue
-        row = {"tokens": tokens, "routing": "skewed" if skewed else "balanced", "gemm": name, "triton TFLOP/s": flops / _median_ms(ours, 20) / 1e9}
+        row = {"tokens": tokens, "routing": "skewed" if skewed else "balanced", "gemm": name, "triton TFLOP/s": flops / _queued_ms(ours) / 1e9}
         try:
-            row["torch TFLOP/s"] = flops / _median_ms(theirs, 20) / 1e9
+            row["torch TFLOP/s"] = flops / _queued_ms(theirs) / 1e9
         except Exception as error:  # noqa: BLE001 - a torch version without this layout: say so, go on
             row["torch TFLOP/s"] = f"{type(error).__name__}"
         print(json.dumps(row), flush=True)
