@@ -47,6 +47,16 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# host-side cdiv and next power of 2 for the launches: Triton's own are constexpr functions, about
+# 10 us a call in Python (a layer's forward + backward made 28 such calls)
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 @triton.jit
 def _tile_table(offsets_ptr, num_experts, BLOCK_M: tl.constexpr, E_BLOCK: tl.constexpr):
     """Every expert's first row and M-tile count, and the tiles through it: one vector load and a
@@ -336,7 +346,7 @@ def _processors(device: torch.device) -> int:
 
 
 def _rows_bucket(rows: int, num_experts: int) -> int:
-    return triton.next_power_of_2(max(1, rows // max(num_experts, 1)))
+    return next_power_of_2(max(1, rows // max(num_experts, 1)))
 
 
 def _descriptors(a: torch.Tensor, b: torch.Tensor, gather) -> tuple:
@@ -358,7 +368,12 @@ def _descriptors(a: torch.Tensor, b: torch.Tensor, gather) -> tuple:
 
 def _tma(device: torch.device) -> bool:
     """Whether tiles may load through descriptors (the tensor memory accelerator, sm90+; the interpreter emulates them)."""
-    return INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+    return INTERPRET or (device.type == "cuda" and _major(device) >= 9)
+
+
+@functools.cache
+def _major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
 
 
 def _aligned(t: torch.Tensor, stride: int) -> bool:
@@ -386,7 +401,7 @@ def _launch_mm(a, b, offsets, gather, gather_div: int, scatter, scale, out_rows:
         _set_blocks({"a_desc": a_desc, "b_desc": b_desc, "A_TMA": a_tma, "B_TMA": b_tma, **fixed})
 
     def grid(meta):  # an upper bound on the M tiles of all experts, times the N tiles; persistent: one program an SM
-        bound = (triton.cdiv(rows, meta["BLOCK_M"]) + num_experts) * triton.cdiv(n, meta["BLOCK_N"])
+        bound = (cdiv(rows, meta["BLOCK_M"]) + num_experts) * cdiv(n, meta["BLOCK_N"])
         return (min(bound, _processors(a.device)) if meta["PERSISTENT"] else bound,)
 
     kernel[grid](
@@ -394,7 +409,7 @@ def _launch_mm(a, b, offsets, gather, gather_div: int, scatter, scale, out_rows:
         offsets if scale is None else scale, offsets, num_experts, n, k, gather_div,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1), _rows_bucket(rows, num_experts),
         GATHER=gather is not None, SCATTER=scatter is not None, SCALE=scale is not None, IEEE=a.dtype == torch.float32,
-        UPCAST=INTERPRET and a.dtype == torch.bfloat16, A_TMA=a_tma, B_TMA=b_tma, E_BLOCK=triton.next_power_of_2(num_experts), **fixed,
+        UPCAST=INTERPRET and a.dtype == torch.bfloat16, A_TMA=a_tma, B_TMA=b_tma, E_BLOCK=next_power_of_2(num_experts), **fixed,
     )
     return c
 
@@ -413,7 +428,7 @@ def _launch_dw(a, g, offsets, a_index, a_div: int, g_index, scale, like) -> torc
         _set_dw_blocks({"a_desc": a_desc, "g_desc": g_desc, "A_TMA": a_tma, "G_TMA": g_tma, **fixed})
 
     def grid(meta):
-        return (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(n, meta["BLOCK_N"]), num_experts)
+        return (cdiv(k, meta["BLOCK_K"]), cdiv(n, meta["BLOCK_N"]), num_experts)
 
     kernel[grid](
         a, g, out, a_desc, g_desc, offsets if a_index is None else a_index, offsets if g_index is None else g_index,
@@ -492,10 +507,10 @@ def scaled_rows(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, scale_x: 
     ys = y.new_empty(y.shape) if scale_y else y.new_empty(0)
     if rows:
         block_r = 16 if INTERPRET else 8
-        _scaled_rows_kernel[(triton.cdiv(rows, block_r),)](
+        _scaled_rows_kernel[(cdiv(rows, block_r),)](
             x, y, scale, dot, xs if scale_x else x, ys if scale_y else y, rows, width, x.stride(0), y.stride(0),
             xs.stride(0) if scale_x else 0, ys.stride(0) if scale_y else 0,
-            SCALED_X=scale_x, SCALED_Y=scale_y, BLOCK_R=block_r, BLOCK_C=min(256, triton.next_power_of_2(max(width, 16))),
+            SCALED_X=scale_x, SCALED_Y=scale_y, BLOCK_R=block_r, BLOCK_C=min(256, next_power_of_2(max(width, 16))),
         )
     return dot, xs, ys
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from distrain.kernels.grouped_gemm import INTERPRET
+from distrain.kernels.grouped_gemm import INTERPRET, cdiv
 
 # rows x columns a program: 8 x 128 on a GPU (R x I / 1024 programs); the interpreter pays per program, so wider
 BLOCK_R, BLOCK_C = (16, 64) if INTERPRET else (8, 128)
@@ -51,7 +51,7 @@ def _launch(gate_up: torch.Tensor, dh: torch.Tensor | None) -> torch.Tensor:
         if dh is not None:
             dh = dh.to(gate_up.dtype)
             dh = dh if dh.stride(-1) == 1 else dh.contiguous()
-        _swiglu_kernel[(triton.cdiv(rows, BLOCK_R), triton.cdiv(inner, BLOCK_C))](
+        _swiglu_kernel[(cdiv(rows, BLOCK_R), cdiv(inner, BLOCK_C))](
             gate_up, gate_up if dh is None else dh, out, rows, inner, gate_up.stride(0), 0 if dh is None else dh.stride(0), out.stride(0),
             BACKWARD=dh is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
         )
