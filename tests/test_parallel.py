@@ -371,6 +371,20 @@ def test_counted_bytes_meet_the_layout_minimum(tmp_path, ranks, tiny_dense, reci
     assert not row["uncounted_ops"], row
 
 
+def test_the_minimum_counts_no_tp_sum_for_attention_left_whole(tmp_path, ranks):
+    """A tiny DeepSeek-V3 under tp=2 with SP: its plan leaves the MLA attention whole, so attention
+    sums nothing over TP; under SP its input is gathered in forward and its output's gradient in
+    backward. Counted bytes meet that minimum (one counting a TP sum there put tp=2 without SP at 0.75x)."""
+    from test_moe import _saved_deepseek
+
+    model = _saved_deepseek(tmp_path / "model", skew=0.0)
+    overrides = ["model=pretrained", f"model.name_or_path={model}", "data.vocab_size=1024", f"run.dir={tmp_path / 'run'}",
+                 "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=2", "parallel.tp=2", "parallel.sp=true"]
+    row = ranks.call(2, "layouts:measure", "qwen3_moe_debug", overrides, 0)[0]
+    assert 1.0 <= row["comm_ratio"] <= 1.05, row
+    assert not row["uncounted_ops"], row
+
+
 def test_profile_writes_a_trace_per_rank(tmp_path, ranks, tiny_dense):
     """profile.steps=[2,3] on dp_shard=2: each rank writes a Chrome trace holding steps 2 and 3
     (not 1), FSDP's all-gathers and reduce-scatters and the gloo collectives; the overlap summary

@@ -30,12 +30,17 @@ and reports from rank 0 (state bytes: the largest over the ranks):
     attention or shared expert left whole, V bytes, V_last in the last unit) like the blocks':
            s_dt * ((m + n) * W + m * (g * V - (g-1) V_last) + n * V) (+ 2 s_r * (W + V) / (d t))
     TP     per micro-batch, with A = micro-batch x seq_len x hidden x 4 bytes:
-           2 s_t * A * (4 L + 2)                    per layer 2 sub-layers x (forward + backward)
+           2 s_t * A * (4 L - 2 W_a + 2)            per layer 2 sub-layers x (forward + backward)
                                                     all-reduce (or SP's all-gather + reduce-
                                                     scatter, the same bytes); embedding forward
                                                     and lm_head backward. An expert-TP MoE block
                                                     is one such sub-layer: its router and
-                                                    experts share one entry and one exit
+                                                    experts share one entry and one exit. W_a:
+                                                    the layers whose attention the model's plan
+                                                    leaves whole (DeepSeek-V3's MLA): it sums
+                                                    nothing
+           + 2 s_t * A * W_a                        SP only: the whole attention's input gathered
+                                                    in forward, its output's gradient in backward
            + s_t * A                                SP only: all-gather of the first block's grad
            + min(2 (t-1), 6 s_t) * micro-batch x seq_len x 4
                                                     vocab-parallel loss: each token's log-sum-exp
@@ -265,8 +270,15 @@ def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
     total += share(d * t) * ((num_micro + reductions) * p_whole + num_micro * (gathers * p_large - (gathers - 1) * last_large) + reductions * p_large)
     total += 2 * share(r) * (p_whole + p_large) / (d * t)
     if t > 1:
+        from distrain.parallel.tensor_parallel import _whole_attention
+
         activation = micro * seq * config.hidden_size * 4
-        per_micro = 2 * share(t) * activation * (4 * config.num_hidden_layers + 2)
+        # attention left whole by the model's plan (DeepSeek-V3's MLA) sums nothing over TP; under SP
+        # its input is gathered in forward and its output's gradient in backward
+        plan = getattr(config, "base_model_tp_plan", None) or {}
+        whole = len(_whole_attention({m: n for n, m in model.named_modules()}, spec, plan)) if plan else 0
+        per_micro = 2 * share(t) * activation * (4 * config.num_hidden_layers - 2 * whole + 2)
+        per_micro += 2 * share(t) * activation * whole if dims.sp else 0
         per_micro += share(t) * activation if dims.sp else 0
         # the loss: the cheaper of one all-gather of 2 floats per token and two all-reduces of 3
         per_micro += min((t - 1) * 2, 2 * share(t) * 3) * micro * seq * 4
