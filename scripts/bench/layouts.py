@@ -226,10 +226,15 @@ def measure(recipe: str, overrides: list[str], steps: int) -> dict | None:
         }
 
 
-def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
-    """The layout's minimum bus bytes for one step (see the module docstring)."""
+def _tp_sharded(param) -> bool:
     from torch.distributed.tensor import DTensor
 
+    names = param.device_mesh.mesh_dim_names or () if isinstance(param, DTensor) else ()
+    return "tp" in names and not param.placements[names.index("tp")].is_replicate()
+
+
+def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
+    """The layout's minimum bus bytes for one step (see the module docstring)."""
     dims, model, spec = trainer.dims, trainer.model, trainer.spec
     d, r, t = dims.dp_shard, dims.dp_replicate, dims.tp
     block_prefix = next(n for n, m in model.named_modules() if m is spec.blocks) + "."
@@ -241,8 +246,7 @@ def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
     p_blocks = p_root = p_whole = p_partial = p_experts = p_large = last_large = 0.0
     last_blocks = last_experts = 0.0  # the last FSDP unit's bytes: gathered once (never resharded after forward)
     for name, param in model.named_parameters():
-        names = param.device_mesh.mesh_dim_names or () if isinstance(param, DTensor) else ()
-        tp_sharded = "tp" in names and not param.placements[names.index("tp")].is_replicate()
+        tp_sharded = _tp_sharded(param)
         nbytes = param.numel() * param.element_size() / (t if tp_sharded else 1)
         if name in experts:
             p_experts += nbytes / dims.ep
@@ -270,13 +274,12 @@ def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
     total += share(d * t) * ((num_micro + reductions) * p_whole + num_micro * (gathers * p_large - (gathers - 1) * last_large) + reductions * p_large)
     total += 2 * share(r) * (p_whole + p_large) / (d * t)
     if t > 1:
-        from distrain.parallel.tensor_parallel import _whole_attention
-
         activation = micro * seq * config.hidden_size * 4
-        # attention left whole by the model's plan (DeepSeek-V3's MLA) sums nothing over TP; under SP
-        # its input is gathered in forward and its output's gradient in backward
-        plan = getattr(config, "base_model_tp_plan", None) or {}
-        whole = len(_whole_attention({m: n for n, m in model.named_modules()}, spec, plan)) if plan else 0
+        # attention left whole by the model's plan (DeepSeek-V3's MLA: no parameter of it sharded
+        # over TP) sums nothing over TP; under SP its input is gathered in forward and its output's
+        # gradient in backward
+        whole = sum(not any(_tp_sharded(p) for p in block.get_submodule(child).parameters())
+                    for block in spec.blocks for child, role in spec.roles.items() if role == "attention")
         per_micro = 2 * share(t) * activation * (4 * config.num_hidden_layers - 2 * whole + 2)
         per_micro += 2 * share(t) * activation * whole if dims.sp else 0
         per_micro += share(t) * activation if dims.sp else 0
