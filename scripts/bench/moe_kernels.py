@@ -12,10 +12,11 @@ for distrain's kernels (gather and scatter fused into the loads and stores) and 
 (`torch._grouped_mm` through `F.grouped_mm`, with the gather and scatter as separate copies, as
 distrain's torch path runs them), with one dense cuBLAS GEMM pair of equal FLOPs as the roofline
 of these shapes. Times are medians of `triton.testing.do_bench` (calls queued back to back, as a
-model's layers run, the L2 cache flushed between them); the layer rows also give the median with
-each call timed alone (synchronized before it: the host's launch latency in the time, as this
-script measured before) and the host's time to queue one call (the GPU kept busy meanwhile). The
-table gives TFLOP/s and ratios.
+model's layers run; the L2 cache flushed before each, a 256 MB fill that also gives the host a
+head start); the layer rows also give the median with each call timed alone (synchronized before
+it, L2 not flushed: the host's latency to the first kernel in the time, as this script measured
+before) and the host's time to queue one call (the GPU kept busy meanwhile; NaN where the GPU ran
+dry first). The table gives TFLOP/s and ratios.
 
 `--compile-only` compiles every autotuning config of both kernels for sm80 and sm90 (bf16; the
 forward with gather, scatter and scale on, dW as the backward runs it: rows in expert order, and for
@@ -211,18 +212,22 @@ def _queued_ms(fn) -> float:
 
 def _host_ms(fn, calls: int = 10) -> float:
     """The host's time to queue one call of `fn` while the GPU is busy (so it never waits on it):
-    what the layer costs the CPU, beside the GPU's time."""
+    what the layer costs the CPU, beside the GPU's time. NaN where the GPU ran dry before the
+    calls were queued (the host waited on it somewhere, or took longer than the GPU's spin)."""
     import torch
 
     fn()
     torch.cuda.synchronize()
     torch.cuda._sleep(200_000_000)  # (about 0.1 s of GPU spinning)
+    spun = torch.cuda.Event()
+    spun.record()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
     host = (time.perf_counter() - start) / calls * 1e3
+    drained = spun.query()
     torch.cuda.synchronize()
-    return host
+    return float("nan") if drained else host
 
 
 def _median_ms(fn, reps: int = 10) -> float:
