@@ -354,6 +354,8 @@ def test_tp_collectives_are_waited_where_they_are_issued(tmp_path, ranks, saved_
         # selective checkpointing keeps the collectives' outputs: the recompute moves nothing again
         ("llama_debug", 2, ["parallel.tp=2", "parallel.sp=true", "parallel.activation_checkpointing=selective"], 1.0),
         ("qwen3_moe_debug", 2, ["parallel.tp=2", "parallel.activation_checkpointing=selective"], 1.0),
+        # EP keeps the MoE blocks out of TP: each runs on its TP rank's slice of the sequence
+        ("qwen3_moe_debug", 4, ["parallel.tp=2", "parallel.ep=2"], 1.0),
     ],
 )
 def test_counted_bytes_meet_the_layout_minimum(tmp_path, ranks, tiny_dense, recipe, world, layout, max_state_ratio):
@@ -371,15 +373,17 @@ def test_counted_bytes_meet_the_layout_minimum(tmp_path, ranks, tiny_dense, reci
     assert not row["uncounted_ops"], row
 
 
-def test_the_minimum_counts_no_tp_sum_for_attention_left_whole(tmp_path, ranks):
-    """A tiny DeepSeek-V3 under tp=2 with SP: its plan leaves the MLA attention whole, so attention
-    sums nothing over TP; under SP its input is gathered in forward and its output's gradient in
-    backward. Counted bytes meet that minimum (one counting a TP sum there put tp=2 without SP at 0.75x)."""
+@pytest.mark.parametrize("sp", ["false", "true"])
+def test_the_minimum_counts_no_tp_sum_for_attention_left_whole(tmp_path, ranks, sp):
+    """A tiny DeepSeek-V3 under tp=2, without and with SP: its plan leaves the MLA attention whole,
+    so attention sums nothing over TP; under SP its input is gathered in forward and its output's
+    gradient in backward. Counted bytes meet that minimum (one counting a TP sum there put tp=2
+    without SP at 0.75x)."""
     from test_moe import _saved_deepseek
 
     model = _saved_deepseek(tmp_path / "model", skew=0.0)
     overrides = ["model=pretrained", f"model.name_or_path={model}", "data.vocab_size=1024", f"run.dir={tmp_path / 'run'}",
-                 "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=2", "parallel.tp=2", "parallel.sp=true"]
+                 "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=2", "parallel.tp=2", f"parallel.sp={sp}"]
     row = ranks.call(2, "layouts:measure", "qwen3_moe_debug", overrides, 0)[0]
     assert 1.0 <= row["comm_ratio"] <= 1.05, row
     assert not row["uncounted_ops"], row

@@ -30,7 +30,7 @@ and reports from rank 0 (state bytes: the largest over the ranks):
     attention or shared expert left whole, V bytes, V_last in the last unit) like the blocks':
            s_dt * ((m + n) * W + m * (g * V - (g-1) V_last) + n * V) (+ 2 s_r * (W + V) / (d t))
     TP     per micro-batch, with A = micro-batch x seq_len x hidden x 4 bytes:
-           2 s_t * A * (4 L - 2 W_a + 2)            per layer 2 sub-layers x (forward + backward)
+           2 s_t * A * (4 L - 2 W_a - 2 M_e + 2)    per layer 2 sub-layers x (forward + backward)
                                                     all-reduce (or SP's all-gather + reduce-
                                                     scatter, the same bytes); embedding forward
                                                     and lm_head backward. An expert-TP MoE block
@@ -38,9 +38,13 @@ and reports from rank 0 (state bytes: the largest over the ranks):
                                                     experts share one entry and one exit. W_a:
                                                     the layers whose attention the model's plan
                                                     leaves whole (DeepSeek-V3's MLA): it sums
-                                                    nothing
+                                                    nothing. M_e: with EP, the MoE layers, which
+                                                    stay out of TP
            + 2 s_t * A * W_a                        SP only: the whole attention's input gathered
                                                     in forward, its output's gradient in backward
+           + 2 s_t * A * M_e                        no SP only: each TP rank's MoE layers run on
+                                                    its slice of the sequence, the output gathered
+                                                    in forward, its gradient in backward
            + s_t * A                                SP only: all-gather of the first block's grad
            + min(2 (t-1), 6 s_t) * micro-batch x seq_len x 4
                                                     vocab-parallel loss: each token's log-sum-exp
@@ -280,8 +284,11 @@ def analytic_bus_bytes(trainer, job, remote_rows: int) -> float:
         # gradient in backward
         whole = sum(not any(_tp_sharded(p) for p in block.get_submodule(child).parameters())
                     for block in spec.blocks for child, role in spec.roles.items() if role == "attention")
-        per_micro = 2 * share(t) * activation * (4 * config.num_hidden_layers - 2 * whole + 2)
-        per_micro += 2 * share(t) * activation * whole if dims.sp else 0
+        # with EP the MoE blocks stay out of TP: without SP each runs on its slice of the sequence
+        # (the output gathered in forward, the output's gradient in backward), with SP on its own
+        outside = len(spec.moe_blocks) if dims.ep > 1 else 0
+        per_micro = 2 * share(t) * activation * (4 * config.num_hidden_layers - 2 * whole - 2 * outside + 2)
+        per_micro += 2 * share(t) * activation * (whole if dims.sp else outside)
         per_micro += share(t) * activation if dims.sp else 0
         # the loss: the cheaper of one all-gather of 2 floats per token and two all-reduces of 3
         per_micro += min((t - 1) * 2, 2 * share(t) * 3) * micro * seq * 4
