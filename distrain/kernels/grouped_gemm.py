@@ -340,9 +340,14 @@ def _same_dtype(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 @functools.cache
+def _properties(device: torch.device):
+    """The CUDA device's properties, read once (the launches ask for them on every call)."""
+    return torch.cuda.get_device_properties(device)
+
+
 def _processors(device: torch.device) -> int:
     """The persistent kernel's programs: the GPU's SMs (the interpreter: 3, so programs take several tiles)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+    return _properties(device).multi_processor_count if device.type == "cuda" else 3
 
 
 def _rows_bucket(rows: int, num_experts: int) -> int:
@@ -368,12 +373,7 @@ def _descriptors(a: torch.Tensor, b: torch.Tensor, gather) -> tuple:
 
 def _tma(device: torch.device) -> bool:
     """Whether tiles may load through descriptors (the tensor memory accelerator, sm90+; the interpreter emulates them)."""
-    return INTERPRET or (device.type == "cuda" and _major(device) >= 9)
-
-
-@functools.cache
-def _major(device: torch.device) -> int:
-    return torch.cuda.get_device_capability(device)[0]
+    return INTERPRET or (device.type == "cuda" and _properties(device).major >= 9)
 
 
 def _aligned(t: torch.Tensor, stride: int) -> bool:
